@@ -1,0 +1,223 @@
+"""The loss configuration shared by every entry point and backend (SPEC §2–§3), and the output type."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+
+PolicyLossType = Literal["ppo", "cispo", "sapo", "gmpo", "reinforce"]
+RatioLevel = Literal["token", "sequence"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
+KLEstimator = Literal["k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"]
+RolloutCorrection = Literal[
+    "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask"
+]
+AdvantageEstimator = Literal["grpo", "rloo", "reinforce_baseline"]
+
+POLICY_LOSSES = ("ppo", "cispo", "sapo", "gmpo", "reinforce")
+RATIO_LEVELS = ("token", "sequence")
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "abs+", "k3+")
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask")
+ADVANTAGE_ESTIMATORS = ("grpo", "rloo", "reinforce_baseline")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+SINGLETON_GROUPS = ("zero", "raw")
+
+
+def _one_of(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _positive(name: str, value: Optional[float], *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    """The reward side (SPEC §3): how rewards become advantages.
+
+    estimator: ``grpo`` (R − mean_g)/(std_g + eps) with the unbiased std; ``rloo`` R − mean of the others;
+        ``reinforce_baseline`` R − mean_g, then whitened over the batch (REINFORCE++ baseline).
+    scale: ``group`` (per-group std), ``batch`` (std of all rewards, TRL ``scale_rewards="batch"``) or
+        ``none`` (Dr. GRPO: no division). Only used by ``grpo``.
+    eps: added to the std (TRL 1e-4, verl 1e-6).
+    singleton: a group of one gets advantage 0 (``zero``, TRL: its mean is itself) or keeps its reward
+        (``raw``, verl: mean 0 and std 1 for a group of one, so R/(1 + eps) under ``grpo``).
+    """
+
+    estimator: AdvantageEstimator = "grpo"
+    scale: Literal["group", "batch", "none"] = "group"
+    eps: float = 1e-4
+    singleton: Literal["zero", "raw"] = "zero"
+
+    def __post_init__(self) -> None:
+        _one_of("estimator", self.estimator, ADVANTAGE_ESTIMATORS)
+        _one_of("scale", self.scale, ADVANTAGE_SCALES)
+        _one_of("singleton", self.singleton, SINGLETON_GROUPS)
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every knob of the trajectory side (SPEC §2), as a frozen, hashable value.
+
+    Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss.
+
+    Policy term
+        policy_loss: ``ppo`` (GRPO, DAPO, Dr. GRPO, GSPO, dual-clip PPO), ``cispo``, ``sapo``, ``gmpo``,
+            ``reinforce`` (GPG, REINFORCE, on-policy distillation with token advantages).
+        ratio_level: ``token`` or ``sequence`` (GSPO: the length-normalized sequence ratio, broadcast to
+            every token, differentiable through every token of the sequence).
+        epsilon_low, epsilon_high: PPO clip range [1 − ε_low, 1 + ε_high]; for ``gmpo`` the log-space
+            clip range [−ε_low, ε_high].
+        ratio_cap: TRL ``delta``: the unclipped branch uses min(ρ, δ).
+        dual_clip: dual-clip constant c > 1 (verl ``clip_ratio_c``): where A < 0, P = min(P, −c·A).
+        log_ratio_clamp: clamp log r_t to [−c, c] before anything else (verl and OpenRLHF use 20).
+        seq_log_ratio_max: upper clamp of the sequence log-ratio (verl GSPO uses 10).
+        cispo_low, cispo_high: absolute bounds of the CISPO weight sg[clamp(ρ, lo, hi)] (None: unbounded).
+        sapo_tau_pos, sapo_tau_neg: SAPO gate temperatures for A > 0 and A ≤ 0.
+
+    Weights (all detached, multiply the policy term only)
+        rollout_correction: importance weights from ℓ^old − ℓ^samp when ``is_weights`` is not given:
+            ``token_*`` per token, ``sequence_*`` from the masked sum per sequence, ``*_truncate`` clamps
+            w to [rollout_min, rollout_max], ``*_mask`` zeroes w outside it; ``sequence_geomean_mask``
+            (OpenRLHF ``seq-mask-tis``) keeps the token weight and zeroes whole sequences whose
+            geometric-mean weight is outside the range.
+        top_entropy_quantile: keep tokens whose entropy is ≥ the (1 − q) quantile of the masked entropies
+            (TRL); 1.0 keeps all. Needs the entropy.
+        off_policy_mask_threshold: drop sequence i if A < 0 and mean_t(ℓ^samp − sg[ℓ]) > δ (TRL).
+
+    KL to the reference policy
+        beta: KL coefficient (0 disables the term and ``ref_logprobs`` is not needed).
+        kl_estimator: ``k1`` D, ``abs`` |D|, ``k2`` D²/2, ``k3`` exp(−D) + D − 1 with D = ℓ − ℓ^ref; a
+            trailing ``+`` (verl) keeps the value and takes the gradient of k2 (straight-through).
+        kl_input_clamp, kl_output_clamp: clamp D to [−c, c] before, and the estimate to [−c, c] after.
+        kl_ratio_weighted: TRL ``use_bias_correction_kl``: K ← K·ρ (ρ not detached).
+        kl_aggregation: aggregation of the KL term when it differs from the policy term (OpenRLHF
+            always takes a token mean of the KL; verl uses ``loss_agg_mode`` even for GSPO/SAPO).
+
+    Aggregation
+        aggregation: ``token_mean``, ``seq_mean_token_mean``, ``seq_mean_token_sum``, ``token_sum_norm``.
+            A call's ``normalizer`` replaces the local denominator. ``gmpo`` is always a mean over
+            sequences.
+        max_length: L_max of ``token_sum_norm`` (default: the padded T, or the longest packed sequence).
+        divide_by_num_sequences: ``token_sum_norm`` divides by S·L_max (TRL Dr. GRPO) or by L_max
+            alone (verl ``seq-mean-token-sum-norm`` with ``loss_scale_factor``).
+        count_empty_sequences: the sequence means divide by every sequence (TRL) or only by those with
+            at least one unmasked token (verl, OpenRLHF).
+
+    Entropy bonus and scaling
+        entropy_coef: loss −= coef · aggregate(H) (over tokens kept by the entropy mask).
+        entropy_aggregation: its aggregation (None: same as ``aggregation``).
+        temperature: logits are divided by it before the softmax (logit levels only).
+        loss_scale: multiplies the final loss (fold 1/gradient_accumulation_steps here).
+        advantage: how raw ``rewards`` become advantages when a call passes them.
+    """
+
+    policy_loss: PolicyLossType = "ppo"
+    ratio_level: RatioLevel = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    ratio_cap: Optional[float] = None
+    dual_clip: Optional[float] = None
+    log_ratio_clamp: Optional[float] = None
+    seq_log_ratio_max: Optional[float] = None
+    cispo_low: Optional[float] = None
+    cispo_high: Optional[float] = None
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+
+    rollout_correction: Optional[RolloutCorrection] = None
+    rollout_min: Optional[float] = None
+    rollout_max: Optional[float] = None
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: Optional[float] = None
+
+    beta: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    kl_input_clamp: Optional[float] = None
+    kl_output_clamp: Optional[float] = None
+    kl_ratio_weighted: bool = False
+    kl_aggregation: Optional[Aggregation] = None
+
+    aggregation: Aggregation = "token_mean"
+    max_length: Optional[int] = None
+    divide_by_num_sequences: bool = True
+    count_empty_sequences: bool = True
+
+    entropy_coef: float = 0.0
+    entropy_aggregation: Optional[Aggregation] = None
+    temperature: float = 1.0
+    loss_scale: float = 1.0
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _one_of("ratio_level", self.ratio_level, RATIO_LEVELS)
+        _one_of("aggregation", self.aggregation, AGGREGATIONS)
+        _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for name in ("kl_aggregation", "entropy_aggregation"):
+            if getattr(self, name) is not None:
+                _one_of(name, getattr(self, name), AGGREGATIONS)
+        if self.rollout_correction is not None:
+            _one_of("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        if not (0.0 <= self.epsilon_low < 1.0):
+            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low!r}")
+        if not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0.0):
+            raise ValueError(f"epsilon_high must be a finite number >= 0, got {self.epsilon_high!r}")
+        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1.0):
+            raise ValueError(f"dual_clip must be > 1 (it bounds -c*A for A < 0), got {self.dual_clip!r}")
+        for name in ("ratio_cap", "log_ratio_clamp", "kl_input_clamp", "kl_output_clamp",
+                     "sapo_tau_pos", "sapo_tau_neg", "temperature"):
+            _positive(name, getattr(self, name), allow_none=name not in ("sapo_tau_pos", "sapo_tau_neg",
+                                                                       "temperature"))
+        if self.seq_log_ratio_max is not None and not math.isfinite(self.seq_log_ratio_max):
+            raise ValueError(f"seq_log_ratio_max must be finite, got {self.seq_log_ratio_max!r}")
+        if self.cispo_low is not None and self.cispo_high is not None and self.cispo_low > self.cispo_high:
+            raise ValueError(f"cispo_low ({self.cispo_low}) must be <= cispo_high ({self.cispo_high})")
+        if self.rollout_min is not None and self.rollout_max is not None and self.rollout_min > self.rollout_max:
+            raise ValueError(f"rollout_min ({self.rollout_min}) must be <= rollout_max ({self.rollout_max})")
+        if not (0.0 < self.top_entropy_quantile <= 1.0):
+            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
+        if not math.isfinite(self.beta):
+            raise ValueError(f"beta must be finite, got {self.beta!r}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
+        if not (math.isfinite(self.loss_scale) and math.isfinite(self.entropy_coef)):
+            raise ValueError("loss_scale and entropy_coef must be finite")
+        if self.policy_loss == "cispo" and self.ratio_level != "token":
+            raise ValueError("policy_loss='cispo' is token level only: set ratio_level='token'")
+        if self.policy_loss == "gmpo" and self.ratio_level != "token":
+            raise ValueError("policy_loss='gmpo' builds its own sequence ratio: set ratio_level='token'")
+        if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
+            raise ValueError("top_entropy_quantile < 1 is not defined for policy_loss='gmpo' (a sequence loss)")
+        if not isinstance(self.advantage, AdvantageConfig):
+            raise ValueError(f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss itself needs the per-token entropy (bonus or entropy mask)."""
+        return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0
+
+
+@dataclass
+class LossOutput:
+    """What every loss entry point returns.
+
+    loss: 0-d fp32, differentiable. logprobs: per-token ℓ (fp32, detached, shaped like the targets).
+    entropy: per-token entropy (fp32, detached) when asked or needed, else None. metrics: 0-d tensors
+    of SPEC §4 (no host sync).
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: Optional[torch.Tensor]
+    metrics: dict[str, torch.Tensor]

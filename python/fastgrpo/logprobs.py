@@ -1,0 +1,81 @@
+"""Per-token log-probs (and entropy) of the targets, from logits or from hidden states + LM-head weight."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+from torch import Tensor
+
+from . import _checks, backends
+
+LogprobsResult = Union[Tensor, tuple[Tensor, Tensor]]
+
+
+def check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_logits(logits: Tensor, targets: Tensor, mask: Optional[Tensor] = None) -> None:
+    _checks.tensor("logits", logits)
+    _checks.tensor("targets", targets)
+    _checks.floating("logits", logits)
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [B, T, V] or packed [N, V], got {list(logits.shape)}")
+    _checks.shape("targets", targets, logits.shape[:-1], "the leading dims of logits")
+    _checks.same_device(logits.device, targets=targets)
+    _checks.vocab_contiguous("logits", logits)
+    _checks.token_ids("targets", targets, logits.shape[-1], mask)
+
+
+def check_linear(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                 mask: Optional[Tensor] = None) -> None:
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
+        _checks.tensor(name, x)
+    _checks.floating("hidden", hidden)
+    _checks.floating("weight", weight)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
+                         f"got {list(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight ({weight.dtype}) must have the dtype of hidden ({hidden.dtype})")
+    if bias is not None:
+        _checks.tensor("bias", bias)
+        _checks.shape("bias", bias, (weight.shape[0],), "one bias per vocabulary entry")
+    _checks.shape("targets", targets, hidden.shape[:-1], "the leading dims of hidden")
+    _checks.same_device(hidden.device, weight=weight, targets=targets, bias=bias)
+    _checks.token_ids("targets", targets, weight.shape[0], mask)
+
+
+def token_logprobs(
+    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
+) -> LogprobsResult:
+    """log π(y_t) [B, T] (fp32) of ``targets`` [B, T] under ``logits`` [B, T, V] / τ; also the entropy
+    [B, T] (fp32) when ``entropy=True``. Both differentiable w.r.t. ``logits``.
+
+    PyTorch equivalent::
+
+        logp = torch.log_softmax(logits.float() / temperature, -1)
+        lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+    """
+    check_logits(logits, targets)
+    check_temperature(temperature)
+    lp, ent = backends.select(backend, logits.device).token_logprobs(logits, targets, temperature, entropy)
+    return (lp, ent) if entropy else lp
+
+
+def linear_token_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
+    temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
+) -> LogprobsResult:
+    """:func:`token_logprobs` of ``hidden @ weight.T + bias`` (hidden [B, T, H], weight [V, H]),
+    differentiable w.r.t. hidden, weight and bias."""
+    check_linear(hidden, weight, targets, bias)
+    check_temperature(temperature)
+    impl = backends.select(backend, hidden.device)
+    lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy)
+    return (lp, ent) if entropy else lp

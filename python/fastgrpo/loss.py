@@ -1,0 +1,241 @@
+"""The GRPO-family loss (SPEC §2) at its three input levels, and its ``nn.Module`` wrapper.
+
+``policy_loss`` takes per-token log-probs, ``grpo_loss`` logits, ``linear_grpo_loss`` hidden states and the
+LM-head weight. All three take the same :class:`LossConfig`, return the same :class:`LossOutput`, and give
+the same loss and gradients for the same inputs (up to fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, backends
+from .advantages import check_rewards
+from .config import LossConfig, LossOutput
+from .logprobs import check_linear, check_logits
+
+Normalizer = Union[float, Tensor, None]
+
+
+def _check_config(config: LossConfig) -> None:
+    if not isinstance(config, LossConfig):
+        raise TypeError(f"config must be a fastgrpo.LossConfig (see fastgrpo.presets), got {type(config).__name__}")
+
+
+def _resolve_inputs(
+    tokens: torch.Size, device: torch.device, *, advantages: Optional[Tensor], mask: Optional[Tensor],
+    old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], sampling_logprobs: Optional[Tensor],
+    is_weights: Optional[Tensor], rewards: Optional[Tensor], group_size: Optional[int],
+    group_ids: Optional[Tensor], reward_weights: Optional[Tensor], cu_seqlens: Optional[Tensor],
+    normalizer: Normalizer, config: LossConfig, backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Validates everything but the logit-level tensors; returns (advantages, mask) ready for a backend."""
+    _check_config(config)
+    num_seqs = _checks.token_layout(tokens, cu_seqlens, "the token dims")
+    if mask is None:
+        mask = torch.ones(tokens, device=device)
+    _checks.tensor("mask", mask)
+    _checks.shape("mask", mask, tokens, "one 0/1 entry per token")
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
+                    ("sampling_logprobs", sampling_logprobs)):
+        if x is not None:
+            _checks.tensor(name, x)
+            _checks.floating(name, x)
+            _checks.shape(name, x, tokens, "one log-prob per token")
+    _checks.same_device(device, mask=mask, advantages=advantages, old_logprobs=old_logprobs,
+                        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+                        rewards=rewards, cu_seqlens=cu_seqlens,
+                        normalizer=normalizer if isinstance(normalizer, Tensor) else None)
+    if config.beta != 0.0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs is required when config.beta != 0 (beta={config.beta}): pass the "
+                         "reference policy's per-token log-probs, or set beta=0")
+    if config.rollout_correction is not None and is_weights is None and sampling_logprobs is None:
+        raise ValueError(f"config.rollout_correction={config.rollout_correction!r} needs sampling_logprobs "
+                         "(the rollout engine's log-probs) or precomputed is_weights")
+    if is_weights is not None:
+        _checks.tensor("is_weights", is_weights)
+        _checks.floating("is_weights", is_weights)
+        _checks.per_sequence_or_token("is_weights", is_weights, tokens, num_seqs)
+    if isinstance(normalizer, Tensor):
+        if normalizer.dim() != 0:
+            raise ValueError(f"normalizer must be a float or a 0-d tensor, got shape {list(normalizer.shape)}")
+    elif normalizer is not None:
+        if not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer) or normalizer <= 0:
+            raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
+
+    if (advantages is None) == (rewards is None):
+        raise ValueError("pass exactly one of advantages (per sequence or per token) or rewards "
+                         "(with group_size or group_ids)")
+    if rewards is not None:
+        check_rewards(rewards, group_size, group_ids, reward_weights, num_seqs)
+        impl = backends.select(backend, device)
+        advantages, _ = impl.advantages(rewards, group_size, group_ids, config.advantage, reward_weights)
+    else:
+        _checks.tensor("advantages", advantages)
+        _checks.floating("advantages", advantages)
+        _checks.per_sequence_or_token("advantages", advantages, tokens, num_seqs)
+    return advantages, mask
+
+
+def policy_loss(
+    logprobs: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    config: LossConfig = LossConfig(),
+    backend: str = "auto",
+) -> LossOutput:
+    """The loss of SPEC §2 from per-token log-probs ``logprobs`` [B, T] (or packed [N] + ``cu_seqlens``).
+
+    advantages: per sequence [B] / [B, 1] / [S], or per token [B, T]; or pass ``rewards`` [B] ([B, K] with
+        ``reward_weights``) and ``group_size``/``group_ids`` to normalize them first (``config.advantage``).
+    mask: 0/1 per token (default: all ones). old/ref/sampling_logprobs: [B, T] log-probs of the old,
+        reference and rollout policies (``old`` defaults to sg[logprobs], i.e. on-policy).
+    is_weights: precomputed rollout importance weights, per token or per sequence.
+    entropy: per-token entropy [B, T], needed for ``entropy_coef`` and ``top_entropy_quantile``.
+    normalizer: a float or 0-d tensor replacing the local denominator of the aggregation (e.g. a global
+        token count); never synced to the host.
+
+    PyTorch equivalent of the default config (token-level PPO clip, token mean)::
+
+        ratio = torch.exp(logprobs - old_logprobs)
+        pg = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
+        loss = (pg * mask).sum() / mask.sum()
+    """
+    _checks.tensor("logprobs", logprobs)
+    _checks.floating("logprobs", logprobs)
+    tokens = logprobs.shape
+    advantages, mask = _resolve_inputs(
+        tokens, logprobs.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
+        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
+        normalizer=normalizer, config=config, backend=backend)
+    if config.needs_entropy and entropy is None:
+        raise ValueError("entropy is required by this config (entropy_coef != 0 or top_entropy_quantile < 1): "
+                         "pass the per-token entropy, or use grpo_loss on logits")
+    if entropy is not None:
+        _checks.tensor("entropy", entropy)
+        _checks.shape("entropy", entropy, tokens, "one entropy per token")
+        _checks.same_device(logprobs.device, entropy=entropy)
+    return backends.select(backend, logprobs.device).policy_loss(
+        logprobs, advantages, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs, is_weights=is_weights, entropy=entropy, cu_seqlens=cu_seqlens,
+        normalizer=normalizer, config=config)
+
+
+def grpo_loss(
+    logits: Tensor,
+    targets: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    return_entropy: bool = False,
+    config: LossConfig = LossConfig(),
+    backend: str = "auto",
+) -> LossOutput:
+    """The loss of SPEC §2 from ``logits`` [B, T, V] (or packed [N, V]) and ``targets`` [B, T] / [N].
+
+    Same keywords as :func:`policy_loss`; log-probs and entropy come from the logits divided by
+    ``config.temperature``. Leading dims of ``logits`` may be any view (e.g. ``logits[:, :-1]``); the
+    vocabulary dim must be contiguous. Target ids at masked positions are ignored (padding such as -100).
+
+    PyTorch equivalent::
+
+        logprobs = torch.log_softmax(logits.float() / config.temperature, -1).gather(
+            -1, targets.unsqueeze(-1)).squeeze(-1)
+        policy_loss(logprobs, advantages, mask, ..., config=config)
+    """
+    check_logits(logits, targets, mask)
+    advantages, mask = _resolve_inputs(
+        targets.shape, logits.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
+        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
+        normalizer=normalizer, config=config, backend=backend)
+    return backends.select(backend, logits.device).grpo_loss(
+        logits, targets, advantages, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
+        return_entropy=return_entropy, config=config)
+
+
+def linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    return_entropy: bool = False,
+    config: LossConfig = LossConfig(),
+    backend: str = "auto",
+) -> LossOutput:
+    """The loss of SPEC §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
+    [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
+
+    PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
+    """
+    check_linear(hidden, weight, targets, bias, mask)
+    advantages, mask = _resolve_inputs(
+        targets.shape, hidden.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
+        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
+        normalizer=normalizer, config=config, backend=backend)
+    return backends.select(backend, hidden.device).linear_grpo_loss(
+        hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
+        return_entropy=return_entropy, config=config)
+
+
+class GRPOLoss(nn.Module):
+    """``nn.Module`` form of :func:`grpo_loss` holding the config and backend.
+
+    ``GRPOLoss(fastgrpo.presets.trl(loss_type="dapo"))(logits, targets, advantages, mask, **kw)``.
+    """
+
+    def __init__(self, config: LossConfig = LossConfig(), backend: str = "auto") -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.backend = backend
+
+    def forward(self, logits: Tensor, targets: Tensor, advantages: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None, **kwargs) -> LossOutput:
+        return grpo_loss(logits, targets, advantages, mask, config=self.config, backend=self.backend, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, backend={self.backend!r}"

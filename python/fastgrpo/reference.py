@@ -1,0 +1,400 @@
+"""The fp32 PyTorch reference of SPEC §2–§4: the oracle every kernel is tested against.
+
+Written for reading, not speed: every token is flattened to one axis of N entries with ``seq`` [N] giving
+its sequence, so the padded [B, T] and the packed [N] + ``cu_seqlens`` layouts share one code path. Inputs
+are assumed valid (``fastgrpo`` validates them before any backend runs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import AdvantageConfig, LossConfig, LossOutput
+
+Normalizer = Union[float, Tensor, None]
+
+
+def _acc(x: Tensor) -> Tensor:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probs and entropy (SPEC §1)
+# ----------------------------------------------------------------------------------------------------------
+def token_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False
+) -> tuple[Tensor, Optional[Tensor]]:
+    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable."""
+    z = _acc(logits) / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    ent = None
+    if entropy:
+        ent = -(logp.exp() * logp).sum(-1)
+    return lp, ent
+
+
+def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """z = hidden @ weightᵀ + bias in fp32 (the oracle never rounds a product to the input dtype)."""
+    z = _acc(hidden) @ _acc(weight).t()
+    return z if bias is None else z + _acc(bias)
+
+
+def linear_token_logprobs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+    temperature: float = 1.0, entropy: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    return token_logprobs(hidden_to_logits(hidden, weight, bias), targets, temperature, entropy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reward side (SPEC §3)
+# ----------------------------------------------------------------------------------------------------------
+def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
+    if group_ids is not None:
+        _, inverse = torch.unique(group_ids, return_inverse=True)
+        return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
+    assert group_size is not None
+    return torch.arange(num, device=device) // group_size, num // group_size
+
+
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    config: AdvantageConfig = AdvantageConfig(),
+    reward_weights: Optional[Tensor] = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3."""
+    r = _acc(rewards.detach())
+    if r.dim() == 2:  # [B, K] reward functions: weighted sum first (TRL "sum_then_normalize")
+        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else reward_weights.float()
+        r = (r * w).sum(-1)
+    g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
+    count = torch.zeros(num_groups, device=r.device).index_add_(0, g, torch.ones_like(r))
+    mean = torch.zeros(num_groups, device=r.device).index_add_(0, g, r) / count.clamp(min=1)
+    sq = torch.zeros(num_groups, device=r.device).index_add_(0, g, (r - mean[g]) ** 2)
+    std = (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
+    single = (count == 1)[g]
+
+    cfg = config
+    if cfg.singleton == "raw":  # verl: a group of one has mean 0 and std 1
+        mean_t = torch.where(single, torch.zeros_like(r), mean[g])
+        std_t = torch.where(single, torch.ones_like(r), std[g])
+    else:
+        mean_t, std_t = mean[g], std[g]
+    centered = r - mean_t
+    if cfg.estimator == "grpo":
+        if cfg.scale == "group":
+            adv = centered / (std_t + cfg.eps)
+        elif cfg.scale == "batch":
+            adv = centered / (r.std() + cfg.eps) if r.numel() > 1 else torch.zeros_like(r)
+        else:
+            adv = centered
+    elif cfg.estimator == "rloo":
+        n = count[g]
+        adv = torch.where(n > 1, centered * n / (n - 1).clamp(min=1), centered)
+    else:  # reinforce_baseline: whiten R − mean_g over the batch
+        std_b = centered.std() if centered.numel() > 1 else torch.ones(())
+        adv = (centered - centered.mean()) / (std_b + cfg.eps)
+
+    binary = bool(((r == 0) | (r == 1)).all()) if r.numel() else False
+    zero_std = std == 0
+    nonempty = max(num_groups, 1)
+    metrics = {
+        "reward/mean": r.mean() if r.numel() else r.new_zeros(()),
+        "reward/std": r.std() if r.numel() > 1 else r.new_zeros(()),
+        "reward/group_std_mean": std.sum() / nonempty,
+        "frac_reward_zero_std": zero_std.float().sum() / nonempty,
+        "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device).index_add_(0, g, adv).abs().max()
+        if num_groups else r.new_zeros(()),
+    }
+    if binary:
+        metrics["frac_groups_all_solved"] = (zero_std & (mean == 1)).float().sum() / nonempty
+        metrics["frac_groups_all_failed"] = (zero_std & (mean == 0)).float().sum() / nonempty
+    return adv, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trajectory side (SPEC §2)
+# ----------------------------------------------------------------------------------------------------------
+class _Layout:
+    """Which sequence each token belongs to, for segment sums over the flattened token axis."""
+
+    def __init__(self, shape: torch.Size, cu_seqlens: Optional[Tensor], max_length: Optional[int], device):
+        if cu_seqlens is None:
+            b, t = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+            self.seq = torch.arange(b, device=device).repeat_interleave(t)
+            self.num_seqs = b
+            self.max_length: Union[int, Tensor] = t if max_length is None else max_length
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            self.num_seqs = lengths.numel()
+            self.seq = torch.arange(self.num_seqs, device=device).repeat_interleave(lengths)
+            self.max_length = (lengths.max() if self.num_seqs else 0) if max_length is None else max_length
+
+    def seg_sum(self, x: Tensor) -> Tensor:
+        return torch.zeros(self.num_seqs, device=x.device, dtype=x.dtype).index_add(0, self.seq, x)
+
+    def per_token(self, x: Tensor, token_shape: torch.Size) -> Tensor:
+        """A per-sequence ([B], [B, 1], packed [S]) or per-token tensor as a per-token [N] fp32 tensor.
+
+        Packed input with S == N is read per token (the only case where the two shapes coincide)."""
+        per_sequence = x.numel() != token_shape.numel() or (len(token_shape) == 2 and x.shape != token_shape)
+        x = _acc(x).reshape(-1)
+        return x[self.seq] if per_sequence else x
+
+
+def _aggregate(x: Tensor, m: Tensor, mode: str, lay: _Layout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
+    """SPEC §2.6: reduce the per-token values x with mask m."""
+    if mode == "token_mean":
+        return (m * x).sum() / (normalizer if normalizer is not None else m.sum().clamp(min=1))
+    if mode == "token_sum_norm":
+        if normalizer is None:
+            normalizer = (lay.num_seqs if cfg.divide_by_num_sequences else 1) * lay.max_length
+            normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
+        return (m * x).sum() / normalizer
+    seq_sum = lay.seg_sum(m * x)
+    count = lay.seg_sum(m)
+    if mode == "seq_mean_token_mean":
+        seq_sum = seq_sum / count.clamp(min=1)
+    if normalizer is None:
+        normalizer = lay.num_seqs if cfg.count_empty_sequences else (count > 0).sum()
+        normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
+    return seq_sum.sum() / normalizer
+
+
+def _kl(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
+    """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
+    d = lp - ref
+    if cfg.kl_input_clamp is not None:
+        d = d.clamp(-cfg.kl_input_clamp, cfg.kl_input_clamp)
+    name = cfg.kl_estimator.rstrip("+")
+    k = {"k1": lambda: d, "abs": lambda: d.abs(), "k2": lambda: 0.5 * d * d,
+         "k3": lambda: torch.exp(-d) + d - 1}[name]()
+    if cfg.kl_output_clamp is not None:
+        k = k.clamp(-cfg.kl_output_clamp, cfg.kl_output_clamp)
+    if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
+        k2 = 0.5 * (lp - ref) ** 2
+        k = k2 - k2.detach() + k.detach()
+    return k
+
+
+def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: _Layout, cfg: LossConfig) -> Tensor:
+    """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
+    log_w = (old - samp) * m
+    mode = cfg.rollout_correction
+    lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
+    hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
+    if mode == "sequence_geomean_mask":
+        geo = torch.exp(lay.seg_sum(log_w) / lay.seg_sum(m).clamp(min=1))
+        keep = (geo >= lo) & (geo <= hi)
+        return torch.exp(log_w) * keep[lay.seq]
+    w = torch.exp(lay.seg_sum(log_w))[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
+    if mode.endswith("truncate"):
+        return w.clamp(min=cfg.rollout_min, max=cfg.rollout_max)
+    return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+
+
+def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
+    """TRL's top-entropy mask: tokens with H ≥ the (1 − q) quantile of the masked entropies."""
+    kept = ent[m > 0]
+    if kept.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(kept, 1.0 - q)
+    return ((ent >= threshold) & (m > 0)).float()
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp(min=1)
+
+
+def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
+    fill = float("-inf") if largest else float("inf")
+    v = torch.where(m > 0, x, torch.full_like(x, fill))
+    v = v.max() if largest else v.min()
+    return torch.where(m.sum() > 0, v, torch.zeros_like(v)) if x.numel() else x.new_zeros(())
+
+
+def _objective(
+    lp: Tensor, adv: Tensor, m: Tensor, lay: _Layout, cfg: LossConfig, normalizer: Normalizer,
+    old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
+    ent: Optional[Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The scalar loss of SPEC §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    old = lp.detach() if old is None else old
+    log_r = lp - old  # §2.1
+    if cfg.log_ratio_clamp is not None:
+        log_r = log_r.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+    count = lay.seg_sum(m)
+    if cfg.ratio_level == "sequence":  # §2.2 GSPO
+        log_s = lay.seg_sum(log_r * m) / count.clamp(min=1)
+        if cfg.seq_log_ratio_max is not None:
+            log_s = log_s.clamp(max=cfg.seq_log_ratio_max)
+        rho = torch.exp(log_s)[lay.seq]
+    else:
+        rho = torch.exp(log_r)
+
+    # §2.4 weights, all detached
+    weight = torch.ones_like(lp)
+    if is_w is not None:
+        weight = is_w
+    elif cfg.rollout_correction is not None:
+        weight = _rollout_weights(old, samp, m, lay, cfg)
+    is_weight = weight
+    emask = None
+    if cfg.top_entropy_quantile < 1.0:
+        emask = _entropy_mask(ent.detach(), m, cfg.top_entropy_quantile)
+        weight = weight * emask
+    if cfg.off_policy_mask_threshold is not None:
+        samp_or_old = old if samp is None else samp
+        seq_kl = lay.seg_sum((samp_or_old - lp.detach()) * m) / count.clamp(min=1)
+        keep = (adv >= 0) | (seq_kl[lay.seq] <= cfg.off_policy_mask_threshold)
+        weight = weight * keep
+
+    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+    values = {"rho": rho.detach(), "is_weight": is_weight}
+    if cfg.policy_loss == "gmpo":  # §2.3: a sequence loss, always a mean over sequences
+        sgn = torch.sign(adv)
+        d_clip = log_r.clamp(-cfg.epsilon_low, cfg.epsilon_high)
+        d = sgn * torch.minimum(sgn * log_r, sgn * d_clip)
+        rho_seq = torch.exp(lay.seg_sum(m * d) / (count + 1e-8))
+        adv_seq = lay.seg_sum(m * adv) / (count + 1e-8)
+        seq_weight = torch.exp(lay.seg_sum(torch.log(weight + 1e-10) * m) / (count + 1e-8))
+        seq_loss = -adv_seq * rho_seq * seq_weight
+        policy = seq_loss.sum() / (normalizer if normalizer is not None else max(lay.num_seqs, 1))
+        values["low"] = (log_r < -cfg.epsilon_low) & (adv < 0)
+        values["high"] = (log_r > cfg.epsilon_high) & (adv > 0)
+    else:
+        if cfg.policy_loss == "ppo":  # §2.3
+            unclipped = rho if cfg.ratio_cap is None else rho.clamp(max=cfg.ratio_cap)
+            p = -torch.minimum(unclipped * adv, rho.clamp(lo, hi) * adv)
+            if cfg.dual_clip is not None:
+                p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
+        elif cfg.policy_loss == "cispo":
+            p = -rho.clamp(cfg.cispo_low, cfg.cispo_high).detach() * adv * lp
+        elif cfg.policy_loss == "sapo":
+            tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
+            p = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
+        else:  # reinforce
+            p = -adv * lp
+        policy = _aggregate(p * weight, m, cfg.aggregation, lay, cfg, normalizer)
+        values["low"] = (rho < lo) & (adv < 0)
+        values["high"] = (rho > hi) & (adv > 0)
+
+    loss = policy
+    if cfg.beta != 0.0:  # §2.5
+        k = _kl(lp, ref, cfg)
+        if cfg.kl_ratio_weighted:
+            k = k * rho
+        loss = loss + cfg.beta * _aggregate(k, m, cfg.kl_aggregation or cfg.aggregation, lay, cfg, normalizer)
+    if ref is not None:
+        values["kl"] = _kl(lp.detach(), ref, cfg).detach()
+    if cfg.entropy_coef != 0.0:  # §2.7
+        ent_mask = m if emask is None else m * emask
+        loss = loss - cfg.entropy_coef * _aggregate(
+            ent, ent_mask, cfg.entropy_aggregation or cfg.aggregation, lay, cfg, normalizer)
+    values["ppo_kl"] = (old - lp).detach()
+    return loss * cfg.loss_scale, values
+
+
+def _metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
+             cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
+    """SPEC §4 over the masked tokens."""
+    rho = values["rho"]
+    low, high = values["low"].float(), values["high"].float()
+    out = {
+        "clip_ratio/low_mean": _masked_mean(low, m),
+        "clip_ratio/high_mean": _masked_mean(high, m),
+        "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), m),
+        "clip_ratio/dual": _masked_mean(((adv < 0) & (rho > cfg.dual_clip)).float(), m)
+        if cfg.dual_clip is not None else m.new_zeros(()),
+        "ppo_kl": _masked_mean(values["ppo_kl"], m),
+        "ratio/mean": _masked_mean(rho, m),
+        "ratio/min": _masked_extreme(rho, m, largest=False),
+        "ratio/max": _masked_extreme(rho, m, largest=True),
+        "grad_active_fraction": _masked_mean((grad_lp != 0).float(), m),
+    }
+    if cfg.policy_loss == "cispo":
+        above = (rho > cfg.cispo_high) & (adv > 0) if cfg.cispo_high is not None else torch.zeros_like(m, dtype=torch.bool)
+        below = (rho < cfg.cispo_low) & (adv < 0) if cfg.cispo_low is not None else torch.zeros_like(m, dtype=torch.bool)
+        out["cispo_clip_ratio"] = _masked_mean((above | below).float(), m)
+    if "kl" in values:
+        out["kl"] = _masked_mean(values["kl"], m)
+    if ent is not None:
+        out["entropy"] = _masked_mean(ent.detach(), m)
+    if weights_used:
+        w = values["is_weight"]
+        out["is_weight/mean"] = _masked_mean(w, m)
+        out["is_weight/min"] = _masked_extreme(w, m, largest=False)
+        out["is_weight/max"] = _masked_extreme(w, m, largest=True)
+    return out
+
+
+def policy_loss(
+    logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    config: LossConfig = LossConfig(),
+) -> LossOutput:
+    """SPEC §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
+    ([B] / [S]) or per token. Differentiable w.r.t. ``logprobs`` (and ``entropy`` for the bonus)."""
+    shape = logprobs.shape
+    lay = _Layout(shape, cu_seqlens, config.max_length, logprobs.device)
+
+    def flat(x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else _acc(x.reshape(-1))
+
+    m = flat(mask)
+    adv = lay.per_token(advantages.detach(), shape)
+    is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
+    args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs),
+            is_w)
+    lp = flat(logprobs)
+    ent = flat(entropy)
+    loss, values = _objective(lp, *args, ent)
+
+    # grad_active_fraction needs ∂L/∂ℓ: a second, detached evaluation keeps the oracle plain.
+    with torch.enable_grad():
+        leaf = lp.detach().requires_grad_(True)
+        probe, _ = _objective(leaf, *args, None if ent is None else ent.detach())
+        (grad_lp,) = torch.autograd.grad(probe, leaf, allow_unused=True)
+    if grad_lp is None:
+        grad_lp = torch.zeros_like(lp)
+    weights_used = is_weights is not None or config.rollout_correction is not None
+    metrics = _metrics(values, grad_lp, adv, m, ent, config, weights_used)
+    return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
+                      entropy=None if ent is None else ent.detach().reshape(shape), metrics=metrics)
+
+
+def grpo_loss(
+    logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *,
+    return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
+) -> LossOutput:
+    """SPEC §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
+    safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))  # masked ids may be padding
+    lp, ent = token_logprobs(logits, safe_targets, config.temperature,
+                             entropy=return_entropy or config.needs_entropy)
+    return policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
+
+
+def linear_grpo_loss(
+    hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *,
+    bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
+) -> LossOutput:
+    """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]."""
+    return grpo_loss(hidden_to_logits(hidden, weight, bias), targets, advantages, mask,
+                     return_entropy=return_entropy, config=config, **kwargs)
