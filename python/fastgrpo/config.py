@@ -212,9 +212,10 @@ class LossConfig:
 class LossOutput:
     """What every loss entry point returns.
 
-    loss: 0-d fp32, differentiable. logprobs: per-token ℓ (fp32, detached, shaped like the targets).
-    entropy: per-token entropy (fp32, detached) when asked or needed, else None. metrics: 0-d tensors
-    of SPEC §4 (no host sync).
+    loss: 0-d fp32, differentiable. logprobs: per-token ℓ (fp32, detached, shaped like the targets, 0 at
+    masked tokens, which no kernel reads).
+    entropy: per-token entropy (fp32, detached, 0 at masked tokens) when asked or needed, else None.
+    metrics: 0-d tensors of SPEC §4 (no host sync).
     """
 
     loss: torch.Tensor

@@ -215,10 +215,12 @@ def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
 
 
 def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
+    if x.numel() == 0:
+        return x.new_zeros(())
     fill = float("-inf") if largest else float("inf")
     v = torch.where(m > 0, x, torch.full_like(x, fill))
     v = v.max() if largest else v.min()
-    return torch.where(m.sum() > 0, v, torch.zeros_like(v)) if x.numel() else x.new_zeros(())
+    return torch.where(m.sum() > 0, v, torch.zeros_like(v))
 
 
 def _objective(
@@ -355,10 +357,13 @@ def policy_loss(
     shape = logprobs.shape
     lay = _Layout(shape, cu_seqlens, config.max_length, logprobs.device)
 
-    def flat(x: Optional[Tensor]) -> Optional[Tensor]:
-        return None if x is None else _acc(x.reshape(-1))
+    m = _acc(mask.reshape(-1))
 
-    m = flat(mask)
+    def flat(x: Optional[Tensor]) -> Optional[Tensor]:
+        """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding
+        id far from ℓ^ref) must not turn into NaN through a multiplication by the mask."""
+        return None if x is None else torch.where(m > 0, _acc(x.reshape(-1)), 0.0)
+
     adv = lay.per_token(advantages.detach(), shape)
     is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
     args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs),
