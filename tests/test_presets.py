@@ -1,0 +1,196 @@
+"""Presets reproduce each trainer's loss as written in its source (restated in trainer_losses.py):
+loss and gradients w.r.t. the log-probs and the entropy, on random inputs with a partly and a fully
+masked sequence."""
+
+import pytest
+import torch
+
+import fastgrpo
+from fastgrpo import presets
+from trainer_losses import (openrlhf_actor_loss, trl_importance_sampling_ratio, trl_loss, verl_actor_loss)
+
+B, T = 4, 6
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(1)
+    lp = (-2.0 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    noise = lambda s: s * torch.randn(B, T, generator=g, dtype=torch.float64)  # noqa: E731
+    mask = torch.ones(B, T, dtype=torch.float64)
+    mask[1, 4:] = 0
+    mask[3] = 0  # a fully masked sequence: TRL counts it in its sequence mean, verl and OpenRLHF do not
+    return dict(lp=lp, old=lp.detach() + noise(0.3), ref=lp.detach() + noise(0.3), samp=lp.detach() + noise(0.2),
+                adv=torch.tensor([1.2, -0.7, -1.5, 0.4], dtype=torch.float64), mask=mask,
+                entropy=(1.0 + torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_())
+
+
+def compare(expected, out, d):
+    # fp64 inputs; 1e-6 leaves room for constants the trainers build in fp32 (TRL: torch.where(A > 0, 1.0, 1.05))
+    ge = torch.autograd.grad(expected, (d["lp"], d["entropy"]), allow_unused=True)
+    go = torch.autograd.grad(out.loss, (d["lp"], d["entropy"]), allow_unused=True)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-9)
+    for a, b in zip(go, ge):
+        a = torch.zeros_like(d["lp"]) if a is None else a
+        b = torch.zeros_like(d["lp"]) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def ours(d, cfg, **kw):
+    return fastgrpo.policy_loss(d["lp"], d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
+                                entropy=d["entropy"], config=cfg, backend="reference", **kw)
+
+
+# ---------------------------------------------------------------------------------------------------- TRL
+TRL_CASES = [
+    dict(loss_type="grpo"), dict(loss_type="bnpo"), dict(loss_type="dr_grpo", max_completion_length=16),
+    dict(loss_type="dapo", epsilon_high=0.28), dict(loss_type="cispo", epsilon_high=1.2),
+    dict(loss_type="sapo"), dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+    dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.5),
+    dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True, delta=1.1),
+    dict(loss_type="bnpo", beta=0.1, top_entropy_quantile=0.4, entropy_coef=0.01),
+    dict(loss_type="dapo", beta=0.05, entropy_coef=0.02, off_policy_mask_threshold=0.05),
+    dict(loss_type="dr_grpo", off_policy_mask_threshold=0.0, gradient_accumulation_steps=4),
+    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1, use_bias_correction_kl=True,
+         gradient_accumulation_steps=2),
+]
+
+
+@pytest.mark.parametrize("opts", TRL_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_trl(data, opts):
+    d = data
+    num_items = d["mask"].sum()
+    expected = trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
+                        sampling=d["samp"], num_items_in_batch=num_items, **opts)
+    out = ours(d, presets.trl(**opts), sampling_logprobs=d["samp"],
+               normalizer=num_items if opts["loss_type"] in ("dapo", "cispo") else None)
+    compare(expected, out, d)
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_trl_vllm_importance_sampling(data, mode):
+    d = data
+    lo, hi = (0.9, 1.3) if mode.startswith("token") else (0.2, 1.5)
+    ratio = trl_importance_sampling_ratio(d["old"], d["samp"], d["mask"], mode, lo, hi)
+    opts = dict(loss_type="bnpo", beta=0.02)
+    expected = trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
+                        importance_sampling_ratio=ratio, **opts)
+    cfg = presets.trl(**opts, use_vllm=True, vllm_importance_sampling_mode=mode,
+                      vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
+    compare(expected, ours(d, cfg, sampling_logprobs=d["samp"]), d)
+    # TRL's precomputed ratio passed as is_weights gives the same loss
+    compare(trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
+                     importance_sampling_ratio=ratio, **opts), ours(d, cfg, is_weights=ratio), d)
+
+
+# --------------------------------------------------------------------------------------------------- verl
+VERL_MODES = ["vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo"]
+VERL_AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("loss_mode", VERL_MODES)
+@pytest.mark.parametrize("loss_agg_mode", VERL_AGGS)
+def test_verl_modes(data, loss_mode, loss_agg_mode):
+    d = data
+    opts = dict(loss_mode=loss_mode, loss_agg_mode=loss_agg_mode, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                clip_ratio_c=1.5, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05,
+                gradient_accumulation_steps=2)
+    if loss_mode == "gspo":
+        opts.update(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
+    trainer = {k: v for k, v in opts.items() if k != "gradient_accumulation_steps"}
+    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
+                               d["entropy"], gradient_accumulation=2, **trainer)
+    compare(expected, ours(d, presets.verl(**opts)), d)
+
+
+@pytest.mark.parametrize("kl_loss_type", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "abs+",
+                                          "k2+", "k3+", "low_var_kl+"])
+def test_verl_kl_types(data, kl_loss_type):
+    d = data
+    opts = dict(loss_mode="vanilla", loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.3,
+                kl_loss_type=kl_loss_type)
+    d["ref"] = d["lp"].detach() + 25.0 * torch.randn(B, T, dtype=torch.float64)  # reach the k3 clamps
+    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
+                               d["entropy"], **opts)
+    compare(expected, ours(d, presets.verl(**opts)), d)
+
+
+@pytest.mark.parametrize("loss_mode", ["vanilla", "gpg", "geo_mean", "cispo"])
+def test_verl_rollout_is_weights_and_scale_factor(data, loss_mode):
+    d = data
+    w = torch.rand(B, T, dtype=torch.float64) + 0.5
+    opts = dict(loss_mode=loss_mode, loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=10)
+    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
+                               d["entropy"], rollout_is_weights=w, **opts)
+    compare(expected, ours(d, presets.verl(**opts), is_weights=w), d)
+
+
+# ----------------------------------------------------------------------------------------------- OpenRLHF
+OPENRLHF_CASES = [
+    dict(policy_loss_type="ppo"),
+    dict(policy_loss_type="ppo", token_level_loss=False, eps_clip_low_high=(0.2, 0.28)),
+    dict(policy_loss_type="ppo", dual_clip=1.5),
+    dict(policy_loss_type="gspo", eps_clip_low_high=(3e-4, 4e-4)),
+    dict(policy_loss_type="gspo", eps_clip_low_high=(0.4, 0.5), dual_clip=1.2),
+    dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01),
+    dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
+    dict(policy_loss_type="gspo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
+    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="tis",
+         vllm_is_truncated_threshold=(0.9, 1.2)),
+    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="icepop",
+         vllm_is_truncated_threshold=(0.9, 1.2)),
+    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="seq-mask-tis",
+         vllm_is_truncated_threshold=(0.9, 1.2), token_level_loss=False),
+]
+
+
+@pytest.mark.parametrize("opts", OPENRLHF_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_openrlhf(data, opts):
+    d = data
+    d["ref"] = d["lp"].detach() + 15.0 * torch.randn(B, T, dtype=torch.float64)  # reach the ±10 KL clamp
+    trainer = {k: v for k, v in opts.items() if k not in ("eps_clip_low_high", "enable_vllm_is_correction")}
+    low, high = opts.get("eps_clip_low_high", (0.2, 0.2))
+    if not opts.get("enable_vllm_is_correction"):
+        trainer.pop("vllm_is_correction_type", None)
+    expected = openrlhf_actor_loss(d["lp"], d["old"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
+                                   d["entropy"], clip_eps_low=low, clip_eps_high=high, rollout=d["samp"],
+                                   **trainer)
+    compare(expected, ours(d, presets.openrlhf(**opts), sampling_logprobs=d["samp"]), d)
+
+
+# ------------------------------------------------------------------------------------------- advantages
+def test_preset_advantages():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    trl_adv, _ = fastgrpo.reference.advantages(r, 3, config=presets.trl(loss_type="grpo").advantage)
+    # TRL: (r − mean)/(std + 1e-4): group [1, 0, 0] mean 1/3, std 0.5773503
+    torch.testing.assert_close(trl_adv[:3], torch.tensor([1.154501, -0.577250, -0.577250]), rtol=1e-5, atol=1e-6)
+    verl_cfg = presets.verl(norm_adv_by_std_in_grpo=False).advantage
+    assert (verl_cfg.scale, verl_cfg.eps, verl_cfg.singleton) == ("none", 1e-6, "raw")
+    assert presets.openrlhf(advantage_estimator="rloo").advantage.estimator == "rloo"
+
+
+def test_preset_rejects_unknown_options():
+    with pytest.raises(ValueError, match="loss_type"):
+        presets.trl(loss_type="vespo")
+    with pytest.raises(ValueError, match="loss_mode"):
+        presets.verl(loss_mode="clip_cov")
+    with pytest.raises(ValueError, match="kl_loss_type"):
+        presets.verl(kl_loss_type="full")
+    with pytest.raises(ValueError, match="policy_loss_type"):
+        presets.openrlhf(policy_loss_type="reinforce")
+    with pytest.raises(TypeError):
+        presets.trl(epsilonn=0.2)
+
+
+def test_log_ratio_clamps_at_20(data):
+    """verl vanilla/sapo/cispo and OpenRLHF ppo clamp log r to ±20; GSPO and GMPO do not."""
+    d = data
+    d["old"] = d["lp"].detach() + 30.0 * torch.randn(B, T, dtype=torch.float64)
+    adv = d["adv"][:, None].expand(B, T)
+    for mode in ("vanilla", "sapo", "cispo"):
+        opts = dict(loss_mode=mode, loss_agg_mode="token-mean")
+        compare(verl_actor_loss(d["old"], d["lp"], d["ref"], adv, d["mask"], d["entropy"], **opts),
+                ours(d, presets.verl(**opts)), d)
+    compare(openrlhf_actor_loss(d["lp"], d["old"], d["ref"], adv, d["mask"], d["entropy"], dual_clip=2.0),
+            ours(d, presets.openrlhf(dual_clip=2.0)), d)
