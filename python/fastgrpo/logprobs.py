@@ -17,7 +17,8 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
-def check_logits(logits: Tensor, targets: Tensor, mask: Optional[Tensor] = None) -> None:
+def check_logits(logits: Tensor, targets: Tensor, check_ids: bool = True) -> None:
+    """Types, shapes and devices; ``check_ids=False`` leaves the ids to a later check that knows the mask."""
     _checks.tensor("logits", logits)
     _checks.tensor("targets", targets)
     _checks.floating("logits", logits)
@@ -26,11 +27,13 @@ def check_logits(logits: Tensor, targets: Tensor, mask: Optional[Tensor] = None)
     _checks.shape("targets", targets, logits.shape[:-1], "the leading dims of logits")
     _checks.same_device(logits.device, targets=targets)
     _checks.vocab_contiguous("logits", logits)
-    _checks.token_ids("targets", targets, logits.shape[-1], mask)
+    _checks.integer("targets", targets)
+    if check_ids:
+        _checks.token_ids("targets", targets, logits.shape[-1])
 
 
 def check_linear(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                 mask: Optional[Tensor] = None) -> None:
+                 check_ids: bool = True) -> None:
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets)):
         _checks.tensor(name, x)
     _checks.floating("hidden", hidden)
@@ -47,7 +50,9 @@ def check_linear(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
         _checks.shape("bias", bias, (weight.shape[0],), "one bias per vocabulary entry")
     _checks.shape("targets", targets, hidden.shape[:-1], "the leading dims of hidden")
     _checks.same_device(hidden.device, weight=weight, targets=targets, bias=bias)
-    _checks.token_ids("targets", targets, weight.shape[0], mask)
+    _checks.integer("targets", targets)
+    if check_ids:
+        _checks.token_ids("targets", targets, weight.shape[0])
 
 
 def token_logprobs(

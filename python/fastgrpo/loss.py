@@ -170,12 +170,13 @@ def grpo_loss(
             -1, targets.unsqueeze(-1)).squeeze(-1)
         policy_loss(logprobs, advantages, mask, ..., config=config)
     """
-    check_logits(logits, targets, mask)
+    check_logits(logits, targets, check_ids=False)
     advantages, mask = _resolve_inputs(
         targets.shape, logits.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
         normalizer=normalizer, config=config, backend=backend)
+    _checks.token_ids("targets", targets, logits.shape[-1], mask)
     return backends.select(backend, logits.device).grpo_loss(
         logits, targets, advantages, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
@@ -209,12 +210,13 @@ def linear_grpo_loss(
 
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
-    check_linear(hidden, weight, targets, bias, mask)
+    check_linear(hidden, weight, targets, bias, check_ids=False)
     advantages, mask = _resolve_inputs(
         targets.shape, hidden.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
         normalizer=normalizer, config=config, backend=backend)
+    _checks.token_ids("targets", targets, weight.shape[0], mask)
     return backends.select(backend, hidden.device).linear_grpo_loss(
         hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,

@@ -1,0 +1,105 @@
+"""``python -m fastgrpo check [--device cpu|cuda]``: every backend present against the fp32 reference.
+
+For each op and loss variant it runs each available backend on a small random batch and prints the
+largest error of the loss, the logit gradient and the log-probs relative to the reference, and PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import backends, presets
+from .advantages import advantages
+from .config import LossConfig
+from .logprobs import token_logprobs
+from .loss import grpo_loss, linear_grpo_loss
+
+VARIANTS: dict[str, LossConfig] = {
+    "GRPO (TRL grpo)": presets.trl(loss_type="grpo", beta=0.04),
+    "DAPO (TRL dapo)": presets.trl(loss_type="dapo", epsilon_high=0.28),
+    "Dr. GRPO": presets.trl(loss_type="dr_grpo", max_completion_length=32),
+    "GSPO": presets.trl(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
+    "GMPO (verl geo_mean)": presets.verl(loss_mode="geo_mean", clip_ratio=0.4),
+    "CISPO (TRL)": presets.trl(loss_type="cispo", epsilon_high=5.0),
+    "SAPO": presets.trl(loss_type="sapo"),
+    "dual-clip PPO (verl)": presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
+    "REINFORCE / GPG": presets.verl(loss_mode="gpg"),
+    "entropy bonus + mask": presets.trl(loss_type="bnpo", entropy_coef=0.01, top_entropy_quantile=0.2),
+}
+
+
+def _batch(device: torch.device, b: int = 4, t: int = 32, v: int = 1000, h: int = 64):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(b, t, h, generator=g).to(device)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device)
+    targets = torch.randint(0, v, (b, t), generator=g).to(device)
+    mask = (torch.arange(t) < torch.tensor([[t], [t // 2], [t - 3], [1]])).float().to(device)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
+    return hidden, weight, targets, mask, rewards
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+
+
+def check(device: torch.device) -> bool:
+    hidden, weight, targets, mask, rewards = _batch(device)
+    logits = hidden @ weight.T
+    lp_ref = token_logprobs(logits, targets, backend="reference")
+    old = lp_ref + 0.05 * torch.randn_like(lp_ref)
+    ref = lp_ref + 0.05 * torch.randn_like(lp_ref)
+    rows, ok = [], True
+    for backend in backends.available(device):
+        lp = token_logprobs(logits, targets, backend=backend)
+        rows.append(("token_logprobs", "-", backend, float("nan"), 0.0, 0.0, _max_err(lp, lp_ref)))
+        adv = advantages(rewards, 2, backend=backend)
+        rows.append(("advantages", "grpo", backend, float("nan"),
+                     _max_err(adv, advantages(rewards, 2, backend="reference")), 0.0, 0.0))
+        for name, cfg in VARIANTS.items():
+            results = []
+            for bk in (backend, "reference"):
+                z = logits.detach().clone().requires_grad_()
+                out = grpo_loss(z, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old,
+                                ref_logprobs=ref, config=cfg, backend=bk)
+                out.loss.backward()
+                results.append((out, z.grad))
+            (o, g), (o_ref, g_ref) = results
+            rows.append(("grpo_loss", name, backend, float(o_ref.loss), _max_err(o.loss, o_ref.loss),
+                         _max_err(g, g_ref), _max_err(o.logprobs, o_ref.logprobs)))
+        lin = linear_grpo_loss(hidden, weight, targets, mask=mask, rewards=rewards, group_size=2,
+                               old_logprobs=old, backend=backend)
+        log = grpo_loss(logits, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old,
+                        backend="reference")
+        rows.append(("linear_grpo_loss", "DAPO", backend, float(log.loss), _max_err(lin.loss, log.loss), 0.0,
+                     _max_err(lin.logprobs, log.logprobs)))
+
+    print(f"fastgrpo check on {device} (torch {torch.__version__}); backends: {backends.available(device)}")
+    header = (f"{'op':<17} {'variant':<22} {'backend':<10} {'loss':>9} {'|Δloss|':>9} {'|Δgrad|':>9} "
+              f"{'|Δlogp|':>9}  result")
+    print(header)
+    print("-" * len(header))
+    for op, variant, backend, loss, dl, dg, dp in rows:
+        passed = dl <= 1e-4 and dg <= 1e-5 and dp <= 1e-4
+        ok &= passed
+        print(f"{op:<17} {variant:<22} {backend:<10} {loss:9.4f} {dl:9.2e} {dg:9.2e} {dp:9.2e}  "
+              f"{'PASS' if passed else 'FAIL'}")
+    print(f"{len(rows)} checks, {'all passed' if ok else 'FAILURES above'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastgrpo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_check = sub.add_parser("check", help="run every backend present against the fp32 reference")
+    p_check.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return 0 if check(torch.device(args.device)) else 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
