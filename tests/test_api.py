@@ -1,5 +1,6 @@
 """The public surface: README example, CLI, module wrapper, backend selection, output contract."""
 
+import os
 import pathlib
 import re
 import subprocess
@@ -42,10 +43,19 @@ def test_module_wrapper_matches_function():
 def test_backend_selection():
     assert backends.available(torch.device("cpu"))[-1] == "reference"
     assert backends.select("auto", torch.device("cpu")) is fastgrpo.reference
-    for name in ("triton", "cuda", "cpu"):
+    for name in ("cuda", "cpu"):
         if name not in backends.available(torch.device("cpu")):
             with pytest.raises(RuntimeError, match=f"backend='{name}' is not available"):
                 backends.select(name, torch.device("cpu"))
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    code = ("import os, torch, fastgrpo.backends as b; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "try: b.select('triton', torch.device('cpu'))\n"
+            "except RuntimeError as e: assert 'TRITON_INTERPRET=1' in str(e); print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "ok"
 
 
 def test_output_contract():

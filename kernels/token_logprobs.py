@@ -1,0 +1,129 @@
+"""Token log-probs and entropy of the targets from logits: forward and backward Triton kernels + launchers.
+
+Forward: one program per token row streams the vocabulary once in BLOCK_V chunks with a per-lane online
+log-sum-exp in fp32 (lane maxima, rescaled sums), then folds the lanes. The reduction order depends on V
+and BLOCK_V only, never on the number of rows, so a token's values are bitwise identical wherever it sits
+in any batch (batch invariance). Writes ℓ, lse and (HAS_ENTROPY) H per row, fp32.
+
+Backward: one program per row reads the logits once more and writes
+    ∂/∂z_v = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ,   p_v = exp(z_v/τ − lse).
+
+Rows with mask 0 (HAS_MASK) do no exp work: the forward writes zeros, the backward writes a zero row.
+Leading dims are addressed through real strides (row r of a [B, T, V] view is (r // T, r % T)), so views
+such as logits[:, :-1][:, -T:] are never copied; offsets are 64-bit.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Below this, lanes would idle on short vocabularies; above it registers spill. 4096 fp32 lanes over
+# 8 warps is 16 values per thread: the usual sweet spot of row-streaming kernels (quack, Liger). Not yet
+# tuned on a GPU.
+MAX_BLOCK_V = 4096
+
+
+def block_v(vocab: int) -> int:
+    return max(16, min(MAX_BLOCK_V, triton.next_power_of_2(vocab)))
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4
+
+
+@triton.jit
+def token_logprobs_fwd_kernel(
+    # pointers
+    logits_ptr, targets_ptr, mask_ptr, logprobs_ptr, lse_ptr, entropy_ptr,
+    # shapes
+    T, V,
+    # strides (of logits' leading dims; the vocabulary dim is contiguous)
+    stride_b, stride_t,
+    # scalars
+    inv_temperature,
+    # meta-parameters
+    HAS_MASK: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_MASK:
+        if tl.load(mask_ptr + row) == 0:
+            tl.store(logprobs_ptr + row, 0.0)
+            tl.store(lse_ptr + row, 0.0)
+            if HAS_ENTROPY:
+                tl.store(entropy_ptr + row, 0.0)
+            return
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    cols = tl.arange(0, BLOCK_V)
+    # A finite sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf).
+    m = tl.full([BLOCK_V], -1e30, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)  # Σ e^(x − m)·x, for the entropy
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, x)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        s = s * scale + e
+        if HAS_ENTROPY:
+            a = a * scale + e * tl.where(x > float("-inf"), x, 0.0)  # 0·(−inf) would be NaN
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lane = tl.exp(m - m_row)
+    s_row = tl.sum(s * lane, axis=0)
+    lse = m_row + tl.log(s_row)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = (target >= 0) & (target < V)
+    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
+    tl.store(logprobs_ptr + row, x_target - lse)
+    tl.store(lse_ptr + row, lse)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, lse - tl.sum(a * lane, axis=0) / s_row)
+
+
+@triton.jit
+def token_logprobs_bwd_kernel(
+    # pointers
+    grad_logits_ptr, logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+    # shapes
+    T, V,
+    # strides (logits' leading dims; grad_logits is contiguous [rows, V])
+    stride_b, stride_t,
+    # scalars
+    inv_temperature,
+    # meta-parameters
+    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    out = grad_logits_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    g_lp = tl.load(grad_logprobs_ptr + row).to(tl.float32)
+    g_ent = 0.0
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
+    inactive = g_lp == 0.0
+    if HAS_GRAD_ENTROPY:
+        inactive = inactive & (g_ent == 0.0)
+    if inactive:  # masked or clipped token: a zero row, no exp work
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            tl.store(out + idx, tl.zeros([BLOCK_V], tl.float32).to(grad_logits_ptr.dtype.element_ty),
+                     mask=idx < V)
+        return
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    lse = tl.load(lse_ptr + row)
+    ent = 0.0
+    if HAS_GRAD_ENTROPY:
+        ent = tl.load(entropy_ptr + row)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
+        log_p = x - lse
+        p = tl.exp(log_p)
+        g = -g_lp * p
+        if HAS_GRAD_ENTROPY:
+            g -= g_ent * p * (log_p + ent)
+        g = tl.where(idx == target, g + g_lp, g) * inv_temperature
+        tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)
