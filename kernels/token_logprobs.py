@@ -3,10 +3,11 @@
 Forward: one program per token row streams the vocabulary once in BLOCK_V chunks with a per-lane online
 log-sum-exp in fp32 (lane maxima, rescaled sums), then folds the lanes. The reduction order depends on V
 and BLOCK_V only, never on the number of rows, so a token's values are bitwise identical wherever it sits
-in any batch (batch invariance). Writes ℓ, lse and (HAS_ENTROPY) H per row, fp32.
+in any batch (batch invariance). Writes ℓ, the row statistics (max M, log Σ e^(z/τ − M)) and
+(HAS_ENTROPY) H per row, fp32.
 
 Backward: one program per row reads the logits once more and writes
-    ∂/∂z_v = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ,   p_v = exp(z_v/τ − lse).
+    ∂/∂z_v = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ,   log p_v = (z_v/τ − M) − log Σ.
 
 Rows with mask 0 (HAS_MASK) do no exp work: the forward writes zeros, the backward writes a zero row.
 Leading dims are addressed through real strides (row r of a [B, T, V] view is (r // T, r % T)), so views
@@ -35,7 +36,7 @@ def num_warps(block: int) -> int:
 @triton.jit
 def token_logprobs_fwd_kernel(
     # pointers
-    logits_ptr, targets_ptr, mask_ptr, logprobs_ptr, lse_ptr, entropy_ptr,
+    logits_ptr, targets_ptr, mask_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
     # shapes
     T, V,
     # strides (of logits' leading dims; the vocabulary dim is contiguous)
@@ -49,43 +50,48 @@ def token_logprobs_fwd_kernel(
     if HAS_MASK:
         if tl.load(mask_ptr + row) == 0:
             tl.store(logprobs_ptr + row, 0.0)
-            tl.store(lse_ptr + row, 0.0)
+            tl.store(stats_ptr + 2 * row, 0.0)
+            tl.store(stats_ptr + 2 * row + 1, 0.0)
             if HAS_ENTROPY:
                 tl.store(entropy_ptr + row, 0.0)
             return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     cols = tl.arange(0, BLOCK_V)
+    # Per lane: running max m, s = Σ e^(x − m), a = Σ e^(x − m)·(x − m). Everything stays relative to the
+    # max: at |logits| ~ 1e4, x − (m + log s) in fp32 would lose 4 digits to the rounding of m + log s.
     # A finite sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf).
     m = tl.full([BLOCK_V], -1e30, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
-    a = tl.zeros([BLOCK_V], tl.float32)  # Σ e^(x − m)·x, for the entropy
+    a = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, x)
         scale = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
+        if HAS_ENTROPY:  # re-center a on m_new, then add the new terms (0·(−inf) would be NaN)
+            a = scale * (a + (m - m_new) * s) + e * tl.where(x > float("-inf"), x - m_new, 0.0)
         s = s * scale + e
-        if HAS_ENTROPY:
-            a = a * scale + e * tl.where(x > float("-inf"), x, 0.0)  # 0·(−inf) would be NaN
         m = m_new
     m_row = tl.max(m, axis=0)
     lane = tl.exp(m - m_row)
     s_row = tl.sum(s * lane, axis=0)
-    lse = m_row + tl.log(s_row)
+    log_s = tl.log(s_row)
     target = tl.load(targets_ptr + row).to(tl.int64)
     valid = (target >= 0) & (target < V)
     x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
-    tl.store(logprobs_ptr + row, x_target - lse)
-    tl.store(lse_ptr + row, lse)
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, lse - tl.sum(a * lane, axis=0) / s_row)
+    tl.store(logprobs_ptr + row, (x_target - m_row) - log_s)
+    tl.store(stats_ptr + 2 * row, m_row)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+    if HAS_ENTROPY:  # H = log s − Σ e^(x − M)(x − M) / s, lanes re-centered on the row max M
+        a_row = tl.sum(lane * (a + (m - m_row) * s), axis=0)
+        tl.store(entropy_ptr + row, log_s - a_row / s_row)
 
 
 @triton.jit
 def token_logprobs_bwd_kernel(
     # pointers
-    grad_logits_ptr, logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+    grad_logits_ptr, logits_ptr, targets_ptr, mask_ptr, stats_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
     # shapes
     T, V,
     # strides (logits' leading dims; grad_logits is contiguous [rows, V])
@@ -93,7 +99,7 @@ def token_logprobs_bwd_kernel(
     # scalars
     inv_temperature,
     # meta-parameters
-    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     out = grad_logits_ptr + row * V
@@ -105,6 +111,8 @@ def token_logprobs_bwd_kernel(
     inactive = g_lp == 0.0
     if HAS_GRAD_ENTROPY:
         inactive = inactive & (g_ent == 0.0)
+    if HAS_MASK:  # a masked row's outputs are constants: its gradient is zero whatever flows in
+        inactive = inactive | (tl.load(mask_ptr + row) == 0)
     if inactive:  # masked or clipped token: a zero row, no exp work
         for start in range(0, V, BLOCK_V):
             idx = start + cols
@@ -112,7 +120,8 @@ def token_logprobs_bwd_kernel(
                      mask=idx < V)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    lse = tl.load(lse_ptr + row)
+    m_row = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
     ent = 0.0
     if HAS_GRAD_ENTROPY:
         ent = tl.load(entropy_ptr + row)
@@ -120,10 +129,10 @@ def token_logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
-        log_p = x - lse
+        log_p = (x - m_row) - log_s
         p = tl.exp(log_p)
         g = -g_lp * p
         if HAS_GRAD_ENTROPY:
-            g -= g_ent * p * (log_p + ent)
+            g -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # banned (−inf) logits: 0·(−inf)
         g = tl.where(idx == target, g + g_lp, g) * inv_temperature
         tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)

@@ -34,8 +34,8 @@ def token_logprobs(
     logp = torch.log_softmax(z, dim=-1)
     lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     ent = None
-    if entropy:
-        ent = -(logp.exp() * logp).sum(-1)
+    if entropy:  # a banned token (z = −inf) has p = 0 and adds nothing, not 0·(−inf)
+        ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
     return lp, ent
 
 
