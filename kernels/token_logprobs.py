@@ -136,3 +136,25 @@ def token_logprobs_bwd_kernel(
             g -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # banned (−inf) logits: 0·(−inf)
         g = tl.where(idx == target, g + g_lp, g) * inv_temperature
         tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)
+
+
+def aot_specializations():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can produce, for the ahead-of-time
+    compile gate: all flag combinations and logits dtypes at the smallest and largest block (pointer
+    dtypes of the small per-row tensors are those the launchers pass: int64 ids, fp32/uint8 masks)."""
+    for dtype in ("fp32", "bf16", "fp16"):
+        for block in (16, MAX_BLOCK_V):
+            for has_mask in (False, True):
+                for has_entropy in (False, True):
+                    yield (token_logprobs_fwd_kernel,
+                           {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
+                            "logprobs_ptr": "*fp32", "stats_ptr": "*fp32", "entropy_ptr": "*fp32", "T": "i32",
+                            "V": "i32", "stride_b": "i64", "stride_t": "i64", "inv_temperature": "fp32"},
+                           {"HAS_MASK": has_mask, "HAS_ENTROPY": has_entropy, "BLOCK_V": block}, num_warps(block))
+                    yield (token_logprobs_bwd_kernel,
+                           {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "targets_ptr": "*i64",
+                            "mask_ptr": "*u8" if has_mask else "*fp32", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
+                            "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "T": "i32", "V": "i32",
+                            "stride_b": "i64", "stride_t": "i64", "inv_temperature": "fp32"},
+                           {"HAS_MASK": has_mask, "HAS_GRAD_ENTROPY": has_entropy, "BLOCK_V": block},
+                           num_warps(block))
