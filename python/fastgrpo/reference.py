@@ -123,7 +123,7 @@ def advantages(
 # ----------------------------------------------------------------------------------------------------------
 # Trajectory side (SPEC §2)
 # ----------------------------------------------------------------------------------------------------------
-class _Layout:
+class TokenLayout:
     """Which sequence each token belongs to, for segment sums over the flattened token axis."""
 
     def __init__(self, shape: torch.Size, cu_seqlens: Optional[Tensor], max_length: Optional[int], device):
@@ -150,23 +150,26 @@ class _Layout:
         return x[self.seq] if per_sequence else x
 
 
-def _aggregate(x: Tensor, m: Tensor, mode: str, lay: _Layout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
-    """SPEC §2.6: reduce the per-token values x with mask m."""
+def aggregation_weights(m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
+    """SPEC §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
     if mode == "token_mean":
-        return (m * x).sum() / (normalizer if normalizer is not None else m.sum().clamp(min=1))
+        return m / (normalizer if normalizer is not None else m.sum().clamp(min=1))
     if mode == "token_sum_norm":
         if normalizer is None:
             normalizer = (lay.num_seqs if cfg.divide_by_num_sequences else 1) * lay.max_length
             normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
-        return (m * x).sum() / normalizer
-    seq_sum = lay.seg_sum(m * x)
+        return m / normalizer
     count = lay.seg_sum(m)
     if mode == "seq_mean_token_mean":
-        seq_sum = seq_sum / count.clamp(min=1)
+        m = m / count.clamp(min=1)[lay.seq]
     if normalizer is None:
         normalizer = lay.num_seqs if cfg.count_empty_sequences else (count > 0).sum()
         normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
-    return seq_sum.sum() / normalizer
+    return m / normalizer
+
+
+def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
+    return (aggregation_weights(m, mode, lay, cfg, normalizer) * x).sum()
 
 
 def _kl(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
@@ -185,7 +188,7 @@ def _kl(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     return k
 
 
-def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: _Layout, cfg: LossConfig) -> Tensor:
+def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
     """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
     log_w = (old - samp) * m
     mode = cfg.rollout_correction
@@ -224,7 +227,7 @@ def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
 
 
 def _objective(
-    lp: Tensor, adv: Tensor, m: Tensor, lay: _Layout, cfg: LossConfig, normalizer: Normalizer,
+    lp: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer,
     old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -355,7 +358,7 @@ def policy_loss(
     """SPEC §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
     ([B] / [S]) or per token. Differentiable w.r.t. ``logprobs`` (and ``entropy`` for the bonus)."""
     shape = logprobs.shape
-    lay = _Layout(shape, cu_seqlens, config.max_length, logprobs.device)
+    lay = TokenLayout(shape, cu_seqlens, config.max_length, logprobs.device)
 
     m = _acc(mask.reshape(-1))
 

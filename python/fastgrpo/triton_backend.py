@@ -1,10 +1,12 @@
 """``backend="triton"``: Triton kernels for every pass over the vocabulary, PyTorch for the O(N) rest.
 
-The logits are read by the ``fastgrpo::token_logprobs`` kernel (ℓ, H, lse: one read, fp32 per token, masked
-rows skipped); the per-token objective of SPEC §2 runs on those [N] vectors with the reference's own code,
-so every variant, weight and metric is exactly the reference's; its gradient w.r.t. ℓ and H comes back
-through the op's backward kernel, which reads the logits once more and writes ∂L/∂logits once. No [N, V]
-intermediate exists besides that gradient.
+Token-local configs (every token-level variant, KL, entropy bonus, rollout weights from given log-probs)
+take the fused path (``triton_grpo_loss``): one launch computes the loss and writes ∂loss/∂logits in the
+forward, logits read once. The rest (GSPO/GMPO sequence ratios, the entropy quantile and off-policy masks)
+needs a statistic over other tokens first and runs in two phases: the ``fastgrpo::token_logprobs`` kernel
+(ℓ, H: one read, masked rows skipped), the per-token objective on those [N] vectors with the reference's own
+code, and its gradient w.r.t. ℓ and H through the op's backward kernel (one more read, one write). No
+[N, V] intermediate exists besides the gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from .config import LossConfig, LossOutput
+from . import triton_grpo_loss
 from .triton_token_logprobs import token_logprobs
 
 advantages = reference.advantages
@@ -29,6 +32,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
 
 def grpo_loss(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *, return_entropy: bool = False,
               config: LossConfig = LossConfig(), **kwargs) -> LossOutput:
+    has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
+    if triton_grpo_loss.is_token_local(config, has_old, has_is):
+        return triton_grpo_loss.grpo_loss(logits, targets, advantages, mask, return_entropy=return_entropy,
+                                          config=config, **kwargs)
     lp, ent = token_logprobs(logits, targets, config.temperature,
                              entropy=return_entropy or config.needs_entropy, mask=mask)
     return reference.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)

@@ -1,0 +1,201 @@
+"""Fused GRPO-family loss on logits for token-local variants: loss and logit gradient in one launch.
+
+One program per token row:
+  1. streams the row once (online log-sum-exp in fp32, as ``token_logprobs``) → ℓ_t and H_t;
+  2. evaluates the per-token objective of SPEC §2 on scalars: ratio, policy term (ppo with ratio cap and
+     dual clip, cispo, sapo, reinforce), KL estimator with clamps / straight-through / ratio weighting, and
+     their derivatives c_t = ∂L/∂ℓ_t and d_t = ∂L/∂H_t;
+  3. (WRITE_GRAD) streams the row again, while it is still in L2, and writes
+        ∂L/∂z_v = [c_t·(1[v = y] − p_v) − d_t·p_v·(log p_v + H_t)] / τ.
+So the logits make one trip from HBM and the gradient one trip back. "Token-local" means every quantity
+of step 2 depends on this token alone: sequence ratios (GSPO, GMPO), the entropy quantile mask and the
+off-policy mask need a statistic over other tokens first and take the two-phase path instead.
+
+Aggregation, rollout importance weights, β, the entropy coefficient and ``loss_scale`` arrive folded into
+three per-token weights (w_policy, w_kl, w_entropy) computed from the mask beforehand, so the loss is
+Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
+executed once per row, so they cost nothing and need no recompilation. Unused bounds are ±inf.
+Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .token_logprobs import MAX_BLOCK_V, block_v, num_warps  # noqa: F401  (shared launch table)
+
+# Runtime codes of the per-token objective.
+PPO, CISPO, SAPO, REINFORCE = 0, 1, 2, 3
+KL_NONE, KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _half_where_tied(a, b, da, db):
+    """Derivative of min(a, b) as torch.minimum defines it: the smaller side's, half of each on a tie."""
+    return tl.where(a < b, da, tl.where(b < a, db, 0.5 * (da + db)))
+
+
+@triton.jit
+def grpo_loss_fwd_kernel(
+    # pointers: inputs
+    logits_ptr, targets_ptr, mask_ptr, advantages_ptr, old_ptr, ref_ptr,
+    w_policy_ptr, w_kl_ptr, w_entropy_ptr,
+    # pointers: outputs
+    logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, grad_logits_ptr,
+    # shapes
+    T, V,
+    # strides (logits' leading dims; the vocabulary dim and grad_logits are contiguous)
+    stride_b, stride_t,
+    # scalars
+    inv_temperature, policy, kl, kl_straight, kl_ratio_weighted, has_old,
+    eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos, sapo_tau_neg,
+    kl_input_clamp, kl_output_clamp,
+    # meta-parameters
+    HAS_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    out = grad_logits_ptr + row * V
+    if tl.load(mask_ptr + row) == 0:
+        tl.store(logprobs_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(ratio_ptr + row, 0.0)
+        tl.store(dlogp_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                idx = start + cols
+                tl.store(out + idx, tl.zeros([BLOCK_V], tl.float32).to(grad_logits_ptr.dtype.element_ty),
+                         mask=idx < V)
+        return
+    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+
+    # 1. one pass over the row: max-relative online log-sum-exp (see token_logprobs.py)
+    m = tl.full([BLOCK_V], -1e30, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, x)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        if HAS_ENTROPY:
+            a = scale * (a + (m - m_new) * s) + e * tl.where(x > float("-inf"), x - m_new, 0.0)
+        s = s * scale + e
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lane = tl.exp(m - m_row)
+    s_row = tl.sum(s * lane, axis=0)
+    log_s = tl.log(s_row)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = (target >= 0) & (target < V)
+    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
+    lp = (x_target - m_row) - log_s
+    ent = 0.0
+    if HAS_ENTROPY:
+        ent = log_s - tl.sum(lane * (a + (m - m_row) * s), axis=0) / s_row
+
+    # 2. the per-token objective and its derivative w.r.t. ℓ (scalars)
+    A = tl.load(advantages_ptr + row)
+    old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
+    log_r_raw = lp - old
+    log_r = tl.minimum(tl.maximum(log_r_raw, -log_ratio_clamp), log_ratio_clamp)
+    rho = tl.exp(log_r)
+    d_rho = tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, rho, 0.0)  # ∂ρ/∂ℓ
+
+    # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
+    capped = tl.minimum(rho, ratio_cap)
+    d_capped = tl.where(rho <= ratio_cap, d_rho, 0.0)
+    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+    d_clipped = tl.where((rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high), d_rho, 0.0)
+    p_ppo = -tl.minimum(capped * A, clipped * A)
+    dp_ppo = -_half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A)
+    floor = -dual_clip * A
+    dp_ppo = tl.where(A < 0.0, _half_where_tied(p_ppo, floor, dp_ppo, 0.0), dp_ppo)
+    p_ppo = tl.where(A < 0.0, tl.minimum(p_ppo, floor), p_ppo)
+    # cispo: −sg[clamp(ρ, lo, hi)]·A·ℓ
+    w_cispo = tl.minimum(tl.maximum(rho, cispo_low), cispo_high)
+    # sapo: −(4/τ)·σ(τ(ρ − 1))·A
+    tau = tl.where(A > 0.0, sapo_tau_pos, sapo_tau_neg)
+    gate = tl.sigmoid(tau * (rho - 1.0))
+
+    p_term = tl.where(policy == 0, p_ppo, tl.where(policy == 1, -w_cispo * A * lp,
+                      tl.where(policy == 2, -(4.0 / tau) * gate * A, -A * lp)))
+    dp_term = tl.where(policy == 0, dp_ppo, tl.where(policy == 1, -w_cispo * A,
+                       tl.where(policy == 2, -4.0 * gate * (1.0 - gate) * A * d_rho, -A)))
+
+    # KL estimate of D = ℓ − ℓ^ref
+    d = lp - tl.load(ref_ptr + row)
+    dc = tl.minimum(tl.maximum(d, -kl_input_clamp), kl_input_clamp)
+    d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
+    k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc,
+                 tl.exp(-dc) + dc - 1.0)))
+    dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
+                  tl.where(kl == 3, dc, 1.0 - tl.exp(-dc)))) * d_dc
+    dk = tl.where(tl.abs(k) <= kl_output_clamp, dk, 0.0)
+    k = tl.minimum(tl.maximum(k, -kl_output_clamp), kl_output_clamp)
+    dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
+    dk = tl.where(kl_ratio_weighted != 0, dk * rho + k * d_rho, dk)
+    k = tl.where(kl_ratio_weighted != 0, k * rho, k)
+    k = tl.where(kl == 0, 0.0, k)
+    dk = tl.where(kl == 0, 0.0, dk)
+
+    w_policy = tl.load(w_policy_ptr + row)
+    w_kl = tl.load(w_kl_ptr + row)
+    w_entropy = tl.load(w_entropy_ptr + row)
+    c = w_policy * dp_term + w_kl * dk
+    tl.store(logprobs_ptr + row, lp)
+    tl.store(entropy_ptr + row, ent)
+    tl.store(loss_ptr + row, w_policy * p_term + w_kl * k - w_entropy * ent)
+    tl.store(ratio_ptr + row, rho)
+    tl.store(dlogp_ptr + row, c)
+
+    # 3. the gradient row, c·(onehot − p) + (−w_H)·(−p(log p + H)), over τ
+    if WRITE_GRAD:
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
+            log_p = (x - m_row) - log_s
+            p = tl.exp(log_p)
+            g = -c * p
+            if HAS_ENTROPY:
+                g += w_entropy * tl.where(p > 0.0, p * (log_p + ent), 0.0)
+            g = tl.where(idx == target, g + c, g) * inv_temperature
+            tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)
+
+
+@triton.jit
+def scale_grad_kernel(grad_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
+    """grad *= scale in place, skipped on the device when scale == 1 (the usual loss.backward())."""
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        g = tl.load(grad_ptr + offs, mask=offs < numel).to(tl.float32)
+        tl.store(grad_ptr + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=offs < numel)
+
+
+SCALE_BLOCK = 4096
+
+
+def aot_specializations():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can produce (see tests/aot_compile.py)."""
+    scalars = {name: "fp32" for name in (
+        "inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
+        "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")}
+    flags = {name: "i32" for name in ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old")}
+    for dtype in ("fp32", "bf16", "fp16"):
+        per_row = {name: "*fp32" for name in (
+            "advantages_ptr", "old_ptr", "ref_ptr", "w_policy_ptr", "w_kl_ptr", "w_entropy_ptr", "logprobs_ptr",
+            "entropy_ptr", "loss_ptr", "ratio_ptr", "dlogp_ptr")}
+        for block in (16, MAX_BLOCK_V):
+            for has_entropy in (False, True):
+                for write_grad in (False, True):
+                    sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", **per_row,
+                               grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64", stride_t="i64",
+                               **scalars, **flags)
+                    yield (grpo_loss_fwd_kernel, sig,
+                           {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
+        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64"},
+               {"BLOCK": SCALE_BLOCK}, 4)
