@@ -15,9 +15,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastgrpo.kernels import grpo_loss, token_logprobs  # noqa: E402
+from fastgrpo.kernels import advantages, grpo_loss, token_logprobs  # noqa: E402
 
-MODULES = [token_logprobs, grpo_loss]
+MODULES = [token_logprobs, grpo_loss, advantages]
 
 
 def main(capabilities):

@@ -71,10 +71,7 @@ def advantages(
     reward_weights: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3."""
-    r = _acc(rewards.detach())
-    if r.dim() == 2:  # [B, K] reward functions: weighted sum first (TRL "sum_then_normalize")
-        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else reward_weights.float()
-        r = (r * w).sum(-1)
+    r = combine_rewards(rewards, reward_weights)
     g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
     count = torch.zeros(num_groups, device=r.device).index_add_(0, g, torch.ones_like(r))
     mean = torch.zeros(num_groups, device=r.device).index_add_(0, g, r) / count.clamp(min=1)
@@ -103,21 +100,35 @@ def advantages(
         std_b = centered.std() if centered.numel() > 1 else torch.ones(())
         adv = (centered - centered.mean()) / (std_b + cfg.eps)
 
-    binary = bool(((r == 0) | (r == 1)).all()) if r.numel() else False
+    return adv, advantage_metrics(r, adv, g, mean, std)
+
+
+def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
+    """[B] rewards as they are; [B, K] reward functions summed with their weights (TRL "sum_then_normalize")."""
+    r = _acc(rewards.detach())
+    if r.dim() == 2:
+        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else _acc(reward_weights)
+        r = (r * w).sum(-1)
+    return r
+
+
+def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+    """SPEC §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
+    All solved / all failed are the zero-std groups whose rewards are all 1 / all 0 (binary rewards)."""
+    num_groups = mean.numel()
     zero_std = std == 0
     nonempty = max(num_groups, 1)
-    metrics = {
+    frac = lambda x: x.float().sum() / nonempty  # noqa: E731
+    return {
         "reward/mean": r.mean() if r.numel() else r.new_zeros(()),
         "reward/std": r.std() if r.numel() > 1 else r.new_zeros(()),
         "reward/group_std_mean": std.sum() / nonempty,
-        "frac_reward_zero_std": zero_std.float().sum() / nonempty,
-        "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device).index_add_(0, g, adv).abs().max()
-        if num_groups else r.new_zeros(()),
+        "frac_reward_zero_std": frac(zero_std),
+        "frac_groups_all_solved": frac(zero_std & (mean == 1)),
+        "frac_groups_all_failed": frac(zero_std & (mean == 0)),
+        "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device, dtype=adv.dtype)
+        .index_add_(0, g, adv).abs().max() if num_groups else r.new_zeros(()),
     }
-    if binary:
-        metrics["frac_groups_all_solved"] = (zero_std & (mean == 1)).float().sum() / nonempty
-        metrics["frac_groups_all_failed"] = (zero_std & (mean == 0)).float().sum() / nonempty
-    return adv, metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
