@@ -45,8 +45,9 @@ def grpo_loss_fwd_kernel(
     logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, grad_logits_ptr,
     # shapes
     T, V,
-    # strides (logits' leading dims; the vocabulary dim and grad_logits are contiguous)
-    stride_b, stride_t,
+    # strides of the leading dims (the vocabulary dims are contiguous); grad_logits may be the logits
+    # buffer itself (inplace_grad): each element is read before the same program overwrites it
+    stride_b, stride_t, grad_stride_b, grad_stride_t,
     # scalars
     inv_temperature, policy, kl, kl_straight, kl_ratio_weighted, has_old,
     eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos, sapo_tau_neg,
@@ -56,7 +57,7 @@ def grpo_loss_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_V)
-    out = grad_logits_ptr + row * V
+    out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
     if tl.load(mask_ptr + row) == 0:
         tl.store(logprobs_ptr + row, 0.0)
         tl.store(entropy_ptr + row, 0.0)
@@ -194,6 +195,7 @@ def aot_specializations():
                 for write_grad in (False, True):
                     sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", **per_row,
                                grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64", stride_t="i64",
+                               grad_stride_b="i64", grad_stride_t="i64",
                                **scalars, **flags)
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))

@@ -212,3 +212,31 @@ def test_fused_torch_compile_fullgraph():
     (2 * f(z2)).backward()
     torch.testing.assert_close(z1.grad, z2.grad)
     assert n == 6
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (7,)], ids=["padded", "packed"])
+def test_inplace_grad(shape):
+    """The gradient overwrites the logits buffer (same storage) and equals the out-of-place gradient."""
+    cfg = presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01)
+    logits, targets, kw = inputs(shape, 211, torch.bfloat16)
+    if len(shape) == 1:
+        kw["advantages"], kw["cu_seqlens"] = kw["advantages"][:2], torch.tensor([0, 3, 7], device=DEVICE)
+    expected, g_expected = run(logits, targets, kw, cfg, "triton")
+
+    base = logits.detach().clone()
+    z = base.clone().requires_grad_()
+    buffer = z * 1  # a non-leaf, like a model's logits
+    out = fastgrpo.grpo_loss(buffer, targets, config=cfg, backend="triton", inplace_grad=True, **kw)
+    ptr = buffer.data_ptr()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert torch.equal(z.grad, g_expected) and buffer.data_ptr() == ptr
+    assert torch.equal(buffer.detach(), g_expected)  # the buffer now holds the gradient
+
+
+def test_inplace_grad_needs_the_fused_path():
+    logits, targets, kw = inputs((2, 3), 30, torch.float32)
+    with pytest.raises(ValueError, match="inplace_grad=True needs the Triton backend"):
+        fastgrpo.grpo_loss(logits.requires_grad_(), targets, inplace_grad=True, backend="reference", **kw)
+    with pytest.raises(ValueError, match="needs a token-local config"):
+        fastgrpo.grpo_loss(logits, targets, inplace_grad=True, backend="triton", config=CONFIGS["gspo"], **kw)

@@ -155,6 +155,7 @@ def grpo_loss(
     cu_seqlens: Optional[Tensor] = None,
     normalizer: Normalizer = None,
     return_entropy: bool = False,
+    inplace_grad: bool = False,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
 ) -> LossOutput:
@@ -163,6 +164,8 @@ def grpo_loss(
     Same keywords as :func:`policy_loss`; log-probs and entropy come from the logits divided by
     ``config.temperature``. Leading dims of ``logits`` may be any view (e.g. ``logits[:, :-1]``); the
     vocabulary dim must be contiguous. Target ids at masked positions are ignored (padding such as -100).
+    ``inplace_grad=True`` (Triton backend, token-local configs, eager) writes the gradient over ``logits``
+    in the forward, so no second [N, V] buffer exists; the logits are unusable afterwards.
 
     PyTorch equivalent::
 
@@ -177,10 +180,16 @@ def grpo_loss(
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
         normalizer=normalizer, config=config, backend=backend)
     _checks.token_ids("targets", targets, logits.shape[-1], mask)
-    return backends.select(backend, logits.device).grpo_loss(
+    impl = backends.select(backend, logits.device)
+    extra = {}
+    if inplace_grad:
+        if not getattr(impl, "SUPPORTS_INPLACE_GRAD", False):
+            raise ValueError(f"inplace_grad=True needs the Triton backend (CUDA tensors), got {impl.__name__}")
+        extra["inplace_grad"] = True
+    return impl.grpo_loss(
         logits, targets, advantages, mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
-        return_entropy=return_entropy, config=config)
+        return_entropy=return_entropy, config=config, **extra)
 
 
 def linear_grpo_loss(

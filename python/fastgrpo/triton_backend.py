@@ -22,6 +22,7 @@ from .triton_advantages import advantages  # noqa: F401  (the backend's advantag
 from .triton_token_logprobs import token_logprobs
 
 policy_loss = reference.policy_loss  # O(N) on given log-probs: no pass over a vocabulary to fuse
+SUPPORTS_INPLACE_GRAD = True
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
@@ -31,11 +32,15 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, bias:
 
 
 def grpo_loss(logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *, return_entropy: bool = False,
-              config: LossConfig = LossConfig(), **kwargs) -> LossOutput:
+              config: LossConfig = LossConfig(), inplace_grad: bool = False, **kwargs) -> LossOutput:
     has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
     if triton_grpo_loss.is_token_local(config, has_old, has_is):
         return triton_grpo_loss.grpo_loss(logits, targets, advantages, mask, return_entropy=return_entropy,
-                                          config=config, **kwargs)
+                                          config=config, inplace_grad=inplace_grad, **kwargs)
+    if inplace_grad:
+        raise ValueError("inplace_grad=True needs a token-local config (token-level ratio, no entropy quantile "
+                         "or off-policy mask, rollout weights from given old_logprobs): this one runs in two "
+                         "phases")
     lp, ent = token_logprobs(logits, targets, config.temperature,
                              entropy=return_entropy or config.needs_entropy, mask=mask)
     return reference.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)

@@ -52,6 +52,25 @@ def _codes(cfg: LossConfig, has_old: bool) -> list[int]:
             int(has_old)]
 
 
+def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
+            inv_temperature, scalars, codes, with_entropy, grad):
+    """Runs the kernel; ``grad`` is None (no gradient), a new buffer, or ``logits`` itself (in place)."""
+    rows, vocab = targets.numel(), logits.shape[-1]
+    per_row = lambda: torch.empty(rows, device=logits.device, dtype=torch.float32)  # noqa: E731
+    logprobs, entropy, loss_terms, ratio, dlogp = (per_row() for _ in range(5))
+    if rows > 0:
+        t, stride_b, stride_t = _row_addressing(logits)
+        _, grad_stride_b, grad_stride_t = _row_addressing(logits if grad is None else grad)
+        block = K.block_v(vocab)
+        wrap_triton(K.grpo_loss_fwd_kernel)[(rows,)](
+            logits, _rows(targets), mask, advantages, advantages if old_logprobs is None else old_logprobs,
+            advantages if ref_logprobs is None else ref_logprobs, w_policy, w_kl, w_entropy,
+            logprobs, entropy, loss_terms, ratio, dlogp, logprobs if grad is None else grad,
+            t, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, float(inv_temperature), *codes, *scalars,
+            HAS_ENTROPY=with_entropy, WRITE_GRAD=grad is not None, BLOCK_V=block, num_warps=K.num_warps(block))
+    return loss_terms.sum(), logprobs, entropy, ratio, dlogp
+
+
 @_register("fastgrpo::grpo_loss_fused", mutates_args=())
 def grpo_loss_fused_op(
     logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
@@ -60,20 +79,46 @@ def grpo_loss_fused_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, ℓ, H, ρ, ∂loss/∂ℓ, ∂loss/∂logits): per-token fp32 [N] values, the gradient shaped like
     ``logits`` in its dtype ([0] without ``write_grad``). All per-token inputs are fp32 [N]."""
-    rows, vocab = targets.numel(), logits.shape[-1]
-    per_row = lambda: torch.empty(rows, device=logits.device, dtype=torch.float32)  # noqa: E731
-    logprobs, entropy, loss_terms, ratio, dlogp = (per_row() for _ in range(5))
     grad = torch.empty(logits.shape if write_grad else (0,), device=logits.device, dtype=logits.dtype)
-    if rows > 0:
-        t, stride_b, stride_t = _row_addressing(logits)
-        block = K.block_v(vocab)
-        wrap_triton(K.grpo_loss_fwd_kernel)[(rows,)](
-            logits, _rows(targets), mask, advantages, advantages if old_logprobs is None else old_logprobs,
-            advantages if ref_logprobs is None else ref_logprobs, w_policy, w_kl, w_entropy,
-            logprobs, entropy, loss_terms, ratio, dlogp, grad if write_grad else logprobs,
-            t, vocab, stride_b, stride_t, float(inv_temperature), *codes, *scalars,
-            HAS_ENTROPY=with_entropy, WRITE_GRAD=write_grad, BLOCK_V=block, num_warps=K.num_warps(block))
-    return loss_terms.sum(), logprobs, entropy, ratio, dlogp, grad
+    outs = _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
+                   inv_temperature, scalars, codes, with_entropy, grad if write_grad else None)
+    return (*outs, grad)
+
+
+@_register("fastgrpo::grpo_loss_fused_inplace_", mutates_args=("logits",))
+def grpo_loss_fused_inplace_op(
+    logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor], w_policy: Tensor, w_kl: Tensor, w_entropy: Tensor, inv_temperature: float,
+    scalars: list[float], codes: list[int], with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As ``grpo_loss_fused`` with the gradient written over ``logits`` (no second [N, V] buffer)."""
+    return _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
+                   inv_temperature, scalars, codes, with_entropy, logits)
+
+
+@grpo_loss_fused_inplace_op.register_fake
+def _(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, inv_temperature,
+      scalars, codes, with_entropy):
+    rows = targets.numel()
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    return (logits.new_empty((), **f32), *(logits.new_empty(rows, **f32) for _ in range(4)))
+
+
+class _InplaceGrad(torch.autograd.Function):
+    """Autograd for ``inplace_grad``: the logits buffer *is* the gradient after the forward. Held on ctx
+    (not saved for backward) because its version changed by design; eager only."""
+
+    @staticmethod
+    def forward(ctx, logits, *args):
+        outs = grpo_loss_fused_inplace_op(logits, *args)
+        ctx.grad = logits
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        scale_grad_op(ctx.grad, grad_loss)
+        return (ctx.grad,) + (None,) * 12
 
 
 @grpo_loss_fused_op.register_fake
@@ -133,9 +178,10 @@ def grpo_loss(
     logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *, return_entropy: bool = False,
     config: LossConfig = LossConfig(), old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
     sampling_logprobs: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None, normalizer=None,
+    cu_seqlens: Optional[Tensor] = None, normalizer=None, inplace_grad: bool = False,
 ) -> LossOutput:
-    """The fused path of ``backend="triton"`` (token-local configs only, see :func:`is_token_local`)."""
+    """The fused path of ``backend="triton"`` (token-local configs only, see :func:`is_token_local`).
+    ``inplace_grad`` overwrites ``logits`` with the gradient (they are unusable afterwards)."""
     cfg = config
     shape = targets.shape
     lay = reference.TokenLayout(shape, cu_seqlens, cfg.max_length, logits.device)
@@ -155,10 +201,14 @@ def grpo_loss(
     w_entropy = agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef
     with_entropy = return_entropy or cfg.entropy_coef != 0.0
 
-    loss, lp, ent, rho, dlogp, _ = grpo_loss_fused_op(
-        logits, targets, m, adv.float().contiguous(), old, ref, w_policy.float().contiguous(),
-        w_kl.float().contiguous(), w_entropy.float().contiguous(), 1.0 / cfg.temperature, _scalars(cfg),
-        _codes(cfg, old is not None), with_entropy, logits.requires_grad and torch.is_grad_enabled())
+    args = (targets, m, adv.float().contiguous(), old, ref, w_policy.float().contiguous(), w_kl.float().contiguous(),
+            w_entropy.float().contiguous(), 1.0 / cfg.temperature, _scalars(cfg), _codes(cfg, old is not None),
+            with_entropy)
+    write_grad = logits.requires_grad and torch.is_grad_enabled()
+    if inplace_grad and write_grad:
+        loss, lp, ent, rho, dlogp = _InplaceGrad.apply(logits, *args)
+    else:
+        loss, lp, ent, rho, dlogp, _ = grpo_loss_fused_op(logits, *args, write_grad)
 
     lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
     values = {"rho": rho, "is_weight": weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
