@@ -1,16 +1,45 @@
-"""Group-normalized advantages from rewards in contiguous groups (SPEC §3): one program per group.
+"""Group-normalized advantages from rewards in contiguous groups of G (SPEC §3).
 
-Each program loads its G rewards, computes the group mean and unbiased std in fp32 and writes the advantage
-of every member for the runtime ``estimator``: 0 = grpo (÷ (std + eps) when ``divide``), 1 = rloo
-(G/(G − 1)·(R − mean)), 2 = centered only (reinforce_baseline before its batch whitening). ``divide`` may
-read the batch std from ``batch_std_ptr`` instead of the group's (TRL ``scale_rewards="batch"``).
-``singleton_raw``: a group of one keeps its reward (verl: mean 0, std 1) instead of getting 0 (TRL).
+``group_advantage`` is the per-reward math, shared by the standalone kernel (one program per reward) and the
+fused loss kernel, which normalizes a token's reward itself so rewards go to loss and gradient in one launch.
+Each call reads its group's G rewards (a few dozen floats, L1/L2 resident) and computes in fp32:
+  estimator 0 = grpo: (R − mean)/(std + eps) when ``divide`` (the batch std when ``use_batch_std``),
+  estimator 1 = rloo: G/(G − 1)·(R − mean),  estimator 2 = R − mean (REINFORCE++ before batch whitening);
+std unbiased. ``singleton_raw``: a group of one keeps its reward (verl: mean 0, std 1) instead of 0 (TRL).
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+GROUP_BLOCK = 64  # rewards read per step; groups are usually 4–64 completions
+GROUP_BLOCK_CONSTEXPR = tl.constexpr(GROUP_BLOCK)  # the same, readable from inside other kernels
+
+
+@triton.jit
+def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_batch_std, singleton_raw, eps,
+                    BLOCK: tl.constexpr):
+    """(advantage of reward ``seq``, its group's mean, its group's std)."""
+    first = (seq // G) * G
+    offs = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], tl.float32)
+    for j in range(0, G, BLOCK):
+        total += tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=0) / G
+    squares = tl.zeros([BLOCK], tl.float32)
+    for j in range(0, G, BLOCK):
+        r = tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
+        squares += tl.where(j + offs < G, (r - mean) * (r - mean), 0.0)
+    std = tl.sqrt(tl.sum(squares, axis=0) / tl.maximum(G - 1, 1))
+    own = tl.load(rewards_ptr + seq).to(tl.float32)
+    single = G == 1
+    raw = single & (singleton_raw != 0)
+    centered = tl.where(raw, own, own - mean)
+    scale = tl.where(use_batch_std != 0, tl.load(batch_std_ptr), tl.where(raw, 1.0, std))
+    grpo = tl.where(divide != 0, centered / (scale + eps), centered)
+    rloo = tl.where(single, centered, centered * G / tl.maximum(G - 1, 1))
+    return tl.where(estimator == 0, grpo, tl.where(estimator == 1, rloo, centered)), mean, std
 
 
 @triton.jit
@@ -22,24 +51,15 @@ def advantages_kernel(
     # scalars
     estimator, divide, use_batch_std, singleton_raw, eps,
     # meta-parameters
-    BLOCK_G: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    group = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_G)
-    inside = offs < G
-    r = tl.load(rewards_ptr + group * G + offs, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(r, axis=0) / G
-    centered = tl.where(inside, r - mean, 0.0)
-    std = tl.sqrt(tl.sum(centered * centered, axis=0) / tl.maximum(G - 1, 1))
-    tl.store(group_mean_ptr + group, mean)
-    tl.store(group_std_ptr + group, std)
-    single = G == 1
-    centered = tl.where(single & (singleton_raw != 0), r, centered)
-    scale = tl.where(use_batch_std != 0, tl.load(batch_std_ptr), tl.where(single & (singleton_raw != 0), 1.0, std))
-    grpo = tl.where(divide != 0, centered / (scale + eps), centered)
-    rloo = tl.where(single, centered, centered * G / tl.maximum(G - 1, 1))
-    adv = tl.where(estimator == 0, grpo, tl.where(estimator == 1, rloo, centered))
-    tl.store(advantages_ptr + group * G + offs, adv, mask=inside)
+    seq = tl.program_id(0).to(tl.int64)
+    adv, mean, std = group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_batch_std,
+                                     singleton_raw, eps, BLOCK)
+    tl.store(advantages_ptr + seq, adv)
+    if seq % G == 0:
+        tl.store(group_mean_ptr + seq // G, mean)
+        tl.store(group_std_ptr + seq // G, std)
 
 
 def aot_specializations():
@@ -47,5 +67,4 @@ def aot_specializations():
     sig = {"rewards_ptr": "*fp32", "batch_std_ptr": "*fp32", "advantages_ptr": "*fp32", "group_mean_ptr": "*fp32",
            "group_std_ptr": "*fp32", "G": "i32", "estimator": "i32", "divide": "i32", "use_batch_std": "i32",
            "singleton_raw": "i32", "eps": "fp32"}
-    for block in (1, 16, 1024):
-        yield advantages_kernel, sig, {"BLOCK_G": block}, 4
+    yield advantages_kernel, sig, {"BLOCK": GROUP_BLOCK}, 1

@@ -11,7 +11,9 @@ So the logits make one trip from HBM and the gradient one trip back. "Token-loca
 of step 2 depends on this token alone: sequence ratios (GSPO, GMPO), the entropy quantile mask and the
 off-policy mask need a statistic over other tokens first and take the two-phase path instead.
 
-Aggregation, rollout importance weights, β, the entropy coefficient and ``loss_scale`` arrive folded into
+The advantage comes per token, or (``adv_from_rewards``) from the raw rewards of the token's group, normalized
+in the kernel by ``group_advantage`` (SPEC §3). Aggregation, rollout importance weights, β, the entropy
+coefficient and ``loss_scale`` arrive folded into
 three per-token weights (w_policy, w_kl, w_entropy) computed from the mask beforehand, so the loss is
 Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
 executed once per row, so they cost nothing and need no recompilation. Unused bounds are ±inf.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
 from .token_logprobs import MAX_BLOCK_V, block_v, num_warps  # noqa: F401  (shared launch table)
 
 # Runtime codes of the per-token objective.
@@ -40,9 +43,9 @@ def _half_where_tied(a, b, da, db):
 def grpo_loss_fwd_kernel(
     # pointers: inputs
     logits_ptr, targets_ptr, mask_ptr, advantages_ptr, old_ptr, ref_ptr,
-    w_policy_ptr, w_kl_ptr, w_entropy_ptr,
+    w_policy_ptr, w_kl_ptr, w_entropy_ptr, rewards_ptr, batch_std_ptr, seq_ptr,
     # pointers: outputs
-    logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, grad_logits_ptr,
+    logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, adv_used_ptr, grad_logits_ptr,
     # shapes
     T, V,
     # strides of the leading dims (the vocabulary dims are contiguous); grad_logits may be the logits
@@ -50,8 +53,9 @@ def grpo_loss_fwd_kernel(
     stride_b, stride_t, grad_stride_b, grad_stride_t,
     # scalars
     inv_temperature, policy, kl, kl_straight, kl_ratio_weighted, has_old,
+    adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
     eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos, sapo_tau_neg,
-    kl_input_clamp, kl_output_clamp,
+    kl_input_clamp, kl_output_clamp, adv_eps,
     # meta-parameters
     HAS_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -64,6 +68,7 @@ def grpo_loss_fwd_kernel(
         tl.store(loss_ptr + row, 0.0)
         tl.store(ratio_ptr + row, 0.0)
         tl.store(dlogp_ptr + row, 0.0)
+        tl.store(adv_used_ptr + row, 0.0)
         if WRITE_GRAD:
             for start in range(0, V, BLOCK_V):
                 idx = start + cols
@@ -98,8 +103,12 @@ def grpo_loss_fwd_kernel(
     if HAS_ENTROPY:
         ent = log_s - tl.sum(lane * (a + (m - m_row) * s), axis=0) / s_row
 
-    # 2. the per-token objective and its derivative w.r.t. ℓ (scalars)
+    # 2. the per-token objective and its derivative w.r.t. ℓ (scalars); the advantage as given, or from the
+    #    raw rewards of this token's group (the reward side fused into the same launch)
     A = tl.load(advantages_ptr + row)
+    if adv_from_rewards != 0:
+        A = group_advantage(rewards_ptr, batch_std_ptr, tl.load(seq_ptr + row), group_size, adv_estimator,
+                            adv_divide, adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)[0]
     old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
     log_r_raw = lp - old
     log_r = tl.minimum(tl.maximum(log_r_raw, -log_ratio_clamp), log_ratio_clamp)
@@ -152,6 +161,7 @@ def grpo_loss_fwd_kernel(
     tl.store(loss_ptr + row, w_policy * p_term + w_kl * k - w_entropy * ent)
     tl.store(ratio_ptr + row, rho)
     tl.store(dlogp_ptr + row, c)
+    tl.store(adv_used_ptr + row, A)
 
     # 3. the gradient row, c·(onehot − p) + (−w_H)·(−p(log p + H)), over τ
     if WRITE_GRAD:
@@ -186,17 +196,19 @@ def aot_specializations():
         "inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
         "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")}
     flags = {name: "i32" for name in ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old")}
+    rewards = {"adv_from_rewards": "i32", "group_size": "i32", "adv_estimator": "i32", "adv_divide": "i32",
+               "adv_use_batch_std": "i32", "adv_singleton_raw": "i32", "adv_eps": "fp32"}
     for dtype in ("fp32", "bf16", "fp16"):
         per_row = {name: "*fp32" for name in (
-            "advantages_ptr", "old_ptr", "ref_ptr", "w_policy_ptr", "w_kl_ptr", "w_entropy_ptr", "logprobs_ptr",
-            "entropy_ptr", "loss_ptr", "ratio_ptr", "dlogp_ptr")}
+            "advantages_ptr", "old_ptr", "ref_ptr", "w_policy_ptr", "w_kl_ptr", "w_entropy_ptr", "rewards_ptr",
+            "batch_std_ptr", "logprobs_ptr", "entropy_ptr", "loss_ptr", "ratio_ptr", "dlogp_ptr", "adv_used_ptr")}
         for block in (16, MAX_BLOCK_V):
             for has_entropy in (False, True):
                 for write_grad in (False, True):
-                    sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", **per_row,
+                    sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", seq_ptr="*i64", **per_row,
                                grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64", stride_t="i64",
                                grad_stride_b="i64", grad_stride_t="i64",
-                               **scalars, **flags)
+                               **scalars, **flags, **rewards)
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
         yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64"},

@@ -25,7 +25,9 @@ def main(capabilities):
     for module in MODULES:
         for fn, signature, constexprs, num_warps in module.aot_specializations():
             for cap in capabilities:
-                sig = dict(signature, **{name: "constexpr" for name in constexprs})
+                missing = set(fn.arg_names) - set(signature) - set(constexprs)
+                assert not missing, f"{fn.__name__}: no type for {missing}"
+                sig = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
                 src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
                 kernel = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": num_warps})
                 assert kernel.asm["cubin"], f"{fn.__name__} produced no cubin for sm_{cap}"

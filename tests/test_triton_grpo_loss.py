@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastgrpo
-from fastgrpo import presets
+from fastgrpo import LossConfig, presets
 from test_reference_levels import CONFIGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,13 +107,37 @@ def test_packed_with_cu_seqlens():
     torch.testing.assert_close(g_ours.float(), g_ref, rtol=2e-2, atol=1e-3)  # bf16 gradient rounding
 
 
-def test_rewards_in_the_same_call():
+@pytest.mark.parametrize("advantage", [
+    dict(), dict(scale="batch"), dict(scale="none"), dict(estimator="rloo"), dict(estimator="reinforce_baseline"),
+    dict(singleton="raw", eps=1e-6)], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "grpo")
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_rewards_in_the_same_call(advantage, group_size):
+    """Raw rewards + group_size: normalized inside the loss launch (grpo, rloo) or just before it."""
+    import dataclasses
+
+    cfg = dataclasses.replace(presets.trl(loss_type="bnpo", beta=0.1),
+                              advantage=fastgrpo.AdvantageConfig(**advantage))
     logits, targets, kw = inputs((4, 3), 200, torch.float32)
     kw.pop("advantages")
-    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEVICE)
-    a = fastgrpo.grpo_loss(logits, targets, rewards=rewards, group_size=2, backend="triton", **kw)
-    b = fastgrpo.grpo_loss(logits, targets, rewards=rewards, group_size=2, backend="reference", **kw)
+    rewards = torch.tensor([1.0, 0.0, 0.5, 1.0], device=DEVICE)
+    a, ga = run(logits, targets, dict(kw, rewards=rewards, group_size=group_size), cfg, "triton")
+    b, gb = run(logits, targets, dict(kw, rewards=rewards, group_size=group_size), cfg, "reference")
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+    for key in b.metrics:
+        torch.testing.assert_close(a.metrics[key], b.metrics[key], rtol=1e-5, atol=1e-6)
+
+
+def test_rewards_packed_and_group_ids():
+    logits, targets, kw = inputs((7,), 90, torch.float32)
+    kw.pop("advantages")
+    cu = torch.tensor([0, 2, 2, 5, 7], device=DEVICE)  # an empty sequence too
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.3], device=DEVICE)
+    for extra in (dict(group_size=2), dict(group_ids=torch.tensor([5, 1, 5, 1], device=DEVICE))):
+        a, ga = run(logits, targets, dict(kw, rewards=rewards, cu_seqlens=cu, **extra), LossConfig(), "triton")
+        b, gb = run(logits, targets, dict(kw, rewards=rewards, cu_seqlens=cu, **extra), LossConfig(), "reference")
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
@@ -181,8 +205,8 @@ def test_fused_opcheck():
     cfg = presets.verl(use_kl_loss=True, entropy_coeff=0.01)
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     args = (logits.requires_grad_(), targets, kw["mask"].reshape(-1).float(), torch.randn(n, device=DEVICE),
-            kw["old_logprobs"].reshape(-1), kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0.01 * w, 1.0,
-            F._scalars(cfg), F._codes(cfg, True), True, True)
+            kw["old_logprobs"].reshape(-1), kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0.01 * w, None, None, None,
+            1.0, F._scalars(cfg), F._codes(cfg, True), True, True)
     # AOT dispatch is left to test_fused_torch_compile_fullgraph: eager backward scales the gradient output in
     # place (so loss.backward() costs nothing more), which opcheck's eager-vs-traced comparison reads as a
     # changed output; under tracing the scaling is out of place.
@@ -202,8 +226,8 @@ def test_fused_torch_compile_fullgraph():
 
     def f(z):
         loss, *_ = F.grpo_loss_fused_op(z, targets, m, adv, kw["old_logprobs"].reshape(-1),
-                                        kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, 1.0, F._scalars(cfg),
-                                        F._codes(cfg, True), False, True)
+                                        kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None, 1.0,
+                                        F._scalars(cfg), F._codes(cfg, True), False, True)
         return loss
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")

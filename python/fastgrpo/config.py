@@ -208,6 +208,17 @@ class LossConfig:
         return self.entropy_coef != 0.0 or self.top_entropy_quantile < 1.0
 
 
+@dataclass(frozen=True)
+class Rewards:
+    """Raw rewards passed where advantages go: each backend normalizes them per group (SPEC §3, with
+    ``LossConfig.advantage``) inside the loss call, in the same launch where it can."""
+
+    rewards: torch.Tensor
+    group_size: Optional[int] = None
+    group_ids: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+
+
 @dataclass
 class LossOutput:
     """What every loss entry point returns.

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import _checks, backends
 from .advantages import check_rewards
-from .config import LossConfig, LossOutput
+from .config import LossConfig, LossOutput, Rewards
 from .logprobs import check_linear, check_logits
 
 Normalizer = Union[float, Tensor, None]
@@ -31,9 +31,10 @@ def _resolve_inputs(
     old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor], sampling_logprobs: Optional[Tensor],
     is_weights: Optional[Tensor], rewards: Optional[Tensor], group_size: Optional[int],
     group_ids: Optional[Tensor], reward_weights: Optional[Tensor], cu_seqlens: Optional[Tensor],
-    normalizer: Normalizer, config: LossConfig, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Validates everything but the logit-level tensors; returns (advantages, mask) ready for a backend."""
+    normalizer: Normalizer, config: LossConfig,
+) -> tuple[Union[Tensor, Rewards], Tensor]:
+    """Validates everything but the logit-level tensors; returns (advantages or the rewards to normalize,
+    mask) ready for a backend."""
     _check_config(config)
     num_seqs = _checks.token_layout(tokens, cu_seqlens, "the token dims")
     if mask is None:
@@ -72,8 +73,7 @@ def _resolve_inputs(
                          "(with group_size or group_ids)")
     if rewards is not None:
         check_rewards(rewards, group_size, group_ids, reward_weights, num_seqs)
-        impl = backends.select(backend, device)
-        advantages, _ = impl.advantages(rewards, group_size, group_ids, config.advantage, reward_weights)
+        return Rewards(rewards, group_size, group_ids, reward_weights), mask
     else:
         _checks.tensor("advantages", advantages)
         _checks.floating("advantages", advantages)
@@ -124,7 +124,7 @@ def policy_loss(
         tokens, logprobs.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config, backend=backend)
+        normalizer=normalizer, config=config)
     if config.needs_entropy and entropy is None:
         raise ValueError("entropy is required by this config (entropy_coef != 0 or top_entropy_quantile < 1): "
                          "pass the per-token entropy, or use grpo_loss on logits")
@@ -178,7 +178,7 @@ def grpo_loss(
         targets.shape, logits.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config, backend=backend)
+        normalizer=normalizer, config=config)
     _checks.token_ids("targets", targets, logits.shape[-1], mask)
     impl = backends.select(backend, logits.device)
     extra = {}
@@ -224,7 +224,7 @@ def linear_grpo_loss(
         targets.shape, hidden.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config, backend=backend)
+        normalizer=normalizer, config=config)
     _checks.token_ids("targets", targets, weight.shape[0], mask)
     return backends.select(backend, hidden.device).linear_grpo_loss(
         hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import AdvantageConfig, LossConfig, LossOutput
+from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
 
 Normalizer = Union[float, Tensor, None]
 
@@ -101,6 +101,14 @@ def advantages(
         adv = (centered - centered.mean()) / (std_b + cfg.eps)
 
     return adv, advantage_metrics(r, adv, g, mean, std)
+
+
+def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: AdvantageConfig) -> Tensor:
+    """Advantages as given, or computed from :class:`Rewards`."""
+    if not isinstance(advantages_or_rewards, Rewards):
+        return advantages_or_rewards
+    r = advantages_or_rewards
+    return advantages(r.rewards, r.group_size, r.group_ids, config, r.weights)[0]
 
 
 def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
@@ -354,7 +362,7 @@ def _metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor,
 
 def policy_loss(
     logprobs: Tensor,
-    advantages: Tensor,
+    advantages: Union[Tensor, Rewards],
     mask: Tensor,
     *,
     old_logprobs: Optional[Tensor] = None,
@@ -367,7 +375,9 @@ def policy_loss(
     config: LossConfig = LossConfig(),
 ) -> LossOutput:
     """SPEC §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
-    ([B] / [S]) or per token. Differentiable w.r.t. ``logprobs`` (and ``entropy`` for the bonus)."""
+    ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t. ``logprobs``
+    (and ``entropy`` for the bonus)."""
+    advantages = resolve_advantages(advantages, config.advantage)
     shape = logprobs.shape
     lay = TokenLayout(shape, cu_seqlens, config.max_length, logprobs.device)
 
@@ -400,7 +410,7 @@ def policy_loss(
 
 
 def grpo_loss(
-    logits: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *,
+    logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
     return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
 ) -> LossOutput:
     """SPEC §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
@@ -411,7 +421,7 @@ def grpo_loss(
 
 
 def linear_grpo_loss(
-    hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor, *,
+    hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
     bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
 ) -> LossOutput:
     """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]."""

@@ -11,7 +11,6 @@ import os
 from typing import Optional
 
 import torch
-import triton
 from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 
@@ -32,9 +31,9 @@ def advantages_op(rewards: Tensor, batch_std: Tensor, group_size: int, estimator
     mean = rewards.new_empty(num_groups)
     std = rewards.new_empty(num_groups)
     if num_groups > 0:
-        wrap_triton(K.advantages_kernel)[(num_groups,)](
+        wrap_triton(K.advantages_kernel)[(rewards.numel(),)](
             rewards, batch_std, adv, mean, std, group_size, estimator, int(divide), int(use_batch_std),
-            int(singleton_raw), float(eps), BLOCK_G=triton.next_power_of_2(group_size))
+            int(singleton_raw), float(eps), BLOCK=K.GROUP_BLOCK, num_warps=1)
     return adv, mean, std
 
 
@@ -44,16 +43,26 @@ def _(rewards, batch_std, group_size, estimator, divide, use_batch_std, singleto
     return torch.empty_like(rewards), rewards.new_empty(num_groups), rewards.new_empty(num_groups)
 
 
+def batch_std(r: Tensor, config: AdvantageConfig) -> tuple[bool, Tensor]:
+    """(whether TRL's batch scale applies, the batch std as a 1-element tensor; 1 where unused)."""
+    batch = config.estimator == "grpo" and config.scale == "batch"
+    return batch, (r.std().reshape(1) if batch and r.numel() > 1 else r.new_ones(1))
+
+
+def kernel_args(config: AdvantageConfig) -> tuple[int, bool, bool, float]:
+    """(estimator code, divide, singleton_raw, eps) as the kernels take them."""
+    return _ESTIMATOR[config.estimator], config.scale != "none", config.singleton == "raw", config.eps
+
+
 def advantages(rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
                config: AdvantageConfig = AdvantageConfig(),
                reward_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
     if group_ids is not None:
         return reference.advantages(rewards, None, group_ids, config, reward_weights)
     r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
-    batch = config.estimator == "grpo" and config.scale == "batch"
-    batch_std = r.std().reshape(1) if batch and r.numel() > 1 else r.new_ones(1)
-    adv, mean, std = advantages_op(r, batch_std, group_size, _ESTIMATOR[config.estimator],
-                                   config.scale != "none", batch, config.singleton == "raw", config.eps)
+    batch, std_b = batch_std(r, config)
+    estimator, divide, singleton_raw, eps = kernel_args(config)
+    adv, mean, std = advantages_op(r, std_b, group_size, estimator, divide, batch, singleton_raw, eps)
     if batch and r.numel() <= 1:
         adv = torch.zeros_like(r)
     if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch
