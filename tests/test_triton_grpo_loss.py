@@ -264,3 +264,27 @@ def test_inplace_grad_needs_the_fused_path():
         fastgrpo.grpo_loss(logits.requires_grad_(), targets, inplace_grad=True, backend="reference", **kw)
     with pytest.raises(ValueError, match="needs a token-local config"):
         fastgrpo.grpo_loss(logits, targets, inplace_grad=True, backend="triton", config=CONFIGS["gspo"], **kw)
+
+
+def test_batch_invariance_of_the_fused_loss():
+    """With a fixed normalizer a token's weight is fixed, so its log-prob, loss term and gradient row are
+    bitwise identical whatever else is in the batch and wherever it sits."""
+    from fastgrpo import triton_grpo_loss as F
+
+    cfg = presets.trl(loss_type="dapo", beta=0.04)
+    logits, targets, kw = inputs((6,), 3000, torch.bfloat16)
+    kw = dict(kw, advantages=kw["advantages"][:1].expand(6).contiguous(), mask=torch.ones(6, device=DEVICE))
+
+    def row_results(idx):
+        z = logits[idx].clone().requires_grad_()
+        part = {k: (v[idx] if v.dim() else v) for k, v in kw.items()}
+        out = F.grpo_loss(z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
+                          cu_seqlens=torch.tensor([0, len(idx)], device=DEVICE), **part)
+        out.loss.backward()
+        return out.logprobs, z.grad
+
+    lp_all, g_all = row_results(torch.arange(6))
+    for idx in (torch.tensor([2]), torch.tensor([5, 2]), torch.tensor([2, 0, 4])):
+        lp, g = row_results(idx)
+        pos = (idx == 2).nonzero()[0, 0]
+        assert torch.equal(lp[pos], lp_all[2]) and torch.equal(g[pos], g_all[2])

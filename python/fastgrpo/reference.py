@@ -154,7 +154,8 @@ class TokenLayout:
         else:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             self.num_seqs = lengths.numel()
-            self.seq = torch.arange(self.num_seqs, device=device).repeat_interleave(lengths)
+            # output_size: the token count is known, so no host sync to size the result
+            self.seq = torch.arange(self.num_seqs, device=device).repeat_interleave(lengths, output_size=shape[0])
             self.max_length = (lengths.max() if self.num_seqs else 0) if max_length is None else max_length
 
     def seg_sum(self, x: Tensor) -> Tensor:
