@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
-from .token_logprobs import MAX_BLOCK_V, block_v, num_warps  # noqa: F401  (shared launch table)
+from .token_logprobs import MAX_BLOCK_V, block_v, num_warps, row_statistics, write_grad_row, write_zero_row
 
 # Runtime codes of the per-token objective.
 PPO, CISPO, SAPO, REINFORCE = 0, 1, 2, 3
@@ -60,7 +60,6 @@ def grpo_loss_fwd_kernel(
     HAS_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_V)
     out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
     if tl.load(mask_ptr + row) == 0:
         tl.store(logprobs_ptr + row, 0.0)
@@ -70,38 +69,13 @@ def grpo_loss_fwd_kernel(
         tl.store(dlogp_ptr + row, 0.0)
         tl.store(adv_used_ptr + row, 0.0)
         if WRITE_GRAD:
-            for start in range(0, V, BLOCK_V):
-                idx = start + cols
-                tl.store(out + idx, tl.zeros([BLOCK_V], tl.float32).to(grad_logits_ptr.dtype.element_ty),
-                         mask=idx < V)
+            write_zero_row(out, V, BLOCK_V)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
 
-    # 1. one pass over the row: max-relative online log-sum-exp (see token_logprobs.py)
-    m = tl.full([BLOCK_V], -1e30, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    a = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, x)
-        scale = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        if HAS_ENTROPY:
-            a = scale * (a + (m - m_new) * s) + e * tl.where(x > float("-inf"), x - m_new, 0.0)
-        s = s * scale + e
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    lane = tl.exp(m - m_row)
-    s_row = tl.sum(s * lane, axis=0)
-    log_s = tl.log(s_row)
+    # 1. one pass over the row
     target = tl.load(targets_ptr + row).to(tl.int64)
-    valid = (target >= 0) & (target < V)
-    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
-    lp = (x_target - m_row) - log_s
-    ent = 0.0
-    if HAS_ENTROPY:
-        ent = log_s - tl.sum(lane * (a + (m - m_row) * s), axis=0) / s_row
+    lp, m_row, log_s, ent = row_statistics(base, target, V, inv_temperature, HAS_ENTROPY, BLOCK_V)
 
     # 2. the per-token objective and its derivative w.r.t. ℓ (scalars); the advantage as given, or from the
     #    raw rewards of this token's group (the reward side fused into the same launch)
@@ -163,18 +137,9 @@ def grpo_loss_fwd_kernel(
     tl.store(dlogp_ptr + row, c)
     tl.store(adv_used_ptr + row, A)
 
-    # 3. the gradient row, c·(onehot − p) + (−w_H)·(−p(log p + H)), over τ
+    # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ
     if WRITE_GRAD:
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
-            log_p = (x - m_row) - log_s
-            p = tl.exp(log_p)
-            g = -c * p
-            if HAS_ENTROPY:
-                g += w_entropy * tl.where(p > 0.0, p * (log_p + ent), 0.0)
-            g = tl.where(idx == target, g + c, g) * inv_temperature
-            tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)
+        write_grad_row(out, base, target, V, m_row, log_s, ent, c, -w_entropy, inv_temperature, HAS_ENTROPY, BLOCK_V)
 
 
 @triton.jit

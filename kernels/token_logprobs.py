@@ -34,6 +34,66 @@ def num_warps(block: int) -> int:
 
 
 @triton.jit
+def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over a row of V logits at ``base`` (scaled by 1/τ): (ℓ of ``target``, M, log Σ, H).
+
+    Per lane: running max m, s = Σ e^(x − m), a = Σ e^(x − m)·(x − m). Everything stays relative to the max:
+    at |logits| ~ 1e4, x − (m + log s) in fp32 would lose 4 digits to the rounding of m + log s. A finite
+    sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf). The lanes fold
+    in a fixed order, so the result depends on V and BLOCK_V only (batch invariance).
+    """
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_V], -1e30, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    a = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, x)
+        scale = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        if HAS_ENTROPY:  # re-center a on m_new, then add the new terms (0·(−inf) would be NaN)
+            a = scale * (a + (m - m_new) * s) + e * tl.where(x > float("-inf"), x - m_new, 0.0)
+        s = s * scale + e
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    lane = tl.exp(m - m_row)
+    s_row = tl.sum(s * lane, axis=0)
+    log_s = tl.log(s_row)
+    valid = (target >= 0) & (target < V)
+    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
+    ent = 0.0
+    if HAS_ENTROPY:  # H = log s − Σ e^(x − M)(x − M) / s, lanes re-centered on the row max M
+        ent = log_s - tl.sum(lane * (a + (m - m_row) * s), axis=0) / s_row
+    return (x_target - m_row) - log_s, m_row, log_s, ent
+
+
+@triton.jit
+def write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature,
+                   HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it)."""
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
+        log_p = (x - m_row) - log_s
+        p = tl.exp(log_p)
+        g = -g_lp * p
+        if HAS_GRAD_ENTROPY:
+            g -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # banned (−inf) logits: 0·(−inf)
+        g = tl.where(idx == target, g + g_lp, g) * inv_temperature
+        tl.store(out + idx, g.to(out.dtype.element_ty), mask=idx < V)
+
+
+@triton.jit
+def write_zero_row(out, V, BLOCK_V: tl.constexpr):
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        tl.store(out + idx, tl.zeros([BLOCK_V], tl.float32).to(out.dtype.element_ty), mask=idx < V)
+
+
+@triton.jit
 def token_logprobs_fwd_kernel(
     # pointers
     logits_ptr, targets_ptr, mask_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
@@ -56,36 +116,13 @@ def token_logprobs_fwd_kernel(
                 tl.store(entropy_ptr + row, 0.0)
             return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    cols = tl.arange(0, BLOCK_V)
-    # Per lane: running max m, s = Σ e^(x − m), a = Σ e^(x − m)·(x − m). Everything stays relative to the
-    # max: at |logits| ~ 1e4, x − (m + log s) in fp32 would lose 4 digits to the rounding of m + log s.
-    # A finite sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf).
-    m = tl.full([BLOCK_V], -1e30, tl.float32)
-    s = tl.zeros([BLOCK_V], tl.float32)
-    a = tl.zeros([BLOCK_V], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        x = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_temperature
-        m_new = tl.maximum(m, x)
-        scale = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        if HAS_ENTROPY:  # re-center a on m_new, then add the new terms (0·(−inf) would be NaN)
-            a = scale * (a + (m - m_new) * s) + e * tl.where(x > float("-inf"), x - m_new, 0.0)
-        s = s * scale + e
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    lane = tl.exp(m - m_row)
-    s_row = tl.sum(s * lane, axis=0)
-    log_s = tl.log(s_row)
     target = tl.load(targets_ptr + row).to(tl.int64)
-    valid = (target >= 0) & (target < V)
-    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
-    tl.store(logprobs_ptr + row, (x_target - m_row) - log_s)
+    lp, m_row, log_s, ent = row_statistics(base, target, V, inv_temperature, HAS_ENTROPY, BLOCK_V)
+    tl.store(logprobs_ptr + row, lp)
     tl.store(stats_ptr + 2 * row, m_row)
     tl.store(stats_ptr + 2 * row + 1, log_s)
-    if HAS_ENTROPY:  # H = log s − Σ e^(x − M)(x − M) / s, lanes re-centered on the row max M
-        a_row = tl.sum(lane * (a + (m - m_row) * s), axis=0)
-        tl.store(entropy_ptr + row, log_s - a_row / s_row)
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + row, ent)
 
 
 @triton.jit
@@ -103,39 +140,24 @@ def token_logprobs_bwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     out = grad_logits_ptr + row * V
-    cols = tl.arange(0, BLOCK_V)
     g_lp = tl.load(grad_logprobs_ptr + row).to(tl.float32)
     g_ent = 0.0
+    ent = 0.0
     if HAS_GRAD_ENTROPY:
         g_ent = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        ent = tl.load(entropy_ptr + row)
     inactive = g_lp == 0.0
     if HAS_GRAD_ENTROPY:
         inactive = inactive & (g_ent == 0.0)
     if HAS_MASK:  # a masked row's outputs are constants: its gradient is zero whatever flows in
         inactive = inactive | (tl.load(mask_ptr + row) == 0)
     if inactive:  # masked or clipped token: a zero row, no exp work
-        for start in range(0, V, BLOCK_V):
-            idx = start + cols
-            tl.store(out + idx, tl.zeros([BLOCK_V], tl.float32).to(grad_logits_ptr.dtype.element_ty),
-                     mask=idx < V)
-        return
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    m_row = tl.load(stats_ptr + 2 * row)
-    log_s = tl.load(stats_ptr + 2 * row + 1)
-    ent = 0.0
-    if HAS_GRAD_ENTROPY:
-        ent = tl.load(entropy_ptr + row)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    for start in range(0, V, BLOCK_V):
-        idx = start + cols
-        x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
-        log_p = (x - m_row) - log_s
-        p = tl.exp(log_p)
-        g = -g_lp * p
-        if HAS_GRAD_ENTROPY:
-            g -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # banned (−inf) logits: 0·(−inf)
-        g = tl.where(idx == target, g + g_lp, g) * inv_temperature
-        tl.store(out + idx, g.to(grad_logits_ptr.dtype.element_ty), mask=idx < V)
+        write_zero_row(out, V, BLOCK_V)
+    else:
+        base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+        target = tl.load(targets_ptr + row).to(tl.int64)
+        write_grad_row(out, base, target, V, tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1), ent,
+                       g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, BLOCK_V)
 
 
 def aot_specializations():
