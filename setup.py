@@ -1,23 +1,84 @@
-"""Build script: the pure-Python package always; the C++/CUDA extension once csrc/ holds sources.
+"""Build script: the C++ CPU extension always, its CUDA kernels when a CUDA toolkit is found.
 
-The CPU extension is built whenever ``csrc/*.cpp`` exists; CUDA sources are added when a CUDA toolkit is
-found (``CUDA_HOME`` or nvcc on PATH), never decided by ``torch.cuda.is_available()``.
-``FASTGRPO_NO_EXTENSION=1`` skips the extension (the reference and Triton paths need none).
+- CPU: ``csrc/ops.cpp`` (schemas) + ``csrc/cpu/*.cpp``, with AVX2/FMA code when the build host has them
+  (``FASTGRPO_CPU_ARCH=avx2|avx512|default`` overrides); the library is built for the machine it runs on.
+- CUDA: ``csrc/cuda/*.cu`` compiled by nvcc into objects linked into the same extension with the static
+  CUDA runtime, when ``CUDA_HOME`` or ``nvcc`` on PATH is found; decided by the toolkit, never by
+  ``torch.cuda.is_available()``, so CPU-only machines (like CI's) compile the CUDA code too. The .cu files
+  include only CUDA headers and ``csrc/*.h`` plain-C++ headers, which works with a CPU-only PyTorch.
+  ``FASTGRPO_CUDA_ARCHS`` (default ``80;90a``) lists the architectures; ``FASTGRPO_NO_CUDA=1`` skips CUDA.
+- ``FASTGRPO_NO_EXTENSION=1`` builds nothing: the reference and Triton paths need no extension.
 """
 
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import setup
 
 
+def cpu_arch_flags():
+    arch = os.environ.get("FASTGRPO_CPU_ARCH")
+    if arch is None:
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            flags = ""
+        arch = "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+    if arch == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+                "-DCPU_CAPABILITY_AVX512"]
+    if arch == "avx2":
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def cuda_home():
+    if os.environ.get("FASTGRPO_NO_CUDA") == "1":
+        return None
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def compile_cuda(home, build_dir):
+    """nvcc each .cu into a position-independent object; returns the object paths."""
+    archs = os.environ.get("FASTGRPO_CUDA_ARCHS", "80;90a").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    os.makedirs(build_dir, exist_ok=True)
+    objects = []
+    for src in sorted(glob.glob("csrc/cuda/*.cu")):
+        obj = os.path.join(build_dir, os.path.basename(src) + ".o")
+        cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+               "--expt-relaxed-constexpr", *gencode]
+        print(" ".join(cmd))
+        subprocess.check_call(cmd)
+        objects.append(obj)
+    return objects
+
+
 def extensions():
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    if not sources or os.environ.get("FASTGRPO_NO_EXTENSION") == "1":
+    if os.environ.get("FASTGRPO_NO_EXTENSION") == "1":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    ext = CppExtension("fastgrpo._C", sources, extra_compile_args={"cxx": ["-O3"]})
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-std=c++17", *cpu_arch_flags()]
+    kwargs = {}
+    home = cuda_home()
+    if home:
+        sources += sorted(glob.glob("csrc/cuda/*.cpp"))
+        cxx.append("-DFASTGRPO_WITH_CUDA")
+        kwargs = dict(
+            extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
+            include_dirs=[os.path.join(home, "include")],
+            library_dirs=[os.path.join(home, "lib64"), os.path.join(home, "lib")],
+            libraries=["cudart_static", "rt", "dl", "pthread"],
+        )
+    ext = CppExtension("fastgrpo._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
     return [ext], {"build_ext": BuildExtension}
 
 

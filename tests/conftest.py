@@ -6,3 +6,19 @@ import torch
 # so it must be set before anything imports triton (fastgrpo itself imports no triton at import time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The compiled backends that run on this machine: Triton (interpreter on CPU) and the C++ / CUDA extension.
+KERNEL_BACKENDS = ["triton", "cuda" if DEVICE == "cuda" else "cpu"]
+
+
+def kernel_backend(name):
+    """The backend object, or a skip naming why it is missing (e.g. the extension was not built)."""
+    import pytest
+
+    from fastgrpo import backends
+
+    try:
+        return backends.select(name, torch.device(DEVICE))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))

@@ -1,4 +1,5 @@
-"""Triton ``fastgrpo::token_logprobs`` against the fp32 reference (interpreter on CPU, real kernels on GPU).
+"""The ``token_logprobs`` op of every compiled backend (Triton: interpreter on CPU; C++ CPU; CUDA) against the
+fp32 reference.
 
 Accuracy is judged against PyTorch's own error in the same dtype:
     |ours − ref_fp32| ≤ K · |torch_same_dtype − ref_fp32| + ATOL[dtype]
@@ -7,10 +8,8 @@ Accuracy is judged against PyTorch's own error in the same dtype:
 import pytest
 import torch
 
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import reference
-from fastgrpo.triton_token_logprobs import token_logprobs, token_logprobs_op
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
 # fp32: the online log-sum-exp over 150k entries and the reference's log_softmax round differently (~1e-6 of
@@ -35,6 +34,12 @@ def within_torch_error(ours, ref32, same_dtype, dtype, what):
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} ({K}x torch's own + atol)"
 
 
+@pytest.fixture(params=KERNEL_BACKENDS)
+def token_logprobs(request):
+    """The backend's token_logprobs(logits, targets, temperature, entropy=, mask=) -> (ℓ, H)."""
+    return kernel_backend(request.param).token_logprobs
+
+
 def torch_same_dtype(logits, targets, tau):
     """PyTorch in the input dtype: what an eager trainer computes."""
     logp = torch.log_softmax(logits / tau, dim=-1)
@@ -53,7 +58,7 @@ def make(shape, vocab, dtype, seed=0, scale=4.0):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, vocab, why", SHAPES, ids=[s[2] for s in SHAPES])
-def test_values_and_gradients(shape, vocab, why, dtype):
+def test_values_and_gradients(shape, vocab, why, dtype, token_logprobs):
     tau = 0.7
     logits, targets = make(shape, vocab, dtype)
     g = torch.Generator().manual_seed(1)
@@ -74,7 +79,7 @@ def test_values_and_gradients(shape, vocab, why, dtype):
     assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype
 
 
-def test_masked_rows_are_skipped_and_zero():
+def test_masked_rows_are_skipped_and_zero(token_logprobs):
     logits, targets = make((2, 4), 300, torch.float32)
     mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], device=DEVICE, dtype=torch.bool)
     targets[~mask] = -100  # padding ids are never read
@@ -86,7 +91,7 @@ def test_masked_rows_are_skipped_and_zero():
     torch.testing.assert_close(lp[mask], ref, rtol=1e-6, atol=1e-5)
 
 
-def test_extreme_and_equal_logits():
+def test_extreme_and_equal_logits(token_logprobs):
     logits = torch.zeros(3, 257, device=DEVICE)
     logits[1] = 1e4
     logits[1, :128] = -1e4
@@ -101,7 +106,7 @@ def test_extreme_and_equal_logits():
     assert torch.isfinite(z.grad).all()
 
 
-def test_non_contiguous_view_is_not_copied():
+def test_non_contiguous_view_is_not_copied(token_logprobs):
     """TRL slices logits[:, :-1][:, -T:]: the kernel must read the view through its strides."""
     full, _ = make((2, 9), 130, torch.bfloat16)
     view = full[:, :-1][:, -5:]
@@ -111,7 +116,7 @@ def test_non_contiguous_view_is_not_copied():
     torch.testing.assert_close(lp, ref, rtol=1e-6, atol=1e-5)
 
 
-def test_batch_invariance():
+def test_batch_invariance(token_logprobs):
     """A token's log-prob, entropy and gradient row are bitwise identical alone or anywhere in a batch."""
     logits, targets = make((6,), 5000, torch.bfloat16, scale=3.0)
     z = logits.clone().requires_grad_()
@@ -124,21 +129,23 @@ def test_batch_invariance():
         assert torch.equal(lpi[0], lp[i]) and torch.equal(enti[0], ent[i]) and torch.equal(zi.grad[0], z.grad[i])
 
 
-def test_empty_batch():
+def test_empty_batch(token_logprobs):
     z = torch.zeros(0, 11, device=DEVICE, requires_grad=True)
     lp, ent = token_logprobs(z, torch.zeros(0, dtype=torch.long, device=DEVICE), 1.0, entropy=True)
     lp.sum().backward()
     assert lp.shape == (0,) and ent.shape == (0,) and z.grad.shape == (0, 11)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend):
+    op = kernel_backend(backend).ops.token_logprobs
     logits, targets = make((2, 3), 77, torch.float32)
     mask = torch.ones(2, 3, device=DEVICE)
     for args in [(logits.requires_grad_(), targets, None, 1.0, True), (logits, targets, mask, 0.5, False)]:
-        torch.library.opcheck(token_logprobs_op, args)
+        torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(token_logprobs):
     logits, targets = make((2, 3), 77, torch.float32)
 
     def f(z, y):
@@ -156,7 +163,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_full_size_on_gpu(dtype):
+def test_full_size_on_gpu(dtype, token_logprobs):
     logits, targets = make((2048,), 151936, dtype)
     z = logits.clone().requires_grad_()
     lp, ent = token_logprobs(z, targets, 1.0, entropy=True)

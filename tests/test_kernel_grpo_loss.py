@@ -1,14 +1,14 @@
-"""``backend="triton"`` loss on logits against the fp32 reference: every variant × dtype × awkward shape,
-loss, log-probs, metrics and logit gradients, judged against PyTorch's own same-dtype error."""
+"""The loss on logits of every compiled backend (Triton: interpreter on CPU; C++ CPU; CUDA) against the fp32
+reference: every variant × dtype × awkward shape, loss, log-probs, metrics and logit gradients, judged against
+PyTorch's own same-dtype error."""
 
 import pytest
 import torch
 
 import fastgrpo
-from fastgrpo import LossConfig, presets
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
+from fastgrpo import LossConfig, kernel_ops, presets
 from test_reference_levels import CONFIGS
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
 ATOL = 3e-5  # fp32 rounding of the online log-sum-exp (see test_triton_token_logprobs.py)
@@ -26,6 +26,12 @@ SHAPES = [
     ((3, 4), 4113, "one full block and a ragged tail"),
     ((1, 1), 50257, "a single token, GPT-2 vocabulary"),
 ]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def backend(request):
+    kernel_backend(request.param)  # skips when not built
+    return request.param
 
 
 def inputs(shape, vocab, dtype, seed=0):
@@ -77,10 +83,10 @@ def bound_ok(ours, ref, same, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape, vocab, why", SHAPES, ids=[s[2] for s in SHAPES])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_reference(variant, shape, vocab, why, dtype):
+def test_matches_reference(variant, shape, vocab, why, dtype, backend):
     cfg = VARIANTS[variant]
     logits, targets, kw = inputs(shape, vocab, dtype)
-    ours, g_ours = run(logits, targets, kw, cfg, "triton")
+    ours, g_ours = run(logits, targets, kw, cfg, backend)
     ref, g_ref = run(logits.float(), targets, kw, cfg, "reference")
     same, g_same = torch_same_dtype(logits, targets, kw, cfg)
     bound_ok(ours.loss, ref.loss, same.loss, "loss")
@@ -96,12 +102,12 @@ def test_matches_reference(variant, shape, vocab, why, dtype):
     assert g_ours.dtype == dtype and torch.all(g_ours[kw["mask"] == 0] == 0)
 
 
-def test_packed_with_cu_seqlens():
+def test_packed_with_cu_seqlens(backend):
     cfg = CONFIGS["gspo"]
     logits, targets, kw = inputs((5,), 300, torch.bfloat16)
     kw["advantages"] = kw["advantages"][:2]
     cu = torch.tensor([0, 2, 5], device=DEVICE)
-    ours, g_ours = run(logits, targets, dict(kw, cu_seqlens=cu), cfg, "triton")
+    ours, g_ours = run(logits, targets, dict(kw, cu_seqlens=cu), cfg, backend)
     ref, g_ref = run(logits.float(), targets, dict(kw, cu_seqlens=cu), cfg, "reference")
     torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours.float(), g_ref, rtol=2e-2, atol=1e-3)  # bf16 gradient rounding
@@ -111,7 +117,7 @@ def test_packed_with_cu_seqlens():
     dict(), dict(scale="batch"), dict(scale="none"), dict(estimator="rloo"), dict(estimator="reinforce_baseline"),
     dict(singleton="raw", eps=1e-6)], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "grpo")
 @pytest.mark.parametrize("group_size", [1, 2, 4])
-def test_rewards_in_the_same_call(advantage, group_size):
+def test_rewards_in_the_same_call(advantage, group_size, backend):
     """Raw rewards + group_size: normalized inside the loss launch (grpo, rloo) or just before it."""
     import dataclasses
 
@@ -120,7 +126,7 @@ def test_rewards_in_the_same_call(advantage, group_size):
     logits, targets, kw = inputs((4, 3), 200, torch.float32)
     kw.pop("advantages")
     rewards = torch.tensor([1.0, 0.0, 0.5, 1.0], device=DEVICE)
-    a, ga = run(logits, targets, dict(kw, rewards=rewards, group_size=group_size), cfg, "triton")
+    a, ga = run(logits, targets, dict(kw, rewards=rewards, group_size=group_size), cfg, backend)
     b, gb = run(logits, targets, dict(kw, rewards=rewards, group_size=group_size), cfg, "reference")
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
@@ -128,13 +134,13 @@ def test_rewards_in_the_same_call(advantage, group_size):
         torch.testing.assert_close(a.metrics[key], b.metrics[key], rtol=1e-5, atol=1e-6)
 
 
-def test_rewards_packed_and_group_ids():
+def test_rewards_packed_and_group_ids(backend):
     logits, targets, kw = inputs((7,), 90, torch.float32)
     kw.pop("advantages")
     cu = torch.tensor([0, 2, 2, 5, 7], device=DEVICE)  # an empty sequence too
     rewards = torch.tensor([0.0, 1.0, 1.0, 0.3], device=DEVICE)
     for extra in (dict(group_size=2), dict(group_ids=torch.tensor([5, 1, 5, 1], device=DEVICE))):
-        a, ga = run(logits, targets, dict(kw, rewards=rewards, cu_seqlens=cu, **extra), LossConfig(), "triton")
+        a, ga = run(logits, targets, dict(kw, rewards=rewards, cu_seqlens=cu, **extra), LossConfig(), backend)
         b, gb = run(logits, targets, dict(kw, rewards=rewards, cu_seqlens=cu, **extra), LossConfig(), "reference")
         torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
@@ -143,10 +149,10 @@ def test_rewards_packed_and_group_ids():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 @pytest.mark.parametrize("variant", ["grpo", "gspo", "cispo", "trl_dapo"])
-def test_full_size_on_gpu(variant):
+def test_full_size_on_gpu(variant, backend):
     cfg = VARIANTS[variant]
     logits, targets, kw = inputs((8, 512), 151936, torch.bfloat16)
-    ours, g_ours = run(logits, targets, kw, cfg, "triton")
+    ours, g_ours = run(logits, targets, kw, cfg, backend)
     ref, g_ref = run(logits.float(), targets, kw, cfg, "reference")
     same, g_same = torch_same_dtype(logits, targets, kw, cfg)
     bound_ok(ours.loss, ref.loss, same.loss, "loss")
@@ -158,30 +164,29 @@ def test_full_size_on_gpu(variant):
                                  presets.openrlhf(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
                                  presets.verl(loss_mode="cispo"), presets.verl(loss_mode="sapo")],
                          ids=["verl_k3+", "verl_k3", "openrlhf_k2", "verl_cispo", "verl_sapo"])
-def test_clamps_reached(cfg):
+def test_clamps_reached(cfg, backend):
     """Far old/ref policies drive the ±20 log-ratio and the KL input/output clamps."""
     logits, targets, kw = inputs((3, 4), 97, torch.float32)
     g = torch.Generator().manual_seed(5)
     kw["old_logprobs"] = kw["old_logprobs"] + 25 * torch.randn(3, 4, generator=g).to(DEVICE)
     kw["ref_logprobs"] = kw["ref_logprobs"] + 25 * torch.randn(3, 4, generator=g).to(DEVICE)
-    ours, g_ours = run(logits, targets, kw, cfg, "triton")
+    ours, g_ours = run(logits, targets, kw, cfg, backend)
     ref, g_ref = run(logits, targets, kw, cfg, "reference")
     torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_path_is_taken_and_backward_scales():
-    from fastgrpo import triton_grpo_loss
-
+def test_fused_path_is_taken_and_backward_scales(backend):
     cfg = presets.trl(loss_type="dapo", beta=0.04)
-    assert triton_grpo_loss.is_token_local(cfg, has_old=True, has_is_weights=False)
-    assert not triton_grpo_loss.is_token_local(CONFIGS["gspo"], True, False)
-    assert not triton_grpo_loss.is_token_local(presets.trl(top_entropy_quantile=0.2), True, False)
-    assert not triton_grpo_loss.is_token_local(presets.trl(use_vllm=True), has_old=False, has_is_weights=False)
+    assert kernel_ops.is_token_local(cfg, has_old=True, has_is_weights=False)
+    assert not kernel_ops.is_token_local(CONFIGS["gspo"], True, False)
+    assert not kernel_ops.is_token_local(presets.trl(top_entropy_quantile=0.2), True, False)
+    assert not kernel_ops.is_token_local(presets.trl(use_vllm=True), has_old=False, has_is_weights=False)
     logits, targets, kw = inputs((2, 3), 50, torch.float32)
     z = logits.clone().requires_grad_()
-    out = triton_grpo_loss.grpo_loss(z, targets, kw.pop("advantages"), kw.pop("mask"), config=cfg,
-                                     old_logprobs=kw["old_logprobs"], ref_logprobs=kw["ref_logprobs"])
+    out = kernel_backend(backend)._fused(z, targets, kw.pop("advantages"), kw.pop("mask"), config=cfg,
+                                         return_entropy=False, old_logprobs=kw["old_logprobs"],
+                                         ref_logprobs=kw["ref_logprobs"])
     (3.0 * out.loss).backward()
     ref, g_ref = run(logits, targets, dict(kw, advantages=inputs((2, 3), 50, torch.float32)[2]["advantages"],
                                            mask=inputs((2, 3), 50, torch.float32)[2]["mask"]), cfg, "reference")
@@ -189,35 +194,33 @@ def test_fused_path_is_taken_and_backward_scales():
     torch.testing.assert_close(z.grad, 3.0 * g_ref, rtol=1e-5, atol=1e-6)
 
 
-def test_no_grad_writes_no_gradient():
+def test_no_grad_writes_no_gradient(backend):
     logits, targets, kw = inputs((2, 3), 50, torch.float32)
     with torch.no_grad():
-        out = fastgrpo.grpo_loss(logits.requires_grad_(), targets, backend="triton", **kw)
+        out = fastgrpo.grpo_loss(logits.requires_grad_(), targets, backend=backend, **kw)
     ref = fastgrpo.grpo_loss(logits.detach(), targets, backend="reference", **kw)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_fused_opcheck():
-    from fastgrpo import triton_grpo_loss as F
-
+def test_fused_opcheck(backend):
+    ops = kernel_backend(backend).ops
     logits, targets, kw = inputs((2, 3), 40, torch.float32)
     n = targets.numel()
     cfg = presets.verl(use_kl_loss=True, entropy_coeff=0.01)
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     args = (logits.requires_grad_(), targets, kw["mask"].reshape(-1).float(), torch.randn(n, device=DEVICE),
             kw["old_logprobs"].reshape(-1), kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0.01 * w, None, None, None,
-            1.0, F._scalars(cfg), F._codes(cfg, True), True, True)
+            1.0, *kernel_ops.loss_params(cfg, True), True, True)
     # AOT dispatch is left to test_fused_torch_compile_fullgraph: eager backward scales the gradient output in
     # place (so loss.backward() costs nothing more), which opcheck's eager-vs-traced comparison reads as a
     # changed output; under tracing the scaling is out of place.
-    torch.library.opcheck(F.grpo_loss_fused_op, args,
+    torch.library.opcheck(ops.grpo_loss_fused, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(F.scale_grad_op, (torch.randn(3, 5, device=DEVICE), torch.tensor(2.0, device=DEVICE)))
+    torch.library.opcheck(ops.scale_grad_, (torch.randn(3, 5, device=DEVICE), torch.tensor(2.0, device=DEVICE)))
 
 
-def test_fused_torch_compile_fullgraph():
-    from fastgrpo import triton_grpo_loss as F
-
+def test_fused_torch_compile_fullgraph(backend):
+    ops = kernel_backend(backend).ops
     logits, targets, kw = inputs((2, 3), 40, torch.float32)
     cfg = presets.trl(loss_type="bnpo", beta=0.1)
     n = targets.numel()
@@ -225,9 +228,9 @@ def test_fused_torch_compile_fullgraph():
     w = m / m.sum()
 
     def f(z):
-        loss, *_ = F.grpo_loss_fused_op(z, targets, m, adv, kw["old_logprobs"].reshape(-1),
-                                        kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None, 1.0,
-                                        F._scalars(cfg), F._codes(cfg, True), False, True)
+        loss, *_ = ops.grpo_loss_fused(z, targets, m, adv, kw["old_logprobs"].reshape(-1),
+                                       kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None, 1.0,
+                                       *kernel_ops.loss_params(cfg, True), False, True)
         return loss
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
@@ -239,18 +242,18 @@ def test_fused_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (7,)], ids=["padded", "packed"])
-def test_inplace_grad(shape):
+def test_inplace_grad(shape, backend):
     """The gradient overwrites the logits buffer (same storage) and equals the out-of-place gradient."""
     cfg = presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01)
     logits, targets, kw = inputs(shape, 211, torch.bfloat16)
     if len(shape) == 1:
         kw["advantages"], kw["cu_seqlens"] = kw["advantages"][:2], torch.tensor([0, 3, 7], device=DEVICE)
-    expected, g_expected = run(logits, targets, kw, cfg, "triton")
+    expected, g_expected = run(logits, targets, kw, cfg, backend)
 
     base = logits.detach().clone()
     z = base.clone().requires_grad_()
     buffer = z * 1  # a non-leaf, like a model's logits
-    out = fastgrpo.grpo_loss(buffer, targets, config=cfg, backend="triton", inplace_grad=True, **kw)
+    out = fastgrpo.grpo_loss(buffer, targets, config=cfg, backend=backend, inplace_grad=True, **kw)
     ptr = buffer.data_ptr()
     out.loss.backward()
     torch.testing.assert_close(out.loss, expected.loss)
@@ -258,19 +261,18 @@ def test_inplace_grad(shape):
     assert torch.equal(buffer.detach(), g_expected)  # the buffer now holds the gradient
 
 
-def test_inplace_grad_needs_the_fused_path():
+def test_inplace_grad_needs_the_fused_path(backend):
     logits, targets, kw = inputs((2, 3), 30, torch.float32)
     with pytest.raises(ValueError, match="inplace_grad=True needs the Triton backend"):
         fastgrpo.grpo_loss(logits.requires_grad_(), targets, inplace_grad=True, backend="reference", **kw)
     with pytest.raises(ValueError, match="needs a token-local config"):
-        fastgrpo.grpo_loss(logits, targets, inplace_grad=True, backend="triton", config=CONFIGS["gspo"], **kw)
+        fastgrpo.grpo_loss(logits, targets, inplace_grad=True, backend=backend, config=CONFIGS["gspo"], **kw)
 
 
-def test_batch_invariance_of_the_fused_loss():
+def test_batch_invariance_of_the_fused_loss(backend):
     """With a fixed normalizer a token's weight is fixed, so its log-prob, loss term and gradient row are
     bitwise identical whatever else is in the batch and wherever it sits."""
-    from fastgrpo import triton_grpo_loss as F
-
+    impl = kernel_backend(backend)
     cfg = presets.trl(loss_type="dapo", beta=0.04)
     logits, targets, kw = inputs((6,), 3000, torch.bfloat16)
     kw = dict(kw, advantages=kw["advantages"][:1].expand(6).contiguous(), mask=torch.ones(6, device=DEVICE))
@@ -278,7 +280,7 @@ def test_batch_invariance_of_the_fused_loss():
     def row_results(idx):
         z = logits[idx].clone().requires_grad_()
         part = {k: (v[idx] if v.dim() else v) for k, v in kw.items()}
-        out = F.grpo_loss(z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
+        out = impl.grpo_loss(z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
                           cu_seqlens=torch.tensor([0, len(idx)], device=DEVICE), **part)
         out.loss.backward()
         return out.logprobs, z.grad

@@ -1,0 +1,344 @@
+// CPU kernels of fastgrpo's ops: rows in parallel (at::parallel_for), each row streamed in L1-sized chunks
+// with at::vec (AVX2/AVX-512 when built for them), fp32 accumulation whatever the logits dtype.
+//
+// A row is read once from memory for the statistics (chunked online log-sum-exp: one exp per element, the
+// running sum rescaled once per chunk) and once more for the gradient, which is written in that same sweep.
+// Reductions run in a fixed order that depends on V only, so a token's results do not depend on the batch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../token_objective.h"
+
+namespace fastgrpo {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 2048;  // floats of a row staged at a time: 8 KB, resident in L1 for both uses
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kVeryNegative = -1e30f;  // floor of x − max: exp() is 0 and 0·floor is 0, never 0·(−inf)
+
+struct RowAddress {
+  int64_t T, stride_b, stride_t;
+  int64_t offset(int64_t row) const { return (row / T) * stride_b + (row % T) * stride_t; }
+};
+
+RowAddress row_address(const at::Tensor& x) {
+  if (x.dim() == 3) return {x.size(1), x.stride(0), x.stride(1)};
+  return {1, x.stride(0), 0};
+}
+
+template <typename scalar_t>
+void load_scaled(const scalar_t* src, float* dst, int64_t n, float inv_t) {
+  at::vec::convert(src, dst, n);
+  at::vec::map([inv_t](Vec x) { return x * Vec(inv_t); }, dst, dst, n);
+}
+
+struct RowStats {
+  float logprob, max, log_sum, entropy;
+};
+
+// One sweep over a row of V logits: ℓ of `target`, the row max M, log Σ exp(x − M) and the entropy.
+template <typename scalar_t>
+RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float inv_t, bool with_entropy,
+                        float* buf) {
+  float m = kNegInf, s = 0.f, a = 0.f;  // a = Σ e^(x − m)·(x − m), for the entropy
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    load_scaled(row + c0, buf, n, inv_t);
+    const float chunk_max =
+        at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, buf, n);
+    const float m_new = std::max(m, chunk_max);
+    if (m_new == kNegInf) continue;  // only banned (−inf) logits so far
+    Vec vs(0.f), va(0.f);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec d = at::vec::maximum(Vec::loadu(buf + i) - Vec(m_new), Vec(kVeryNegative));
+      const Vec e = d.exp();
+      vs = vs + e;
+      if (with_entropy) va = va + e * d;
+    }
+    float cs = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, vs);
+    float ca = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, va);
+    for (; i < n; ++i) {
+      const float d = std::max(buf[i] - m_new, kVeryNegative), e = std::exp(d);
+      cs += e;
+      ca += e * d;
+    }
+    if (s == 0.f) {
+      s = cs;
+      a = ca;
+    } else {  // re-center the running sums on the new max
+      const float scale = std::exp(m - m_new);
+      a = scale * (a + (m - m_new) * s) + ca;
+      s = s * scale + cs;
+    }
+    m = m_new;
+  }
+  const float log_s = std::log(s);
+  const float x_target = static_cast<float>(row[target]) * inv_t;
+  return {(x_target - m) - log_s, m, log_s, with_entropy ? log_s - a / s : 0.f};
+}
+
+// out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ, reading the row once more. `out` may be `row`.
+template <typename scalar_t>
+void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
+                    float g_ent, float inv_t, float* buf) {
+  const Vec shift(st.max + st.log_sum), floor_(kVeryNegative), vg_lp(g_lp), vg_ent(g_ent), vent(st.entropy),
+      vinv(inv_t);
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    load_scaled(row + c0, buf, n, inv_t);
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec log_p = at::vec::maximum(Vec::loadu(buf + i) - shift, floor_);
+      const Vec p = log_p.exp();
+      Vec g = Vec(0.f) - vg_lp * p;
+      if (g_ent != 0.f) g = g - vg_ent * p * (log_p + vent);
+      (g * vinv).store(buf + i);
+    }
+    for (; i < n; ++i) {
+      const float log_p = std::max(buf[i] - st.max - st.log_sum, kVeryNegative), p = std::exp(log_p);
+      buf[i] = (-g_lp * p - g_ent * p * (log_p + st.entropy)) * inv_t;
+    }
+    if (target >= c0 && target < c0 + n) buf[target - c0] += g_lp * inv_t;
+    at::vec::convert(buf, out + c0, n);
+  }
+}
+
+template <typename scalar_t>
+void write_zero_row(scalar_t* out, int64_t V) {
+  std::fill(out, out + V, static_cast<scalar_t>(0));
+}
+
+// Per-thread staging buffer for one chunk of a row.
+float* chunk_buffer() {
+  thread_local std::vector<float> buf(kChunk);
+  return buf.data();
+}
+
+void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "logits must be [B, T, V] or [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1, "logits must be contiguous in the vocabulary dim");
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits must be floating, got ", logits.scalar_type());
+  TORCH_CHECK(targets.numel() == logits.numel() / std::max<int64_t>(logits.size(-1), 1),
+              "targets must have one id per row of logits, got ", targets.sizes(), " for ", logits.sizes());
+}
+
+at::Tensor rows_long(const at::Tensor& x) { return x.reshape(-1).to(at::kLong).contiguous(); }
+at::Tensor rows_float(const at::Tensor& x) { return x.reshape(-1).to(at::kFloat).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                                  const std::optional<at::Tensor>& mask,
+                                                                  double inv_temperature, bool with_entropy) {
+  check_logits(logits, targets);
+  const int64_t rows = targets.numel(), V = logits.size(-1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto logprobs = at::empty(targets.sizes(), f32);
+  auto stats_sizes = targets.sizes().vec();
+  stats_sizes.push_back(2);
+  auto stats = at::empty(stats_sizes, f32);
+  auto entropy = with_entropy ? at::empty(targets.sizes(), f32) : at::empty({0}, f32);
+  const auto ids = rows_long(targets);
+  const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
+  const RowAddress addr = row_address(logits);
+  const float inv_t = static_cast<float>(inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_cpu", [&] {
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    const int64_t* y = ids.const_data_ptr<int64_t>();
+    const float* mk = mask ? row_mask.const_data_ptr<float>() : nullptr;
+    float *lp = logprobs.mutable_data_ptr<float>(), *st = stats.mutable_data_ptr<float>();
+    float* ent = with_entropy ? entropy.mutable_data_ptr<float>() : nullptr;
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      float* buf = chunk_buffer();
+      for (int64_t r = begin; r < end; ++r) {
+        RowStats s{0.f, 0.f, 0.f, 0.f};
+        if (!mk || mk[r] != 0.f) s = row_statistics(z + addr.offset(r), y[r], V, inv_t, with_entropy, buf);
+        lp[r] = s.logprob;
+        st[2 * r] = s.max;
+        st[2 * r + 1] = s.log_sum;
+        if (ent) ent[r] = s.entropy;
+      }
+    });
+  });
+  return {logprobs, stats, entropy};
+}
+
+at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& logits, const at::Tensor& targets,
+                                       const std::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                       const at::Tensor& entropy, double inv_temperature) {
+  check_logits(logits, targets);
+  const int64_t rows = targets.numel(), V = logits.size(-1);
+  auto grad = at::empty(logits.sizes(), logits.options());
+  const auto g_lp = rows_float(grad_logprobs);
+  const auto g_ent = grad_entropy ? rows_float(*grad_entropy) : at::Tensor();
+  const auto ids = rows_long(targets);
+  const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
+  const auto st = stats.reshape(-1).contiguous();
+  const auto ent = grad_entropy ? rows_float(entropy) : at::Tensor();
+  const RowAddress addr = row_address(logits);
+  const float inv_t = static_cast<float>(inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward_cpu", [&] {
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      float* buf = chunk_buffer();
+      for (int64_t r = begin; r < end; ++r) {
+        const float gl = g_lp.const_data_ptr<float>()[r];
+        const float ge = grad_entropy ? g_ent.const_data_ptr<float>()[r] : 0.f;
+        const bool masked = mask && row_mask.const_data_ptr<float>()[r] == 0.f;
+        if (masked || (gl == 0.f && ge == 0.f)) {  // constant or inactive row: zeros, no exp work
+          write_zero_row(out + r * V, V);
+          continue;
+        }
+        const float* s = st.const_data_ptr<float>() + 2 * r;
+        const RowStats rs{0.f, s[0], s[1], grad_entropy ? ent.const_data_ptr<float>()[r] : 0.f};
+        write_grad_row(out + r * V, z + addr.offset(r), ids.const_data_ptr<int64_t>()[r], V, rs, gl, ge, inv_t, buf);
+      }
+    });
+  });
+  return grad;
+}
+
+// The fused loss: statistics sweep, per-token objective, gradient sweep, row by row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_rows(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy, const at::Tensor& grad /* undefined: none */) {
+  check_logits(logits, targets);
+  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes && static_cast<int>(scalars.size()) == kNumScalars,
+              "codes must hold ", kNumCodes, " ints and scalars ", kNumScalars, " floats");
+  const ObjectiveParams p = unpack_params(codes, scalars);
+  const int64_t rows = targets.numel(), V = logits.size(-1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
+       ratio = at::empty({rows}, f32), dlogp = at::empty({rows}, f32), adv_used = at::empty({rows}, f32);
+  const auto ids = rows_long(targets);
+  const auto mk = rows_float(mask), adv = rows_float(advantages), wp = rows_float(w_policy), wk = rows_float(w_kl),
+             we = rows_float(w_entropy);
+  const auto old = old_logprobs ? rows_float(*old_logprobs) : at::Tensor();
+  const auto ref = ref_logprobs ? rows_float(*ref_logprobs) : at::Tensor();
+  const auto rw = p.adv_from_rewards ? rows_float(*rewards) : at::Tensor();
+  const auto seq_ids = p.adv_from_rewards ? rows_long(*seq) : at::Tensor();
+  const float bstd = p.adv_from_rewards && p.adv_use_batch_std ? batch_std->item<float>() : 1.f;
+  const RowAddress addr = row_address(logits);
+  const RowAddress gaddr = grad.defined() ? row_address(grad) : addr;
+  const float inv_t = static_cast<float>(inv_temperature);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "grpo_loss_fused_cpu", [&] {
+    const scalar_t* z = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = grad.defined() ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
+    float *lp = logprobs.mutable_data_ptr<float>(), *ent = entropy.mutable_data_ptr<float>(),
+          *loss = loss_terms.mutable_data_ptr<float>(), *rho = ratio.mutable_data_ptr<float>(),
+          *dl = dlogp.mutable_data_ptr<float>(), *au = adv_used.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      float* buf = chunk_buffer();
+      for (int64_t r = begin; r < end; ++r) {
+        if (mk.const_data_ptr<float>()[r] == 0.f) {
+          lp[r] = ent[r] = loss[r] = rho[r] = dl[r] = au[r] = 0.f;
+          if (out) write_zero_row(out + gaddr.offset(r), V);
+          continue;
+        }
+        const int64_t y = ids.const_data_ptr<int64_t>()[r];
+        const RowStats st = row_statistics(z + addr.offset(r), y, V, inv_t, with_entropy, buf);
+        float A = adv.const_data_ptr<float>()[r];
+        if (p.adv_from_rewards) A = group_advantage(rw.const_data_ptr<float>(), bstd, seq_ids.const_data_ptr<int64_t>()[r], p);
+        const TokenResult t = token_objective(st.logprob, st.entropy, A, old.defined() ? old.const_data_ptr<float>()[r] : 0.f,
+                                              ref.defined() ? ref.const_data_ptr<float>()[r] : 0.f,
+                                              wp.const_data_ptr<float>()[r], wk.const_data_ptr<float>()[r],
+                                              we.const_data_ptr<float>()[r], p);
+        lp[r] = st.logprob;
+        ent[r] = st.entropy;
+        loss[r] = t.loss;
+        rho[r] = t.ratio;
+        dl[r] = t.dlogp;
+        au[r] = A;
+        if (out) {
+          write_grad_row(out + gaddr.offset(r), z + addr.offset(r), y, V, st, t.dlogp,
+                         -we.const_data_ptr<float>()[r], inv_t, buf);
+        }
+      }
+    });
+  });
+  return {loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
+  auto grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  auto [loss, lp, ent, rho, dl, au] =
+      fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
+                 batch_std, seq, inv_temperature, scalars, codes, with_entropy, write_grad ? grad : at::Tensor());
+  return {loss, lp, ent, rho, dl, au, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy) {
+  return fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
+                    batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits);
+}
+
+void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  const float s = scale.item<float>();  // a CPU scalar: reading it costs nothing
+  if (s != 1.f && grad.numel() > 0) grad.mul_(s);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& rewards, const at::Tensor& batch_std,
+                                                              int64_t group_size, int64_t estimator, bool divide,
+                                                              bool use_batch_std, bool singleton_raw, double eps) {
+  TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
+              ") must divide the number of rewards (", rewards.numel(), ")");
+  const auto r = rows_float(rewards);
+  const int64_t n = r.numel(), groups = n / group_size;
+  auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
+  ObjectiveParams p{};
+  p.group_size = static_cast<int32_t>(group_size);
+  p.adv_estimator = static_cast<int32_t>(estimator);
+  p.adv_divide = divide;
+  p.adv_use_batch_std = use_batch_std;
+  p.adv_singleton_raw = singleton_raw;
+  p.adv_eps = static_cast<float>(eps);
+  const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float gm, gs;
+    adv.mutable_data_ptr<float>()[i] = group_advantage(r.const_data_ptr<float>(), bstd, i, p, &gm, &gs);
+    if (i % group_size == 0) {
+      mean.mutable_data_ptr<float>()[i / group_size] = gm;
+      std_.mutable_data_ptr<float>()[i / group_size] = gs;
+    }
+  }
+  return {adv.view(rewards.sizes()), mean, std_};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgrpo, CPU, m) {
+  m.impl("token_logprobs", &token_logprobs_cpu);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+  m.impl("grpo_loss_fused", &grpo_loss_fused_cpu);
+  m.impl("grpo_loss_fused_inplace_", &grpo_loss_fused_inplace_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
+  m.impl("advantages", &advantages_cpu);
+}
+
+}  // namespace fastgrpo

@@ -1,0 +1,144 @@
+// The per-token objective of SPEC §2 and the group advantage of SPEC §3 on scalars, shared by the CPU and
+// CUDA kernels (and written to match kernels/grpo_loss.py line by line). Plain C++: no torch headers, so the
+// .cu files compile against a CPU-only PyTorch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define FASTGRPO_HD __host__ __device__ __forceinline__
+#else
+#define FASTGRPO_HD inline
+#endif
+
+namespace fastgrpo {
+
+enum Policy : int32_t { kPPO = 0, kCISPO = 1, kSAPO = 2, kREINFORCE = 3 };
+enum KL : int32_t { kKLNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4 };
+
+// Runtime parameters of the fused loss, in the order of the ops' `codes` and `scalars` lists.
+struct ObjectiveParams {
+  // codes
+  int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old;
+  int32_t adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw;
+  // scalars; unused bounds are ±inf (a clamp to ±inf is the identity)
+  float eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
+      sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps;
+};
+
+constexpr int kNumCodes = 11;
+constexpr int kNumScalars = 12;
+
+struct TokenResult {
+  float loss;   // w_policy·P + w_kl·K − w_entropy·H
+  float dlogp;  // ∂loss/∂ℓ
+  float ratio;  // ρ
+};
+
+FASTGRPO_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
+// Derivative of min(a, b) as torch.minimum defines it: the smaller side's, half of each on a tie.
+FASTGRPO_HD float half_where_tied(float a, float b, float da, float db) {
+  return a < b ? da : (b < a ? db : 0.5f * (da + db));
+}
+
+FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old, float ref, float w_policy,
+                                        float w_kl, float w_entropy, const ObjectiveParams& p) {
+  if (!p.has_old) old = lp;
+  const float log_r_raw = lp - old;
+  const float log_r = clampf(log_r_raw, -p.log_ratio_clamp, p.log_ratio_clamp);
+  const float rho = expf(log_r);
+  const float d_rho = fabsf(log_r_raw) <= p.log_ratio_clamp ? rho : 0.f;  // ∂ρ/∂ℓ
+
+  float P, dP;
+  if (p.policy == kPPO) {  // −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
+    const float capped = fminf(rho, p.ratio_cap);
+    const float d_capped = rho <= p.ratio_cap ? d_rho : 0.f;
+    const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
+    const float clipped = clampf(rho, lo, hi);
+    const float d_clipped = (rho >= lo && rho <= hi) ? d_rho : 0.f;
+    P = -fminf(capped * A, clipped * A);
+    dP = -half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A);
+    if (A < 0.f) {
+      const float floor_ = -p.dual_clip * A;
+      dP = half_where_tied(P, floor_, dP, 0.f);
+      P = fminf(P, floor_);
+    }
+  } else if (p.policy == kCISPO) {  // −sg[clamp(ρ, lo, hi)]·A·ℓ
+    const float w = clampf(rho, p.cispo_low, p.cispo_high);
+    P = -w * A * lp;
+    dP = -w * A;
+  } else if (p.policy == kSAPO) {  // −(4/τ)·σ(τ(ρ − 1))·A
+    const float tau = A > 0.f ? p.sapo_tau_pos : p.sapo_tau_neg;
+    const float gate = 1.f / (1.f + expf(-tau * (rho - 1.f)));
+    P = -(4.f / tau) * gate * A;
+    dP = -4.f * gate * (1.f - gate) * A * d_rho;
+  } else {  // reinforce
+    P = -A * lp;
+    dP = -A;
+  }
+
+  float K = 0.f, dK = 0.f;
+  if (p.kl != kKLNone) {  // estimate of D = ℓ − ℓ^ref
+    const float d = lp - ref;
+    const float dc = clampf(d, -p.kl_input_clamp, p.kl_input_clamp);
+    const float d_dc = fabsf(d) <= p.kl_input_clamp ? 1.f : 0.f;
+    if (p.kl == kK1) {
+      K = dc; dK = 1.f;
+    } else if (p.kl == kAbs) {
+      K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
+    } else if (p.kl == kK2) {
+      K = 0.5f * dc * dc; dK = dc;
+    } else {
+      K = expf(-dc) + dc - 1.f; dK = 1.f - expf(-dc);
+    }
+    dK *= d_dc;
+    dK = fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
+    K = clampf(K, -p.kl_output_clamp, p.kl_output_clamp);
+    if (p.kl_straight) dK = d;  // straight-through: the gradient of k2 of the raw D
+    if (p.kl_ratio_weighted) {
+      dK = dK * rho + K * d_rho;
+      K = K * rho;
+    }
+  }
+  return {w_policy * P + w_kl * K - w_entropy * ent, w_policy * dP + w_kl * dK, rho};
+}
+
+// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std.
+FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
+                                  float* mean_out = nullptr, float* std_out = nullptr) {
+  const int64_t G = p.group_size, first = (seq / G) * G;
+  float total = 0.f;
+  for (int64_t j = 0; j < G; ++j) total += rewards[first + j];
+  const float mean = total / G;
+  float squares = 0.f;
+  for (int64_t j = 0; j < G; ++j) squares += (rewards[first + j] - mean) * (rewards[first + j] - mean);
+  const float std_ = sqrtf(squares / (G > 1 ? G - 1 : 1));
+  if (mean_out) *mean_out = mean;
+  if (std_out) *std_out = std_;
+  const bool single = G == 1, raw = single && p.adv_singleton_raw;
+  const float own = rewards[seq];
+  const float centered = raw ? own : own - mean;
+  if (p.adv_estimator == 0) {
+    const float scale = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
+    return p.adv_divide ? centered / (scale + p.adv_eps) : centered;
+  }
+  if (p.adv_estimator == 1) return single ? centered : centered * G / (G - 1);
+  return centered;
+}
+
+// Unpacks the ops' `codes` (int) and `scalars` (float) lists.
+template <typename Ints, typename Floats>
+ObjectiveParams unpack_params(const Ints& c, const Floats& s) {
+  ObjectiveParams p;
+  p.policy = c[0]; p.kl = c[1]; p.kl_straight = c[2]; p.kl_ratio_weighted = c[3]; p.has_old = c[4];
+  p.adv_from_rewards = c[5]; p.group_size = c[6]; p.adv_estimator = c[7]; p.adv_divide = c[8];
+  p.adv_use_batch_std = c[9]; p.adv_singleton_raw = c[10];
+  p.eps_low = s[0]; p.eps_high = s[1]; p.ratio_cap = s[2]; p.dual_clip = s[3]; p.log_ratio_clamp = s[4];
+  p.cispo_low = s[5]; p.cispo_high = s[6]; p.sapo_tau_pos = s[7]; p.sapo_tau_neg = s[8];
+  p.kl_input_clamp = s[9]; p.kl_output_clamp = s[10]; p.adv_eps = s[11];
+  return p;
+}
+
+}  // namespace fastgrpo

@@ -1,0 +1,28 @@
+"""``backend="cpu"`` / ``"cuda"``: the C++ and CUDA ops of ``fastgrpo._C`` behind the common kernel backend.
+
+Importing ``fastgrpo._C`` registers the ops (``csrc/ops.cpp``) with their CPU implementations and, when the
+extension was built with a CUDA toolkit, their CUDA ones; this module adds the fakes and autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+from . import kernel_ops
+from .kernel_backend import KernelBackend
+
+_ops = torch.ops.fastgrpo
+OPS = kernel_ops.Ops(_ops.token_logprobs, _ops.token_logprobs_backward, _ops.grpo_loss_fused,
+                     _ops.grpo_loss_fused_inplace_, _ops.scale_grad_, _ops.advantages)
+kernel_ops.register("", OPS)
+CPU = KernelBackend("cpu", OPS)
+CUDA = KernelBackend("cuda", OPS)
+OP_NAMES = ("token_logprobs", "token_logprobs_backward", "grpo_loss_fused", "grpo_loss_fused_inplace_",
+            "scale_grad_", "advantages")
+
+
+def has_kernels(device_type: str) -> bool:
+    """Whether every op has an implementation for ``device_type`` ("cpu" or "cuda") in this build."""
+    key = "CPU" if device_type == "cpu" else "CUDA"
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgrpo::{op}", key) for op in OP_NAMES)

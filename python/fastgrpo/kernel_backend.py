@@ -1,0 +1,153 @@
+"""A compiled backend (Triton, C++ CPU, CUDA) behind the interface every backend offers: kernels for every pass
+over the vocabulary, PyTorch for the O(N) rest.
+
+Token-local configs (every token-level variant, KL, entropy bonus, rollout weights from given log-probs) take
+the fused path: one op computes the loss and writes ∂loss/∂logits in the forward, logits read once, and
+normalizes raw rewards of contiguous groups (grpo, rloo) in the same launch. The rest (GSPO/GMPO sequence
+ratios, the entropy quantile and off-policy masks) needs a statistic over other tokens first and runs in two
+phases: the ``token_logprobs`` op (ℓ, H: one read, masked rows skipped), the per-token objective on those [N]
+vectors with the reference's own code, and its gradient w.r.t. ℓ and H through the op's backward (one more
+read, one write). No [N, V] intermediate exists besides the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
+from .kernel_ops import Ops, advantage_args, inplace_grad_function, is_token_local, loss_params
+
+
+class KernelBackend:
+    SUPPORTS_INPLACE_GRAD = True
+    policy_loss = staticmethod(reference.policy_loss)  # O(N) on given log-probs: no vocabulary pass to fuse
+
+    def __init__(self, name: str, ops: Ops) -> None:
+        self.__name__ = name
+        self.ops = ops
+        self._inplace = inplace_grad_function(ops)
+
+    def __repr__(self) -> str:
+        return f"KernelBackend({self.__name__!r})"
+
+    # ------------------------------------------------------------------------------------------ log-probs
+    def token_logprobs(self, logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False,
+                       mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        logprobs, _, ent = self.ops.token_logprobs(logits, targets, mask, 1.0 / temperature, entropy)
+        return logprobs, ent if entropy else None
+
+    def linear_token_logprobs(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                              temperature: float = 1.0, entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        # fp32 logits until the fused linear path ([4/6]) keeps them on chip
+        return self.token_logprobs(reference.hidden_to_logits(hidden, weight, bias), targets, temperature, entropy)
+
+    # ------------------------------------------------------------------------------------------ advantages
+    @staticmethod
+    def _batch_std(r: Tensor, config: AdvantageConfig) -> tuple[bool, Tensor]:
+        """(whether TRL's batch scale applies, the batch std as a 1-element tensor; 1 where unused)."""
+        batch = config.estimator == "grpo" and config.scale == "batch"
+        return batch, (r.std().reshape(1) if batch and r.numel() > 1 else r.new_ones(1))
+
+    def advantages(self, rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+                   config: AdvantageConfig = AdvantageConfig(),
+                   reward_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and
+        use the reference. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
+        if group_ids is not None:
+            return reference.advantages(rewards, None, group_ids, config, reward_weights)
+        r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
+        batch, std_b = self._batch_std(r, config)
+        estimator, divide, singleton_raw, eps = advantage_args(config)
+        adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw, eps)
+        if batch and r.numel() <= 1:
+            adv = torch.zeros_like(r)
+        if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch
+            std_w = adv.std() if adv.numel() > 1 else adv.new_ones(())
+            adv = (adv - adv.mean()) / (std_w + config.eps)
+        g = torch.arange(r.numel(), device=r.device) // group_size
+        return adv, reference.advantage_metrics(r, adv, g, mean, std)
+
+    # ---------------------------------------------------------------------------------------------- losses
+    def grpo_loss(self, logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
+                  return_entropy: bool = False, config: LossConfig = LossConfig(), inplace_grad: bool = False,
+                  **kwargs) -> LossOutput:
+        has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
+        if is_token_local(config, has_old, has_is):
+            return self._fused(logits, targets, advantages, mask, return_entropy=return_entropy, config=config,
+                               inplace_grad=inplace_grad, **kwargs)
+        if inplace_grad:
+            raise ValueError("inplace_grad=True needs a token-local config (token-level ratio, no entropy quantile "
+                             "or off-policy mask, rollout weights from given old_logprobs): this one runs in two "
+                             "phases")
+        lp, ent = self.token_logprobs(logits, targets, config.temperature,
+                                      entropy=return_entropy or config.needs_entropy, mask=mask)
+        return reference.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
+
+    def linear_grpo_loss(self, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
+                         mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
+                         config: LossConfig = LossConfig(), **kwargs) -> LossOutput:
+        return self.grpo_loss(reference.hidden_to_logits(hidden, weight, bias), targets, advantages, mask,
+                              return_entropy=return_entropy, config=config, **kwargs)
+
+    def _fused(self, logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
+               return_entropy: bool, config: LossConfig, old_logprobs: Optional[Tensor] = None,
+               ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
+               is_weights: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, normalizer=None,
+               inplace_grad: bool = False) -> LossOutput:
+        """One launch: loss, metrics' per-token values and (when logits need it) ∂loss/∂logits."""
+        cfg = config
+        shape = targets.shape
+        lay = reference.TokenLayout(shape, cu_seqlens, cfg.max_length, logits.device)
+        m = mask.reshape(-1).float()
+        flat = lambda x: None if x is None else torch.where(m > 0, x.detach().reshape(-1).float(), 0.0)  # noqa: E731
+        old, ref, samp = flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs)
+
+        rewards = batch_std = seq = group_size = None
+        batch = False
+        if (isinstance(advantages, Rewards) and advantages.group_ids is None
+                and cfg.advantage.estimator in ("grpo", "rloo")
+                and not (cfg.advantage.scale == "batch" and advantages.rewards.shape[0] <= 1)):
+            # contiguous groups: the kernel normalizes each token's reward itself, in the same launch
+            rewards = reference.combine_rewards(advantages.rewards, advantages.weights).float().contiguous()
+            batch, batch_std = self._batch_std(rewards, cfg.advantage)
+            seq, group_size = lay.seq.contiguous(), advantages.group_size
+            adv = torch.zeros_like(m)  # unused: the kernel reports the advantages it computed
+        else:
+            if isinstance(advantages, Rewards):
+                r = advantages
+                advantages, _ = self.advantages(r.rewards, r.group_size, r.group_ids, cfg.advantage, r.weights)
+            adv = lay.per_token(advantages.detach(), shape)
+
+        weight = torch.ones_like(m)  # §2.4 rollout weights: functions of the inputs alone here
+        if is_weights is not None:
+            weight = lay.per_token(is_weights.detach(), shape)
+        elif cfg.rollout_correction is not None:
+            weight = reference._rollout_weights(old, samp, m, lay, cfg)
+        agg = lambda mode: reference.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
+        w_policy = (agg(cfg.aggregation) * weight).float().contiguous()
+        w_kl = (agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta).float().contiguous()
+        w_entropy = (agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef).float().contiguous()
+        with_entropy = return_entropy or cfg.entropy_coef != 0.0
+        scalars, codes = loss_params(cfg, old is not None, group_size, batch)
+
+        args = (targets, m, adv.float().contiguous(), old, ref, w_policy, w_kl, w_entropy, rewards, batch_std, seq,
+                1.0 / cfg.temperature, scalars, codes, with_entropy)
+        write_grad = logits.requires_grad and torch.is_grad_enabled()
+        if inplace_grad and write_grad:
+            loss, lp, ent, rho, dlogp, adv = self._inplace.apply(logits, *args)
+        else:
+            loss, lp, ent, rho, dlogp, adv, _ = self.ops.grpo_loss_fused(logits, *args, write_grad)
+
+        lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+        values = {"rho": rho, "is_weight": weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
+                  "ppo_kl": (lp if old is None else old) - lp}
+        if ref is not None:
+            values["kl"] = reference._kl(lp, ref, cfg)
+        used_weights = is_weights is not None or cfg.rollout_correction is not None
+        metrics = reference._metrics(values, dlogp, adv, m, ent if with_entropy else None, cfg, used_weights)
+        return LossOutput(loss=loss, logprobs=lp.reshape(shape),
+                          entropy=ent.reshape(shape) if with_entropy else None, metrics=metrics)

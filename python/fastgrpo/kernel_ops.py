@@ -1,0 +1,183 @@
+"""The contract every compiled backend implements (Triton, C++ CPU, CUDA): six ops with the same schemas, their
+fake (meta) implementations and their autograd, registered once per op family here.
+
+    token_logprobs(logits, targets, mask?, inv_temperature, with_entropy) -> (ℓ, stats, H)
+    token_logprobs_backward(g_ℓ, g_H?, logits, targets, mask?, stats, H, inv_temperature) -> ∂/∂logits
+    grpo_loss_fused(logits, targets, mask, advantages, old?, ref?, w_policy, w_kl, w_entropy, rewards?,
+                    batch_std?, seq?, inv_temperature, scalars, codes, with_entropy, write_grad)
+        -> (loss, ℓ, H, ρ, ∂loss/∂ℓ, advantage used, ∂loss/∂logits)
+    grpo_loss_fused_inplace_(logits!, …same…, with_entropy) -> (loss, ℓ, H, ρ, ∂loss/∂ℓ, advantage used)
+    scale_grad_(grad!, scale) -> ()
+    advantages(rewards, batch_std, group_size, estimator, divide, use_batch_std, singleton_raw, eps)
+        -> (advantages, group mean, group std)
+
+``stats`` holds per row the max M of z/τ and log Σ exp(z/τ − M). The fused loss computes ∂loss/∂logits in the
+forward (the loss is a scalar); its backward only scales that gradient by the incoming one, in place, and the
+scale op does nothing when the scale is 1, deciding on the device. ``retain_graph`` double backward therefore
+sees the scaled buffer. Under torch.compile the scaling is an out-of-place multiply (a saved output cannot be
+mutated there). ``scalars``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .config import AdvantageConfig, LossConfig
+
+_POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3}
+_KL = {"k1": 1, "abs": 2, "k2": 3, "k3": 4}
+_ESTIMATOR = {"grpo": 0, "rloo": 1, "reinforce_baseline": 2}
+_INF = math.inf
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One backend's six ops (callables with the schemas above)."""
+
+    token_logprobs: Callable[..., Any]
+    token_logprobs_backward: Callable[..., Any]
+    grpo_loss_fused: Callable[..., Any]
+    grpo_loss_fused_inplace_: Callable[..., Any]
+    scale_grad_: Callable[..., Any]
+    advantages: Callable[..., Any]
+
+
+def is_token_local(config: LossConfig, has_old: bool, has_is_weights: bool) -> bool:
+    """Whether every per-token quantity of the config depends on that token alone (the fused path)."""
+    return (config.ratio_level == "token" and config.policy_loss in _POLICY
+            and config.top_entropy_quantile == 1.0 and config.off_policy_mask_threshold is None
+            and (config.rollout_correction is None or has_old or has_is_weights))
+
+
+def advantage_args(config: AdvantageConfig) -> tuple[int, bool, bool, float]:
+    """(estimator code, divide, singleton_raw, eps) as the kernels take them."""
+    return _ESTIMATOR[config.estimator], config.scale != "none", config.singleton == "raw", config.eps
+
+
+def loss_params(cfg: LossConfig, has_old: bool, group_size: Optional[int] = None,
+                batch: bool = False) -> tuple[list[float], list[int]]:
+    """The fused op's ``scalars`` (unused bounds as ±inf: a clamp to ±inf is the identity) and ``codes``
+    (``group_size`` set: the kernel normalizes rewards itself; ``batch``: by the batch std)."""
+    opt = lambda v, default: default if v is None else float(v)  # noqa: E731
+    scalars = [cfg.epsilon_low, cfg.epsilon_high, opt(cfg.ratio_cap, _INF), opt(cfg.dual_clip, _INF),
+               opt(cfg.log_ratio_clamp, _INF), opt(cfg.cispo_low, -_INF), opt(cfg.cispo_high, _INF),
+               cfg.sapo_tau_pos, cfg.sapo_tau_neg, opt(cfg.kl_input_clamp, _INF), opt(cfg.kl_output_clamp, _INF),
+               cfg.advantage.eps]
+    kl = 0 if cfg.beta == 0.0 else _KL[cfg.kl_estimator.rstrip("+")]
+    estimator, divide, singleton_raw, _ = advantage_args(cfg.advantage)
+    codes = [_POLICY[cfg.policy_loss], kl, int(cfg.kl_estimator.endswith("+")), int(cfg.kl_ratio_weighted),
+             int(has_old), int(group_size is not None), group_size or 1, estimator, int(divide), int(batch),
+             int(singleton_raw)]
+    return scalars, codes
+
+
+# ------------------------------------------------------------------------------------------ fake shapes
+def _fake_token_logprobs(logits, targets, mask, inv_temperature, with_entropy):
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    return (logits.new_empty(targets.shape, **f32), logits.new_empty(targets.shape + (2,), **f32),
+            logits.new_empty(targets.shape if with_entropy else (0,), **f32))
+
+
+def _fake_token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
+                                  inv_temperature):
+    return logits.new_empty(logits.shape)
+
+
+def _fake_loss_outputs(logits, targets):
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    return (logits.new_empty((), **f32), *(logits.new_empty(targets.numel(), **f32) for _ in range(5)))
+
+
+def _fake_grpo_loss_fused(logits, targets, *args):
+    write_grad = args[-1]
+    return (*_fake_loss_outputs(logits, targets), logits.new_empty(logits.shape if write_grad else (0,)))
+
+
+def _fake_grpo_loss_fused_inplace(logits, targets, *args):
+    return _fake_loss_outputs(logits, targets)
+
+
+def _fake_scale_grad(grad, scale):
+    return None
+
+
+def _fake_advantages(rewards, batch_std, group_size, *args):
+    groups = rewards.numel() // group_size
+    return torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
+
+
+# -------------------------------------------------------------------------------------------- autograd
+def _traced(x: Tensor) -> bool:
+    """Under torch.compile / AOT tracing tensors are functional or fake: mutating a saved forward output is
+    not expressible there."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor))
+
+
+def register(prefix: str, ops: Ops) -> None:
+    """Registers fakes and autograd for the ops named ``fastgrpo::{prefix}<op>``."""
+    name = lambda op: f"fastgrpo::{prefix}{op}"  # noqa: E731
+    fakes = {"token_logprobs": _fake_token_logprobs, "token_logprobs_backward": _fake_token_logprobs_backward,
+             "grpo_loss_fused": _fake_grpo_loss_fused, "grpo_loss_fused_inplace_": _fake_grpo_loss_fused_inplace,
+             "scale_grad_": _fake_scale_grad, "advantages": _fake_advantages}
+    for op, fake in fakes.items():
+        torch.library.register_fake(name(op), fake)
+
+    def logprobs_setup(ctx, inputs, output):
+        logits, targets, mask, inv_temperature, _ = inputs
+        ctx.save_for_backward(logits, targets, mask, output[1], output[2])
+        ctx.inv_temperature = inv_temperature
+        ctx.set_materialize_grads(False)
+
+    def logprobs_backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
+        logits, targets, mask, stats, entropy = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(targets.shape, device=stats.device, dtype=stats.dtype)
+        if grad_entropy is not None and grad_entropy.numel() == 0:
+            grad_entropy = None
+        grad = ops.token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
+                                           ctx.inv_temperature)
+        return grad, None, None, None, None
+
+    torch.library.register_autograd(name("token_logprobs"), logprobs_backward, setup_context=logprobs_setup)
+
+    def loss_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[-1])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def loss_backward(ctx, grad_loss, *_):
+        (grad,) = ctx.saved_tensors
+        if _traced(grad):
+            grad = grad * grad_loss.to(grad.dtype)
+        else:  # eager: in place, nothing at all when grad_loss == 1
+            ops.scale_grad_(grad, grad_loss)
+        return (grad,) + (None,) * 16
+
+    torch.library.register_autograd(name("grpo_loss_fused"), loss_backward, setup_context=loss_setup)
+
+
+def inplace_grad_function(ops: Ops) -> type:
+    """Autograd for ``inplace_grad``: after the forward the logits buffer *is* the gradient. Held on ctx (not
+    saved for backward) because its version changed by design; eager only."""
+
+    class InplaceGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, *args):
+            outs = ops.grpo_loss_fused_inplace_(logits, *args)
+            ctx.grad = logits
+            ctx.mark_non_differentiable(*outs[1:])
+            return outs
+
+        @staticmethod
+        def backward(ctx, grad_loss, *_):
+            ops.scale_grad_(ctx.grad, grad_loss)
+            return (ctx.grad,) + (None,) * 15
+
+    return InplaceGrad
