@@ -8,6 +8,8 @@
   include only CUDA headers and ``csrc/*.h`` plain-C++ headers, which works with a CPU-only PyTorch.
   ``FASTGRPO_CUDA_ARCHS`` (default ``80;90a``) lists the architectures; ``FASTGRPO_NO_CUDA=1`` skips CUDA.
 - ``FASTGRPO_NO_EXTENSION=1`` builds nothing: the reference and Triton paths need no extension.
+- Build with ``pip install --no-build-isolation``: the extension must be compiled against the torch it will
+  load into (an isolated build would fetch another one, or have none and skip the extension).
 """
 
 import glob
@@ -35,13 +37,16 @@ def cpu_arch_flags():
 
 
 def cuda_home():
+    """The toolkit root: CUDA_HOME / CUDA_PATH, the one holding the nvcc on PATH, or /usr/local/cuda."""
     if os.environ.get("FASTGRPO_NO_CUDA") == "1":
         return None
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
     nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    for home in candidates:
+        if home and all(os.path.exists(os.path.join(home, *p)) for p in (("bin", "nvcc"), ("include", "cuda.h"))):
+            return home
+    return None
 
 
 def compile_cuda(home, build_dir):
@@ -63,7 +68,12 @@ def compile_cuda(home, build_dir):
 def extensions():
     if os.environ.get("FASTGRPO_NO_EXTENSION") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # an isolated build environment without torch: install --no-build-isolation instead
+        print("fastgrpo: torch is not importable at build time, building without the C++/CUDA extension "
+              "(pip install --no-build-isolation -e . builds it against the installed torch)")
+        return [], {}
 
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-std=c++17", *cpu_arch_flags()]

@@ -41,12 +41,23 @@ def test_module_wrapper_matches_function():
 
 
 def test_backend_selection():
-    assert backends.available(torch.device("cpu"))[-1] == "reference"
-    assert backends.select("auto", torch.device("cpu")) is fastgrpo.reference
-    for name in ("cuda", "cpu"):
-        if name not in backends.available(torch.device("cpu")):
-            with pytest.raises(RuntimeError, match=f"backend='{name}' is not available"):
-                backends.select(name, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    available = backends.available(cpu)
+    assert available[-1] == "reference"
+    assert backends.select("auto", cpu) is backends.select(available[0], cpu)
+    assert backends.select("reference", cpu) is fastgrpo.reference
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu tensors"):
+        backends.select("cuda", cpu)
+
+
+def test_cpu_extension_is_built_and_auto_uses_it():
+    """CI builds the C++ extension: auto must pick it for CPU tensors, with CUDA kernels registered too."""
+    from fastgrpo import cpp_backend
+
+    assert backends.available(torch.device("cpu"))[0] == "cpu"
+    assert cpp_backend.has_kernels("cpu")
+    if os.environ.get("FASTGRPO_NO_CUDA") != "1":
+        assert cpp_backend.has_kernels("cuda"), "the extension was built without its CUDA kernels"
 
 
 def test_triton_on_cpu_needs_the_interpreter():

@@ -53,7 +53,7 @@ def call(**over):
     (dict(normalizer=torch.ones(2)), ValueError, "normalizer must be a float or a 0-d tensor"),
     (dict(config={"beta": 0.0}), TypeError, "config must be a fastgrpo.LossConfig"),
     (dict(backend="tpu"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), RuntimeError, "backend=.cuda. is not available"),
+    (dict(backend="cuda"), RuntimeError, "backend=.cuda. cannot run on cpu tensors"),
     (dict(cu_seqlens=torch.tensor([0, 3, 6])), ValueError, "with cu_seqlens the input must be packed"),
     (dict(mask=torch.ones(B, T, device="meta")), ValueError, "mask is on meta but the inputs are on cpu"),
 ])

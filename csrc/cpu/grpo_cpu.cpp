@@ -15,6 +15,7 @@
 #include <limits>
 #include <vector>
 
+#include "../common.h"
 #include "../token_objective.h"
 
 namespace fastgrpo {
@@ -24,16 +25,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kChunk = 2048;  // floats of a row staged at a time: 8 KB, resident in L1 for both uses
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kVeryNegative = -1e30f;  // floor of x − max: exp() is 0 and 0·floor is 0, never 0·(−inf)
-
-struct RowAddress {
-  int64_t T, stride_b, stride_t;
-  int64_t offset(int64_t row) const { return (row / T) * stride_b + (row % T) * stride_t; }
-};
-
-RowAddress row_address(const at::Tensor& x) {
-  if (x.dim() == 3) return {x.size(1), x.stride(0), x.stride(1)};
-  return {1, x.stride(0), 0};
-}
 
 template <typename scalar_t>
 void load_scaled(const scalar_t* src, float* dst, int64_t n, float inv_t) {
@@ -124,17 +115,6 @@ float* chunk_buffer() {
   return buf.data();
 }
 
-void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
-  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "logits must be [B, T, V] or [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1, "logits must be contiguous in the vocabulary dim");
-  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits must be floating, got ", logits.scalar_type());
-  TORCH_CHECK(targets.numel() == logits.numel() / std::max<int64_t>(logits.size(-1), 1),
-              "targets must have one id per row of logits, got ", targets.sizes(), " for ", logits.sizes());
-}
-
-at::Tensor rows_long(const at::Tensor& x) { return x.reshape(-1).to(at::kLong).contiguous(); }
-at::Tensor rows_float(const at::Tensor& x) { return x.reshape(-1).to(at::kFloat).contiguous(); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                                   const std::optional<at::Tensor>& mask,
                                                                   double inv_temperature, bool with_entropy) {
@@ -142,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
   const int64_t rows = targets.numel(), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
   auto logprobs = at::empty(targets.sizes(), f32);
-  auto stats_sizes = targets.sizes().vec();
-  stats_sizes.push_back(2);
-  auto stats = at::empty(stats_sizes, f32);
+  auto stats = stats_like(logprobs);
   auto entropy = with_entropy ? at::empty(targets.sizes(), f32) : at::empty({0}, f32);
   const auto ids = rows_long(targets);
   const auto row_mask = mask ? rows_float(*mask) : at::Tensor();

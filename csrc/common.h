@@ -1,0 +1,40 @@
+// Argument checks and per-row input preparation shared by the CPU kernels and the CUDA bindings.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace fastgrpo {
+
+inline void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "logits must be [B, T, V] or [N, V], got ", logits.sizes());
+  TORCH_CHECK(logits.size(-1) <= 1 || logits.stride(-1) == 1,
+              "logits must be contiguous in the vocabulary dim, got stride ", logits.stride(-1));
+  TORCH_CHECK(at::isFloatingType(logits.scalar_type()), "logits must be floating, got ", logits.scalar_type());
+  TORCH_CHECK(targets.numel() == logits.numel() / std::max<int64_t>(logits.size(-1), 1),
+              "targets must have one id per row of logits, got ", targets.sizes(), " for ", logits.sizes());
+}
+
+// (T, stride_b, stride_t): row r of `x` lives at (r / T)·stride_b + (r % T)·stride_t.
+struct RowAddress {
+  int64_t T, stride_b, stride_t;
+  int64_t offset(int64_t row) const { return (row / T) * stride_b + (row % T) * stride_t; }
+};
+
+inline RowAddress row_address(const at::Tensor& x) {
+  if (x.dim() == 3) return {x.size(1), x.stride(0), x.stride(1)};
+  return {1, x.stride(0), 0};
+}
+
+// Per-row inputs as dense 1-D buffers (autograd may hand in expanded, stride-0 gradients).
+inline at::Tensor rows_long(const at::Tensor& x) { return x.reshape(-1).to(at::kLong).contiguous(); }
+inline at::Tensor rows_float(const at::Tensor& x) { return x.reshape(-1).to(at::kFloat).contiguous(); }
+
+inline at::Tensor stats_like(const at::Tensor& targets) {
+  auto sizes = targets.sizes().vec();
+  sizes.push_back(2);
+  return at::empty(sizes, targets.options().dtype(at::kFloat));
+}
+
+}  // namespace fastgrpo

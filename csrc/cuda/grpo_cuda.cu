@@ -1,0 +1,328 @@
+// CUDA kernels of fastgrpo's ops: one thread block per token row.
+//
+// A row is streamed with 128-bit loads (4 fp32 / 8 bf16 or fp16 per load) into a per-thread online
+// log-sum-exp kept relative to the running max, merged across the block by a fixed shuffle tree (so a
+// token's results never depend on the rest of the batch); thread 0 evaluates the per-token objective
+// (token_objective.h, shared with the CPU kernel); the block then streams the row again, usually from L2,
+// and writes the gradient with 128-bit stores. 64-bit offsets throughout. Only CUDA headers are included.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "launch.h"
+
+namespace fastgrpo {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;  // 16 warps: enough loads in flight per SM at ~2 resident blocks
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Running statistics of a set of logits x (already divided by τ): max m, s = Σ e^(x − m), a = Σ e^(x − m)(x − m).
+struct LSE {
+  float m, s, a;
+};
+
+__device__ __forceinline__ void lse_add(LSE& st, float x) {
+  if (x > st.m) {  // new max: re-center the sums (nothing to re-center while empty)
+    if (st.s > 0.f) {
+      const float scale = expf(st.m - x);
+      st.a = scale * (st.a + (st.m - x) * st.s);
+      st.s *= scale;
+    }
+    st.m = x;
+    st.s += 1.f;
+  } else if (x > -INFINITY) {  // banned (−inf) logits add nothing
+    const float d = x - st.m, e = expf(d);
+    st.s += e;
+    st.a += e * d;
+  }
+}
+
+__device__ __forceinline__ LSE lse_merge(LSE x, LSE y) {
+  if (y.s == 0.f) return x;
+  if (x.s == 0.f) return y;
+  const float m = fmaxf(x.m, y.m), sx = expf(x.m - m), sy = expf(y.m - m);
+  return {m, x.s * sx + y.s * sy, sx * (x.a + (x.m - m) * x.s) + sy * (y.a + (y.m - m) * y.s)};
+}
+
+// Block-wide merge in a fixed order; the result is returned to every thread.
+__device__ LSE block_lse(LSE st) {
+  __shared__ float shm[3][kWarps];
+  __shared__ LSE total;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const LSE other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
+                    __shfl_xor_sync(0xffffffffu, st.a, offset)};
+    st = lse_merge(st, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    shm[0][warp] = st.m;
+    shm[1][warp] = st.s;
+    shm[2][warp] = st.a;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    LSE acc{-INFINITY, 0.f, 0.f};
+    for (int w = 0; w < kWarps; ++w) acc = lse_merge(acc, LSE{shm[0][w], shm[1][w], shm[2][w]});
+    total = acc;
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+struct Pack {  // 16 bytes of T
+  static constexpr int N = 16 / sizeof(T);
+  union {
+    uint4 raw;
+    T v[N];
+  };
+};
+
+// Calls f(index, value) for every element of a row, 128-bit loads where the row is 16-byte aligned.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_row(const T* row, int64_t V, F f) {
+  constexpr int N = Pack<T>::N;
+  int64_t start = 0;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const int64_t packs = V / N;
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      Pack<T> pk;
+      pk.raw = __ldg(reinterpret_cast<const uint4*>(row) + p);
+#pragma unroll
+      for (int j = 0; j < N; ++j) f(p * N + j, to_float(pk.v[j]));
+    }
+    start = packs * N;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) f(i, to_float(row[i]));
+}
+
+struct RowStats {
+  float logprob, max, log_sum, entropy;
+};
+
+template <typename T>
+__device__ RowStats row_statistics(const T* row, int64_t target, int64_t V, float inv_t) {
+  LSE st{-INFINITY, 0.f, 0.f};
+  for_each_in_row(row, V, [&](int64_t, float x) { lse_add(st, x * inv_t); });
+  const LSE total = block_lse(st);
+  const float log_s = logf(total.s);
+  const bool valid = target >= 0 && target < V;
+  const float x_target = valid ? to_float(row[target]) * inv_t : NAN;
+  return {(x_target - total.m) - log_s, total.m, log_s, log_s - total.a / total.s};
+}
+
+// out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ; `out` may be `row` (each element is read by
+// the thread that then overwrites it).
+template <typename T>
+__device__ void write_grad_row(T* out, const T* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
+                               float g_ent, float inv_t) {
+  constexpr int N = Pack<T>::N;
+  auto grad_of = [&](int64_t i, float x) {
+    const float log_p = fmaxf(x * inv_t - st.max - st.log_sum, -1e30f), p = expf(log_p);
+    float g = -g_lp * p - g_ent * p * (log_p + st.entropy);
+    if (i == target) g += g_lp;
+    return g * inv_t;
+  };
+  int64_t start = 0;
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0 && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    const int64_t packs = V / N;
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      Pack<T> in, res;
+      in.raw = reinterpret_cast<const uint4*>(row)[p];
+#pragma unroll
+      for (int j = 0; j < N; ++j) res.v[j] = from_float<T>(grad_of(p * N + j, to_float(in.v[j])));
+      reinterpret_cast<uint4*>(out)[p] = res.raw;
+    }
+    start = packs * N;
+  }
+  for (int64_t i = start + threadIdx.x; i < V; i += blockDim.x) out[i] = from_float<T>(grad_of(i, to_float(row[i])));
+}
+
+template <typename T>
+__device__ void write_zero_row(T* out, int64_t V) {
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) out[i] = from_float<T>(0.f);
+}
+
+__device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t r) {
+  return (r / l.T) * l.stride_b + (r % l.T) * l.stride_t;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const T* logits, RowLayout layout,
+                                                                  const int64_t* targets, const float* mask,
+                                                                  float inv_t, bool with_entropy, float* logprobs,
+                                                                  float* stats, float* entropy) {
+  const int64_t r = blockIdx.x;
+  if (mask != nullptr && mask[r] == 0.f) {
+    if (threadIdx.x == 0) {
+      logprobs[r] = stats[2 * r] = stats[2 * r + 1] = 0.f;
+      if (with_entropy) entropy[r] = 0.f;
+    }
+    return;
+  }
+  const RowStats st = row_statistics(logits + row_offset(layout, r), targets[r], layout.V, inv_t);
+  if (threadIdx.x == 0) {
+    logprobs[r] = st.logprob;
+    stats[2 * r] = st.max;
+    stats[2 * r + 1] = st.log_sum;
+    if (with_entropy) entropy[r] = st.entropy;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) token_logprobs_backward_kernel(
+    T* grad, const T* logits, RowLayout layout, const int64_t* targets, const float* mask, const float* stats,
+    const float* entropy, const float* grad_logprobs, const float* grad_entropy, float inv_t) {
+  const int64_t r = blockIdx.x;
+  T* out = grad + r * layout.V;
+  const float g_lp = grad_logprobs[r], g_ent = grad_entropy ? grad_entropy[r] : 0.f;
+  if ((mask != nullptr && mask[r] == 0.f) || (g_lp == 0.f && g_ent == 0.f)) {
+    write_zero_row(out, layout.V);
+    return;
+  }
+  const RowStats st{0.f, stats[2 * r], stats[2 * r + 1], grad_entropy ? entropy[r] : 0.f};
+  write_grad_row(out, logits + row_offset(layout, r), targets[r], layout.V, st, g_lp, g_ent, inv_t);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logits, RowLayout layout,
+                                                                   FusedLossArgs a, float inv_t, ObjectiveParams p,
+                                                                   bool with_entropy) {
+  const int64_t r = blockIdx.x;
+  T* out = a.grad ? static_cast<T*>(a.grad) + (r / layout.T) * a.grad_stride_b + (r % layout.T) * a.grad_stride_t
+                  : nullptr;
+  if (a.mask[r] == 0.f) {
+    if (threadIdx.x == 0) {
+      a.logprobs[r] = a.entropy[r] = a.loss_terms[r] = a.ratio[r] = a.dlogp[r] = a.adv_used[r] = 0.f;
+    }
+    if (out) write_zero_row(out, layout.V);
+    return;
+  }
+  const T* row = logits + row_offset(layout, r);
+  const int64_t target = a.targets[r];
+  RowStats st = row_statistics(row, target, layout.V, inv_t);
+  if (!with_entropy) st.entropy = 0.f;
+  __shared__ float shared_dlogp;
+  if (threadIdx.x == 0) {
+    float A = a.advantages[r];
+    if (p.adv_from_rewards) A = group_advantage(a.rewards, *a.batch_std, a.seq[r], p);
+    const TokenResult t = token_objective(st.logprob, st.entropy, A, a.old_logprobs ? a.old_logprobs[r] : 0.f,
+                                          a.ref_logprobs ? a.ref_logprobs[r] : 0.f, a.w_policy[r], a.w_kl[r],
+                                          a.w_entropy[r], p);
+    a.logprobs[r] = st.logprob;
+    a.entropy[r] = st.entropy;
+    a.loss_terms[r] = t.loss;
+    a.ratio[r] = t.ratio;
+    a.dlogp[r] = t.dlogp;
+    a.adv_used[r] = A;
+    shared_dlogp = t.dlogp;
+  }
+  __syncthreads();
+  if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -a.w_entropy[r], inv_t);
+}
+
+template <typename T>
+__global__ void scale_grad_kernel(T* grad, int64_t numel, const float* scale) {
+  const float s = *scale;
+  if (s == 1.f) return;  // the usual loss.backward(): decided on the device, no host sync
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    grad[i] = from_float<T>(to_float(grad[i]) * s);
+}
+
+__global__ void advantages_kernel(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams p,
+                                  float* adv, float* mean, float* std_) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  float gm, gs;
+  adv[i] = group_advantage(rewards, *batch_std, i, p, &gm, &gs);
+  if (i % p.group_size == 0) {
+    mean[i / p.group_size] = gm;
+    std_[i / p.group_size] = gs;
+  }
+}
+
+const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename F>
+const char* dispatch(DType dtype, F f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+  }
+  return last_error();
+}
+
+}  // namespace
+
+const char* token_logprobs(DType dtype, const void* logits, RowLayout l, const int64_t* targets, const float* mask,
+                           float inv_t, bool with_entropy, float* logprobs, float* stats, float* entropy,
+                           void* stream) {
+  if (l.rows == 0) return nullptr;
+  return dispatch(dtype, [&](auto t) {
+    using T = decltype(t);
+    token_logprobs_kernel<T><<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), l, targets, mask, inv_t, with_entropy, logprobs, stats, entropy);
+  });
+}
+
+const char* token_logprobs_backward(DType dtype, void* grad, const void* logits, RowLayout l, const int64_t* targets,
+                                    const float* mask, const float* stats, const float* entropy,
+                                    const float* grad_logprobs, const float* grad_entropy, float inv_t,
+                                    void* stream) {
+  if (l.rows == 0) return nullptr;
+  return dispatch(dtype, [&](auto t) {
+    using T = decltype(t);
+    token_logprobs_backward_kernel<T><<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<T*>(grad), static_cast<const T*>(logits), l, targets, mask, stats, entropy, grad_logprobs,
+        grad_entropy, inv_t);
+  });
+}
+
+const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const FusedLossArgs& args, float inv_t,
+                            ObjectiveParams params, bool with_entropy, void* stream) {
+  if (l.rows == 0) return nullptr;
+  return dispatch(dtype, [&](auto t) {
+    using T = decltype(t);
+    grpo_loss_fused_kernel<T><<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), l, args, inv_t, params, with_entropy);
+  });
+}
+
+const char* scale_grad(DType dtype, void* grad, int64_t numel, const float* scale, void* stream) {
+  if (numel == 0) return nullptr;
+  const int64_t blocks = std::min<int64_t>((numel + 255) / 256, 65535 * 8);
+  return dispatch(dtype, [&](auto t) {
+    using T = decltype(t);
+    scale_grad_kernel<T><<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(grad), numel, scale);
+  });
+}
+
+const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params, float* adv,
+                       float* mean, float* std_, void* stream) {
+  if (n == 0) return nullptr;
+  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, n, params,
+                                                                                    adv, mean, std_);
+  return last_error();
+}
+
+}  // namespace cuda
+}  // namespace fastgrpo

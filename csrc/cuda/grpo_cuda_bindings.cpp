@@ -1,0 +1,189 @@
+// CUDA implementations of fastgrpo's ops: validate, allocate, launch on the current stream, check the launch.
+// Compiled by the host compiler against any PyTorch (a CPU-only one included): the stream comes through the
+// device-generic guard interface, the kernels through launch.h's plain signatures.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "launch.h"
+
+namespace fastgrpo {
+namespace {
+
+cuda::DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    case at::kHalf: return cuda::DType::kFloat16;
+    default: TORCH_CHECK(false, "logits must be float32, bfloat16 or float16 on CUDA, got ", x.scalar_type());
+  }
+}
+
+void* current_stream(const at::Tensor& x) {
+  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+}
+
+void check_launch(const char* error, const char* op) {
+  TORCH_CHECK(error == nullptr, "fastgrpo::", op, " CUDA kernel failed: ", error);
+}
+
+cuda::RowLayout layout_of(const at::Tensor& logits, int64_t rows) {
+  const RowAddress a = row_address(logits);
+  return {rows, logits.size(-1), a.T, a.stride_b, a.stride_t};
+}
+
+template <typename T>
+const T* opt_ptr(const at::Tensor& x) { return x.defined() ? x.const_data_ptr<T>() : nullptr; }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                                                   const std::optional<at::Tensor>& mask,
+                                                                   double inv_temperature, bool with_entropy) {
+  check_logits(logits, targets);
+  c10::DeviceGuard guard(logits.device());
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto logprobs = at::empty(targets.sizes(), f32);
+  auto stats = stats_like(logprobs);
+  auto entropy = with_entropy ? at::empty(targets.sizes(), f32) : at::empty({0}, f32);
+  const auto ids = rows_long(targets);
+  const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
+  check_launch(cuda::token_logprobs(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, targets.numel()),
+                                    ids.const_data_ptr<int64_t>(), opt_ptr<float>(row_mask),
+                                    static_cast<float>(inv_temperature), with_entropy, logprobs.mutable_data_ptr<float>(),
+                                    stats.mutable_data_ptr<float>(), with_entropy ? entropy.mutable_data_ptr<float>() : nullptr,
+                                    current_stream(logits)),
+               "token_logprobs");
+  return {logprobs, stats, entropy};
+}
+
+at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
+                                        const at::Tensor& logits, const at::Tensor& targets,
+                                        const std::optional<at::Tensor>& mask, const at::Tensor& stats,
+                                        const at::Tensor& entropy, double inv_temperature) {
+  check_logits(logits, targets);
+  c10::DeviceGuard guard(logits.device());
+  auto grad = at::empty(logits.sizes(), logits.options());
+  const auto g_lp = rows_float(grad_logprobs);
+  const auto g_ent = grad_entropy ? rows_float(*grad_entropy) : at::Tensor();
+  const auto ent = grad_entropy ? rows_float(entropy) : at::Tensor();
+  const auto ids = rows_long(targets);
+  const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
+  const auto st = stats.reshape(-1).contiguous();
+  check_launch(cuda::token_logprobs_backward(dtype_of(logits), grad.mutable_data_ptr(), logits.const_data_ptr(),
+                                             layout_of(logits, targets.numel()), ids.const_data_ptr<int64_t>(),
+                                             opt_ptr<float>(row_mask), st.const_data_ptr<float>(), opt_ptr<float>(ent),
+                                             g_lp.const_data_ptr<float>(), opt_ptr<float>(g_ent),
+                                             static_cast<float>(inv_temperature), current_stream(logits)),
+               "token_logprobs_backward");
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy, const at::Tensor& grad) {
+  check_logits(logits, targets);
+  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes && static_cast<int>(scalars.size()) == kNumScalars,
+              "codes must hold ", kNumCodes, " ints and scalars ", kNumScalars, " floats");
+  c10::DeviceGuard guard(logits.device());
+  const ObjectiveParams p = unpack_params(codes, scalars);
+  const int64_t rows = targets.numel();
+  const auto f32 = logits.options().dtype(at::kFloat);
+  auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
+       ratio = at::empty({rows}, f32), dlogp = at::empty({rows}, f32), adv_used = at::empty({rows}, f32);
+  const auto ids = rows_long(targets), mk = rows_float(mask), adv = rows_float(advantages), wp = rows_float(w_policy),
+             wk = rows_float(w_kl), we = rows_float(w_entropy);
+  const auto old = old_logprobs ? rows_float(*old_logprobs) : at::Tensor();
+  const auto ref = ref_logprobs ? rows_float(*ref_logprobs) : at::Tensor();
+  const auto rw = p.adv_from_rewards ? rows_float(*rewards) : at::Tensor();
+  const auto bstd = p.adv_from_rewards ? rows_float(*batch_std) : at::Tensor();
+  const auto sq = p.adv_from_rewards ? rows_long(*seq) : at::Tensor();
+  const RowAddress ga = grad.defined() ? row_address(grad) : RowAddress{1, 0, 0};
+  cuda::FusedLossArgs a{ids.const_data_ptr<int64_t>(), mk.const_data_ptr<float>(), adv.const_data_ptr<float>(),
+                        opt_ptr<float>(old), opt_ptr<float>(ref), wp.const_data_ptr<float>(),
+                        wk.const_data_ptr<float>(), we.const_data_ptr<float>(), opt_ptr<float>(rw),
+                        opt_ptr<float>(bstd), opt_ptr<int64_t>(sq), logprobs.mutable_data_ptr<float>(),
+                        entropy.mutable_data_ptr<float>(), loss_terms.mutable_data_ptr<float>(),
+                        ratio.mutable_data_ptr<float>(), dlogp.mutable_data_ptr<float>(),
+                        adv_used.mutable_data_ptr<float>(), grad.defined() ? grad.data_ptr() : nullptr, ga.stride_b,
+                        ga.stride_t};
+  check_launch(cuda::grpo_loss_fused(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, rows), a,
+                                     static_cast<float>(inv_temperature), p, with_entropy, current_stream(logits)),
+               "grpo_loss_fused");
+  return {loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
+  auto grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  auto [loss, lp, ent, rho, dl, au] = fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy,
+                                            w_kl, w_entropy, rewards, batch_std, seq, inv_temperature, scalars, codes,
+                                            with_entropy, write_grad ? grad : at::Tensor());
+  return {loss, lp, ent, rho, dl, au, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
+    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
+    at::ArrayRef<int64_t> codes, bool with_entropy) {
+  return fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
+               batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits);
+}
+
+void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(grad.is_contiguous(), "grad must be contiguous");
+  c10::DeviceGuard guard(grad.device());
+  const auto s = rows_float(scale);
+  check_launch(cuda::scale_grad(dtype_of(grad), grad.mutable_data_ptr(), grad.numel(), s.const_data_ptr<float>(),
+                                current_stream(grad)),
+               "scale_grad_");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor& rewards, const at::Tensor& batch_std,
+                                                               int64_t group_size, int64_t estimator, bool divide,
+                                                               bool use_batch_std, bool singleton_raw, double eps) {
+  TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
+              ") must divide the number of rewards (", rewards.numel(), ")");
+  c10::DeviceGuard guard(rewards.device());
+  const auto r = rows_float(rewards), bstd = rows_float(batch_std);
+  const int64_t n = r.numel();
+  auto adv = at::empty({n}, r.options()), mean = at::empty({n / group_size}, r.options()),
+       std_ = at::empty({n / group_size}, r.options());
+  ObjectiveParams p{};
+  p.group_size = static_cast<int32_t>(group_size);
+  p.adv_estimator = static_cast<int32_t>(estimator);
+  p.adv_divide = divide;
+  p.adv_use_batch_std = use_batch_std;
+  p.adv_singleton_raw = singleton_raw;
+  p.adv_eps = static_cast<float>(eps);
+  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(), n, p,
+                                adv.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
+                                std_.mutable_data_ptr<float>(), current_stream(rewards)),
+               "advantages");
+  return {adv.view(rewards.sizes()), mean, std_};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgrpo, CUDA, m) {
+  m.impl("token_logprobs", &token_logprobs_cuda);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("grpo_loss_fused", &grpo_loss_fused_cuda);
+  m.impl("grpo_loss_fused_inplace_", &grpo_loss_fused_inplace_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
+  m.impl("advantages", &advantages_cuda);
+}
+
+}  // namespace fastgrpo

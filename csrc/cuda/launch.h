@@ -1,0 +1,47 @@
+// Launchers of the CUDA kernels with plain parameters (pointers, sizes, the stream as void*), so that the .cu
+// files need no PyTorch headers: a CPU-only PyTorch has no c10/cuda build headers, and CI compiles them there.
+// Each returns nullptr on success or the CUDA error string of the launch.
+#pragma once
+
+#include <cstdint>
+
+#include "../token_objective.h"
+
+namespace fastgrpo {
+namespace cuda {
+
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Row r of the logits lives at (r / T)·stride_b + (r % T)·stride_t (elements); the vocabulary is contiguous.
+struct RowLayout {
+  int64_t rows, V, T, stride_b, stride_t;
+};
+
+const char* token_logprobs(DType dtype, const void* logits, RowLayout layout, const int64_t* targets,
+                           const float* mask, float inv_temperature, bool with_entropy, float* logprobs, float* stats,
+                           float* entropy, void* stream);
+
+const char* token_logprobs_backward(DType dtype, void* grad, const void* logits, RowLayout layout,
+                                    const int64_t* targets, const float* mask, const float* stats,
+                                    const float* entropy, const float* grad_logprobs, const float* grad_entropy,
+                                    float inv_temperature, void* stream);
+
+struct FusedLossArgs {
+  const int64_t* targets;
+  const float *mask, *advantages, *old_logprobs, *ref_logprobs, *w_policy, *w_kl, *w_entropy, *rewards, *batch_std;
+  const int64_t* seq;
+  float *logprobs, *entropy, *loss_terms, *ratio, *dlogp, *adv_used;
+  void* grad;  // nullptr: no gradient; may be the logits themselves (in place)
+  int64_t grad_stride_b, grad_stride_t;
+};
+
+const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout layout, const FusedLossArgs& args,
+                            float inv_temperature, ObjectiveParams params, bool with_entropy, void* stream);
+
+const char* scale_grad(DType dtype, void* grad, int64_t numel, const float* scale, void* stream);
+
+const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params,
+                       float* advantages, float* group_mean, float* group_std, void* stream);
+
+}  // namespace cuda
+}  // namespace fastgrpo
