@@ -1,7 +1,7 @@
 """Build script: the C++ CPU extension always, its CUDA kernels when a CUDA toolkit is found.
 
-- CPU: ``csrc/ops.cpp`` (schemas) + ``csrc/cpu/*.cpp``, with AVX2/FMA code when the build host has them
-  (``FASTGRPO_CPU_ARCH=avx2|avx512|default`` overrides); the library is built for the machine it runs on.
+- CPU: ``csrc/ops.cpp`` (schemas) + ``csrc/cpu/*.cpp``, with AVX-512 or AVX2/FMA code when the build host
+  has them (``FASTGRPO_CPU_ARCH=avx512|avx2|default`` overrides); the library is built for the machine it runs on.
 - CUDA: ``csrc/cuda/*.cu`` compiled by nvcc into objects linked into the same extension with the static
   CUDA runtime, when ``CUDA_HOME`` or ``nvcc`` on PATH is found; decided by the toolkit, never by
   ``torch.cuda.is_available()``, so CPU-only machines (like CI's) compile the CUDA code too. The .cu files
@@ -27,9 +27,11 @@ def cpu_arch_flags():
             flags = open("/proc/cpuinfo").read()
         except OSError:
             flags = ""
-        arch = "avx2" if (" avx2" in flags and " fma" in flags) else "default"
+        has = lambda *names: all(f" {n}" in flags for n in names)  # noqa: E731
+        arch = ("avx512" if has("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+                else "avx2" if has("avx2", "fma") else "default")
     if arch == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY=AVX512",
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
                 "-DCPU_CAPABILITY_AVX512"]
     if arch == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -76,13 +78,14 @@ def extensions():
         return [], {}
 
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx = ["-O3", "-std=c++17", *cpu_arch_flags()]
-    kwargs = {}
+    # -fopenmp: at::parallel_for is header code, parallel only where the extension itself is built with OpenMP
+    cxx = ["-O3", "-std=c++17", "-fopenmp", *cpu_arch_flags()]
+    kwargs = {"extra_link_args": ["-fopenmp"]}
     home = cuda_home()
     if home:
         sources += sorted(glob.glob("csrc/cuda/*.cpp"))
         cxx.append("-DFASTGRPO_WITH_CUDA")
-        kwargs = dict(
+        kwargs.update(
             extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
             include_dirs=[os.path.join(home, "include")],
             library_dirs=[os.path.join(home, "lib64"), os.path.join(home, "lib")],

@@ -1,14 +1,14 @@
 """Benchmark: GRPO loss on logits, forward + backward, against the bandwidth roofline and the peers.
 
-    python bench/bench_grpo_loss.py [--tokens 16384] [--vocab 151936] [--dtype bf16] [--out bench/results]
+    python bench/bench_grpo_loss.py [--device cuda|cpu] [--tokens N] [--vocab V] [--dtype bf16] [--out DIR]
 
-Providers, all in one run on one device: a device-to-device copy of the logits (the roofline: 1 read + 1
-write is what the fused kernel must move), ``fastgrpo`` (backend="triton", also with ``inplace_grad``),
-the eager fp32 reference (``backend="reference"``: the TRL/verl-style computation), that reference under
-``torch.compile`` (Liger-Kernel and TRL join with the suite of [6/6]). Reports the median with p20/p80
-(``triton.testing.do_bench``), GB/s over an explicit byte count (logits read once + gradient written once)
-as a fraction of the copy's, peak memory above the inputs, and the speed-up over the eager reference.
-Writes one JSON file per run. The full suite with plots is issue [6/6]; this is the [2/6] measurement.
+Providers, all in one run on one device: a copy of the logits (the roofline: 1 read + 1 write is what the
+fused kernel must move), each fastgrpo kernel backend present (``triton``, ``cuda``, ``cpu``; ``inplace_grad``
+too), the eager fp32 reference (``backend="reference"``: the TRL/verl-style computation) and that reference
+under ``torch.compile`` (Liger-Kernel and TRL join with the suite of [6/6]). Reports the median with p20/p80,
+GB/s over an explicit byte count (logits read once + gradient written once) as a fraction of the copy's, peak
+memory above the inputs (CUDA allocator stats; on CPU the process's peak RSS, reset through
+/proc/self/clear_refs) and the speed-up over the eager reference. Writes one JSON file per run.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import argparse
 import datetime
 import json
 import pathlib
+import time
 
 import torch
 
 import fastgrpo
+from fastgrpo import backends
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -41,7 +43,7 @@ def make_inputs(n: int, v: int, dtype: torch.dtype, device: str, seq_len: int = 
     return logits, targets, kw
 
 
-def providers(config, targets, kw):
+def providers(config, targets, kw, device):
     def fastgrpo_loss(backend, **extra):
         def run(logits):
             z = logits.requires_grad_() if not logits.requires_grad else logits
@@ -49,53 +51,80 @@ def providers(config, targets, kw):
             out.loss.backward()
         return run
 
-    found = {
-        "fastgrpo (triton)": fastgrpo_loss("triton"),
-        "fastgrpo (triton, inplace_grad)": fastgrpo_loss("triton", inplace_grad=True),
-        "eager reference": fastgrpo_loss("reference"),
-    }
+    found = {}
+    for name in backends.available(torch.device(device)):
+        if name != "reference":
+            found[f"fastgrpo ({name})"] = fastgrpo_loss(name)
+            found[f"fastgrpo ({name}, inplace_grad)"] = fastgrpo_loss(name, inplace_grad=True)
+    found["eager reference"] = fastgrpo_loss("reference")
     compiled = torch.compile(lambda z: fastgrpo.reference.grpo_loss(z, targets, config=config, **kw).loss)
     found["torch.compile reference"] = lambda z: compiled(z.requires_grad_()).backward()
     return found
 
 
-def measure(fn, make, quantiles=(0.5, 0.2, 0.8)):
-    import triton.testing
+def _rss_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
 
-    def step():
-        fn(make())
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = triton.testing.do_bench(step, quantiles=list(quantiles), warmup=5, rep=50)
-    peak = torch.cuda.max_memory_allocated() - base
-    return ms, peak
+def measure(fn, make, device, repeats=10):
+    """((median, p20, p80) ms, peak bytes above the inputs) of fn(make())."""
+    if device == "cuda":
+        import triton.testing
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = triton.testing.do_bench(lambda: fn(make()), quantiles=[0.5, 0.2, 0.8], warmup=5, rep=50)
+        return ms, torch.cuda.max_memory_allocated() - base
+    fn(make())  # warm-up (and torch.compile's compilation)
+    times = []
+    peak = 0
+    for _ in range(repeats):
+        x = make()
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+        base = _rss_bytes("VmRSS:")
+        start = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - start) * 1e3)
+        peak = max(peak, _rss_bytes("VmHWM:") - base)
+        del x
+    q = torch.tensor(times).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+    return q, peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="default: 16384 on CUDA, 4096 on CPU")
+    parser.add_argument("--vocab", type=int, default=None, help="default: 151936 on CUDA, 32000 on CPU")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
+    parser.add_argument("--repeats", type=int, default=10, help="CPU timing repeats")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "this benchmark measures GPU kernels: run it on a CUDA device"
+    cuda = args.device == "cuda"
+    args.tokens = args.tokens or (16384 if cuda else 4096)
+    args.vocab = args.vocab or (151936 if cuda else 32000)
     dtype = DTYPES[args.dtype]
-    logits, targets, kw = make_inputs(args.tokens, args.vocab, dtype, "cuda")
+    logits, targets, kw = make_inputs(args.tokens, args.vocab, dtype, args.device)
     config = fastgrpo.presets.trl(loss_type="dapo", beta=0.04)
     moved = logits_bytes(args.tokens, args.vocab, dtype)
 
     rows = []
     copy_dst = torch.empty_like(logits)
-    (copy_ms, _, _), _ = measure(lambda z: copy_dst.copy_(z), lambda: logits)
+    (copy_ms, _, _), _ = measure(lambda z: copy_dst.copy_(z), lambda: logits, args.device, args.repeats)
     copy_gbps = moved / copy_ms / 1e6
     rows.append(dict(provider="copy (roofline)", median_ms=copy_ms, gbps=copy_gbps, fraction_of_copy=1.0))
     eager_ms = None
-    for name, fn in providers(config, targets, kw).items():
-        make = (lambda: logits.detach().clone()) if "inplace" in name else (lambda: logits.detach())
+    for name, fn in providers(config, targets, kw, args.device).items():
+        # inplace_grad overwrites its input: a fresh copy each time, seen through a view so that, as with a
+        # model's logits, the input is not a leaf (a leaf's .grad would have to be a copy of the buffer)
+        make = ((lambda: logits.detach().clone().requires_grad_().view_as(logits)) if "inplace" in name
+                else (lambda: logits.detach()))
         try:
-            (med, p20, p80), peak = measure(fn, make)
+            (med, p20, p80), peak = measure(fn, make, args.device, args.repeats)
         except Exception as exc:  # a provider that cannot run at this size (e.g. out of memory) is reported
             rows.append(dict(provider=name, error=f"{type(exc).__name__}: {exc}"[:200]))
             continue
@@ -107,12 +136,14 @@ def main() -> None:
         if eager_ms and "median_ms" in row:
             row["speedup_vs_eager"] = eager_ms / row["median_ms"]
         print(row)
-    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=torch.cuda.get_device_name(),
-                  torch=torch.__version__, triton=__import__("triton").__version__, tokens=args.tokens,
-                  vocab=args.vocab, dtype=args.dtype, bytes_moved=moved, rows=rows)
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device_name,
+                  torch=torch.__version__, tokens=args.tokens, vocab=args.vocab, dtype=args.dtype,
+                  logits_bytes=moved // 2, bytes_moved=moved, config="presets.trl(loss_type='dapo', beta=0.04)",
+                  rows=rows)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"grpo_loss_{args.dtype}_{args.tokens}x{args.vocab}.json"
+    path = out / f"grpo_loss_{args.device}_{args.dtype}_{args.tokens}x{args.vocab}.json"
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
 

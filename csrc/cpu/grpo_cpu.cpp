@@ -3,6 +3,8 @@
 //
 // A row is read once from memory for the statistics (chunked online log-sum-exp: one exp per element, the
 // running sum rescaled once per chunk) and once more for the gradient, which is written in that same sweep.
+// Vectorized exps use ATen's exp_u20 (≤ 20 ulp, ~2e-6 relative; what ATen's own CPU attention uses): 3x the
+// throughput of the 1-ulp Sleef exp, and far below the 3e-5 at which the tests compare with the fp32 oracle.
 // Reductions run in a fixed order that depends on V only, so a token's results do not depend on the batch.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -10,9 +12,13 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
@@ -26,10 +32,15 @@ constexpr int64_t kChunk = 2048;  // floats of a row staged at a time: 8 KB, res
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kVeryNegative = -1e30f;  // floor of x − max: exp() is 0 and 0·floor is 0, never 0·(−inf)
 
+// A chunk of a row as fp32: the row itself for fp32 logits, else converted into `buf`.
 template <typename scalar_t>
-void load_scaled(const scalar_t* src, float* dst, int64_t n, float inv_t) {
-  at::vec::convert(src, dst, n);
-  at::vec::map([inv_t](Vec x) { return x * Vec(inv_t); }, dst, dst, n);
+const float* as_float(const scalar_t* src, float* buf, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
 }
 
 struct RowStats {
@@ -41,25 +52,28 @@ template <typename scalar_t>
 RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float inv_t, bool with_entropy,
                         float* buf) {
   float m = kNegInf, s = 0.f, a = 0.f;  // a = Σ e^(x − m)·(x − m), for the entropy
+  const Vec vinv(inv_t), floor_(kVeryNegative);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    load_scaled(row + c0, buf, n, inv_t);
+    const float* x = as_float(row + c0, buf, n);
+    // τ > 0, so the max of z/τ is the max of z, over τ
     const float chunk_max =
-        at::vec::reduce_all<float>([](Vec x, Vec y) { return at::vec::maximum(x, y); }, buf, n);
+        at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n) * inv_t;
     const float m_new = std::max(m, chunk_max);
     if (m_new == kNegInf) continue;  // only banned (−inf) logits so far
+    const Vec vm(m_new);
     Vec vs(0.f), va(0.f);
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec d = at::vec::maximum(Vec::loadu(buf + i) - Vec(m_new), Vec(kVeryNegative));
-      const Vec e = d.exp();
+      const Vec d = at::vec::maximum(at::vec::fmsub(Vec::loadu(x + i), vinv, vm), floor_);
+      const Vec e = d.exp_u20();
       vs = vs + e;
-      if (with_entropy) va = va + e * d;
+      if (with_entropy) va = at::vec::fmadd(e, d, va);
     }
-    float cs = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, vs);
-    float ca = at::vec::vec_reduce_all<float>([](Vec x, Vec y) { return x + y; }, va);
+    float cs = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
+    float ca = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, va);
     for (; i < n; ++i) {
-      const float d = std::max(buf[i] - m_new, kVeryNegative), e = std::exp(d);
+      const float d = std::max(x[i] * inv_t - m_new, kVeryNegative), e = std::exp(d);
       cs += e;
       ca += e * d;
     }
@@ -74,7 +88,7 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
     m = m_new;
   }
   const float log_s = std::log(s);
-  const float x_target = static_cast<float>(row[target]) * inv_t;
+  const float x_target = static_cast<float>(row[target]) * inv_t;  // ids were validated by the caller
   return {(x_target - m) - log_s, m, log_s, with_entropy ? log_s - a / s : 0.f};
 }
 
@@ -82,31 +96,45 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
 template <typename scalar_t>
 void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                     float g_ent, float inv_t, float* buf) {
-  const Vec shift(st.max + st.log_sum), floor_(kVeryNegative), vg_lp(g_lp), vg_ent(g_ent), vent(st.entropy),
-      vinv(inv_t);
+  const Vec shift(st.max + st.log_sum), floor_(kVeryNegative), vg_lp(-g_lp * inv_t), vg_ent(-g_ent * inv_t),
+      vent(st.entropy), vinv(inv_t);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
-    load_scaled(row + c0, buf, n, inv_t);
+    const float* x = as_float(row + c0, buf, n);
+    float* g_out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out + c0) : buf;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec log_p = at::vec::maximum(Vec::loadu(buf + i) - shift, floor_);
-      const Vec p = log_p.exp();
-      Vec g = Vec(0.f) - vg_lp * p;
-      if (g_ent != 0.f) g = g - vg_ent * p * (log_p + vent);
-      (g * vinv).store(buf + i);
+      const Vec log_p = at::vec::maximum(at::vec::fmsub(Vec::loadu(x + i), vinv, shift), floor_);
+      const Vec p = log_p.exp_u20();
+      Vec g = vg_lp * p;
+      if (g_ent != 0.f) g = at::vec::fmadd(vg_ent * p, log_p + vent, g);
+      g.store(g_out + i);
     }
     for (; i < n; ++i) {
-      const float log_p = std::max(buf[i] - st.max - st.log_sum, kVeryNegative), p = std::exp(log_p);
-      buf[i] = (-g_lp * p - g_ent * p * (log_p + st.entropy)) * inv_t;
+      const float log_p = std::max(x[i] * inv_t - st.max - st.log_sum, kVeryNegative), p = std::exp(log_p);
+      g_out[i] = (-g_lp * p - g_ent * p * (log_p + st.entropy)) * inv_t;
     }
-    if (target >= c0 && target < c0 + n) buf[target - c0] += g_lp * inv_t;
-    at::vec::convert(buf, out + c0, n);
+    if (target >= c0 && target < c0 + n) g_out[target - c0] += g_lp * inv_t;
+    if (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, out + c0, n);
   }
 }
 
 template <typename scalar_t>
 void write_zero_row(scalar_t* out, int64_t V) {
   std::fill(out, out + V, static_cast<scalar_t>(0));
+}
+
+// A fresh [N, V] gradient is written once, page by page: backing it with transparent huge pages (where the
+// kernel leaves them to madvise) turns ~250k page faults of 4 KB into ~500 of 2 MB. Advisory only.
+at::Tensor empty_gradient(const at::Tensor& logits) {
+  auto grad = at::empty(logits.sizes(), logits.options());
+#ifdef MADV_HUGEPAGE
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(grad.data_ptr()) + page - 1) & ~(page - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(grad.data_ptr()) + grad.nbytes();
+  if (grad.nbytes() >= (4u << 20) && end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return grad;
 }
 
 // Per-thread staging buffer for one chunk of a row.
@@ -155,7 +183,7 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const st
                                        const at::Tensor& entropy, double inv_temperature) {
   check_logits(logits, targets);
   const int64_t rows = targets.numel(), V = logits.size(-1);
-  auto grad = at::empty(logits.sizes(), logits.options());
+  auto grad = empty_gradient(logits);
   const auto g_lp = rows_float(grad_logprobs);
   const auto g_ent = grad_entropy ? rows_float(*grad_entropy) : at::Tensor();
   const auto ids = rows_long(targets);
@@ -258,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
     const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
     at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
-  auto grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
+  auto grad = write_grad ? empty_gradient(logits) : at::empty({0}, logits.options());
   auto [loss, lp, ent, rho, dl, au] =
       fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
                  batch_std, seq, inv_temperature, scalars, codes, with_entropy, write_grad ? grad : at::Tensor());

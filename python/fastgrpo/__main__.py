@@ -52,7 +52,9 @@ def check(device: torch.device) -> bool:
     old = lp_ref + 0.05 * torch.randn_like(lp_ref)
     ref = lp_ref + 0.05 * torch.randn_like(lp_ref)
     rows, ok = [], True
-    for backend in backends.available(device):
+    # every compiled backend against the oracle; the reference itself when it is all there is
+    compiled = [b for b in backends.available(device) if b != "reference"] or ["reference"]
+    for backend in compiled:
         lp = token_logprobs(logits, targets, backend=backend)
         rows.append(("token_logprobs", "-", backend, float("nan"), 0.0, 0.0, _max_err(lp, lp_ref)))
         adv = advantages(rewards, 2, backend=backend)
@@ -67,16 +69,17 @@ def check(device: torch.device) -> bool:
                 out.loss.backward()
                 results.append((out, z.grad))
             (o, g), (o_ref, g_ref) = results
-            rows.append(("grpo_loss", name, backend, float(o_ref.loss), _max_err(o.loss, o_ref.loss),
+            rows.append(("grpo_loss", name, backend, float(o_ref.loss.detach()), _max_err(o.loss, o_ref.loss),
                          _max_err(g, g_ref), _max_err(o.logprobs, o_ref.logprobs)))
         lin = linear_grpo_loss(hidden, weight, targets, mask=mask, rewards=rewards, group_size=2,
                                old_logprobs=old, backend=backend)
         log = grpo_loss(logits, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old,
                         backend="reference")
-        rows.append(("linear_grpo_loss", "DAPO", backend, float(log.loss), _max_err(lin.loss, log.loss), 0.0,
+        rows.append(("linear_grpo_loss", "DAPO", backend, float(log.loss.detach()), _max_err(lin.loss, log.loss), 0.0,
                      _max_err(lin.logprobs, log.logprobs)))
 
-    print(f"fastgrpo check on {device} (torch {torch.__version__}); backends: {backends.available(device)}")
+    print(f"fastgrpo check on {device} (torch {torch.__version__}); backends: {backends.available(device)}; "
+          f"checked against the fp32 reference: {compiled}")
     header = (f"{'op':<17} {'variant':<22} {'backend':<10} {'loss':>9} {'|Δloss|':>9} {'|Δgrad|':>9} "
               f"{'|Δlogp|':>9}  result")
     print(header)

@@ -149,15 +149,21 @@ def register(prefix: str, ops: Ops) -> None:
     torch.library.register_autograd(name("token_logprobs"), logprobs_backward, setup_context=logprobs_setup)
 
     def loss_setup(ctx, inputs, output):
-        ctx.save_for_backward(output[-1])
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # else autograd fills an [N, V] zero gradient for the gradient output
+        if _traced(output[-1]):
+            ctx.save_for_backward(output[-1])
+        else:  # held on ctx, not saved: backward drops the last reference, so autograd can adopt the buffer
+            ctx.grad = output[-1]  # as .grad instead of copying it (it has no grad_fn: no reference cycle)
 
     def loss_backward(ctx, grad_loss, *_):
-        (grad,) = ctx.saved_tensors
-        if _traced(grad):
-            grad = grad * grad_loss.to(grad.dtype)
-        else:  # eager: in place, nothing at all when grad_loss == 1
+        if hasattr(ctx, "grad"):  # eager: in place, nothing at all when grad_loss == 1
+            grad = ctx.grad
+            del ctx.grad
             ops.scale_grad_(grad, grad_loss)
+        else:
+            (grad,) = ctx.saved_tensors
+            grad = grad * grad_loss.to(grad.dtype)
         return (grad,) + (None,) * 16
 
     torch.library.register_autograd(name("grpo_loss_fused"), loss_backward, setup_context=loss_setup)
@@ -171,13 +177,16 @@ def inplace_grad_function(ops: Ops) -> type:
         @staticmethod
         def forward(ctx, logits, *args):
             outs = ops.grpo_loss_fused_inplace_(logits, *args)
+            ctx.set_materialize_grads(False)
             ctx.grad = logits
             ctx.mark_non_differentiable(*outs[1:])
             return outs
 
         @staticmethod
         def backward(ctx, grad_loss, *_):
-            ops.scale_grad_(ctx.grad, grad_loss)
-            return (ctx.grad,) + (None,) * 15
+            grad = ctx.grad
+            del ctx.grad
+            ops.scale_grad_(grad, grad_loss)
+            return (grad,) + (None,) * 15
 
     return InplaceGrad
