@@ -114,9 +114,10 @@ def main() -> None:
 
     rows = []
     copy_dst = torch.empty_like(logits)
-    (copy_ms, _, _), _ = measure(lambda z: copy_dst.copy_(z), lambda: logits, args.device, args.repeats)
+    (copy_ms, copy_p20, copy_p80), _ = measure(lambda z: copy_dst.copy_(z), lambda: logits, args.device, args.repeats)
     copy_gbps = moved / copy_ms / 1e6
-    rows.append(dict(provider="copy (roofline)", median_ms=copy_ms, gbps=copy_gbps, fraction_of_copy=1.0))
+    rows.append(dict(provider="copy (roofline)", median_ms=copy_ms, p20_ms=copy_p20, p80_ms=copy_p80, gbps=copy_gbps,
+                     fraction_of_copy=1.0))
     eager_ms = None
     for name, fn in providers(config, targets, kw, args.device).items():
         # inplace_grad overwrites its input: a fresh copy each time, seen through a view so that, as with a
