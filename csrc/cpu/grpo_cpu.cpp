@@ -317,13 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& 
   const auto r = rows_float(rewards);
   const int64_t n = r.numel(), groups = n / group_size;
   auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
-  ObjectiveParams p{};
-  p.group_size = static_cast<int32_t>(group_size);
-  p.adv_estimator = static_cast<int32_t>(estimator);
-  p.adv_divide = divide;
-  p.adv_use_batch_std = use_batch_std;
-  p.adv_singleton_raw = singleton_raw;
-  p.adv_eps = static_cast<float>(eps);
+  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
   const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
   for (int64_t i = 0; i < n; ++i) {
     float gm, gs;

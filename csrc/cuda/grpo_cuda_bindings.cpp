@@ -161,13 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor&
   const int64_t n = r.numel();
   auto adv = at::empty({n}, r.options()), mean = at::empty({n / group_size}, r.options()),
        std_ = at::empty({n / group_size}, r.options());
-  ObjectiveParams p{};
-  p.group_size = static_cast<int32_t>(group_size);
-  p.adv_estimator = static_cast<int32_t>(estimator);
-  p.adv_divide = divide;
-  p.adv_use_batch_std = use_batch_std;
-  p.adv_singleton_raw = singleton_raw;
-  p.adv_eps = static_cast<float>(eps);
+  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
   check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(), n, p,
                                 adv.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
                                 std_.mutable_data_ptr<float>(), current_stream(rewards)),
