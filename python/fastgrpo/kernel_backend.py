@@ -12,12 +12,13 @@ read, one write). No [N, V] intermediate exists besides the gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import linear_loss, reference
 from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
 from .kernel_ops import Ops, advantage_args, inplace_grad_function, is_token_local, loss_params
 
@@ -88,25 +89,24 @@ class KernelBackend:
         return reference.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
 
     def linear_grpo_loss(self, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
-                         mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
-                         config: LossConfig = LossConfig(), **kwargs) -> LossOutput:
-        return self.grpo_loss(reference.hidden_to_logits(hidden, weight, bias), targets, advantages, mask,
-                              return_entropy=return_entropy, config=config, **kwargs)
+                         mask: Tensor, **kwargs) -> LossOutput:
+        """Chunked over tokens: the logits never exist beyond one chunk (see ``linear_loss``)."""
+        return linear_loss.linear_grpo_loss(self, hidden, weight, targets, advantages, mask, **kwargs)
 
-    def _fused(self, logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
-               return_entropy: bool, config: LossConfig, old_logprobs: Optional[Tensor] = None,
-               ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
-               is_weights: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None, normalizer=None,
-               inplace_grad: bool = False) -> LossOutput:
-        """One launch: loss, metrics' per-token values and (when logits need it) ∂loss/∂logits."""
+    def _prepare(self, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *, return_entropy: bool,
+                 config: LossConfig, device: torch.device, old_logprobs: Optional[Tensor] = None,
+                 ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
+                 is_weights: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+                 normalizer=None) -> "FusedInputs":
+        """Everything the fused op takes besides the logits, as per-token fp32 [N] tensors (O(N) work)."""
         cfg = config
         shape = targets.shape
-        lay = reference.TokenLayout(shape, cu_seqlens, cfg.max_length, logits.device)
+        lay = reference.TokenLayout(shape, cu_seqlens, cfg.max_length, device)
         m = mask.reshape(-1).float()
         flat = lambda x: None if x is None else torch.where(m > 0, x.detach().reshape(-1).float(), 0.0)  # noqa: E731
         old, ref, samp = flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs)
 
-        rewards = batch_std = seq = group_size = None
+        rewards = batch_std = group_size = None
         batch = False
         if (isinstance(advantages, Rewards) and advantages.group_ids is None
                 and cfg.advantage.estimator in ("grpo", "rloo")
@@ -114,7 +114,7 @@ class KernelBackend:
             # contiguous groups: the kernel normalizes each token's reward itself, in the same launch
             rewards = reference.combine_rewards(advantages.rewards, advantages.weights).float().contiguous()
             batch, batch_std = self._batch_std(rewards, cfg.advantage)
-            seq, group_size = lay.seq.contiguous(), advantages.group_size
+            group_size = advantages.group_size
             adv = torch.zeros_like(m)  # unused: the kernel reports the advantages it computed
         else:
             if isinstance(advantages, Rewards):
@@ -128,26 +128,70 @@ class KernelBackend:
         elif cfg.rollout_correction is not None:
             weight = reference._rollout_weights(old, samp, m, lay, cfg)
         agg = lambda mode: reference.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
-        w_policy = (agg(cfg.aggregation) * weight).float().contiguous()
-        w_kl = (agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta).float().contiguous()
-        w_entropy = (agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef).float().contiguous()
-        with_entropy = return_entropy or cfg.entropy_coef != 0.0
         scalars, codes = loss_params(cfg, old is not None, group_size, batch)
+        return FusedInputs(
+            shape=shape, mask=m, advantages=adv.float().contiguous(), old=old, ref=ref,
+            w_policy=(agg(cfg.aggregation) * weight).float().contiguous(),
+            w_kl=(agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta).float().contiguous(),
+            w_entropy=(agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef).float().contiguous(),
+            rewards=rewards, batch_std=batch_std, seq=lay.seq.contiguous(), inv_temperature=1.0 / cfg.temperature,
+            scalars=scalars, codes=codes, with_entropy=return_entropy or cfg.entropy_coef != 0.0,
+            is_weight=weight, used_weights=is_weights is not None or cfg.rollout_correction is not None)
 
-        args = (targets, m, adv.float().contiguous(), old, ref, w_policy, w_kl, w_entropy, rewards, batch_std, seq,
-                1.0 / cfg.temperature, scalars, codes, with_entropy)
+    @staticmethod
+    def _finish(f: "FusedInputs", cfg: LossConfig, loss: Tensor, lp: Tensor, ent: Tensor, rho: Tensor, dlogp: Tensor,
+                adv: Tensor) -> LossOutput:
+        """The LossOutput from the fused op's per-token outputs: metrics are O(N) reductions, no host sync."""
+        lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
+        values = {"rho": rho, "is_weight": f.is_weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
+                  "ppo_kl": (lp if f.old is None else f.old) - lp}
+        if f.ref is not None:
+            values["kl"] = reference._kl(lp, f.ref, cfg)
+        metrics = reference._metrics(values, dlogp, adv, f.mask, ent if f.with_entropy else None, cfg, f.used_weights)
+        return LossOutput(loss=loss, logprobs=lp.reshape(f.shape),
+                          entropy=ent.reshape(f.shape) if f.with_entropy else None, metrics=metrics)
+
+    def _fused(self, logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
+               return_entropy: bool, config: LossConfig, inplace_grad: bool = False, **kwargs) -> LossOutput:
+        """One launch: loss, metrics' per-token values and (when logits need it) ∂loss/∂logits."""
+        f = self._prepare(targets, advantages, mask, return_entropy=return_entropy, config=config,
+                          device=logits.device, **kwargs)
+        args = (targets, *f.op_args())
         write_grad = logits.requires_grad and torch.is_grad_enabled()
         if inplace_grad and write_grad:
             loss, lp, ent, rho, dlogp, adv = self._inplace.apply(logits, *args)
         else:
             loss, lp, ent, rho, dlogp, adv, _ = self.ops.grpo_loss_fused(logits, *args, write_grad)
+        return self._finish(f, config, loss, lp, ent, rho, dlogp, adv)
 
-        lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
-        values = {"rho": rho, "is_weight": weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
-                  "ppo_kl": (lp if old is None else old) - lp}
-        if ref is not None:
-            values["kl"] = reference._kl(lp, ref, cfg)
-        used_weights = is_weights is not None or cfg.rollout_correction is not None
-        metrics = reference._metrics(values, dlogp, adv, m, ent if with_entropy else None, cfg, used_weights)
-        return LossOutput(loss=loss, logprobs=lp.reshape(shape),
-                          entropy=ent.reshape(shape) if with_entropy else None, metrics=metrics)
+
+@dataclass
+class FusedInputs:
+    """Per-token inputs of the fused op ([N] fp32 unless noted) and what the metrics need besides."""
+
+    shape: torch.Size
+    mask: Tensor
+    advantages: Tensor
+    old: Optional[Tensor]
+    ref: Optional[Tensor]
+    w_policy: Tensor
+    w_kl: Tensor
+    w_entropy: Tensor
+    rewards: Optional[Tensor]  # [B]: normalized in the kernel (then `seq`, int64 [N], maps tokens to rewards)
+    batch_std: Optional[Tensor]
+    seq: Tensor
+    inv_temperature: float
+    scalars: list
+    codes: list
+    with_entropy: bool
+    is_weight: Tensor
+    used_weights: bool
+
+    def op_args(self, rows: Optional[Tensor] = None) -> tuple:
+        """The op's arguments after (logits, targets), for all tokens or the token indices ``rows``."""
+        pick = (lambda x: x) if rows is None else (lambda x: None if x is None else x[rows].contiguous())  # noqa: E731
+        mask = self.mask if rows is None else torch.ones(len(rows), device=self.mask.device)
+        seq = self.seq if self.rewards is not None else None
+        return (mask, pick(self.advantages), pick(self.old), pick(self.ref), pick(self.w_policy), pick(self.w_kl),
+                pick(self.w_entropy), self.rewards, self.batch_std, pick(seq), self.inv_temperature, self.scalars,
+                self.codes, self.with_entropy)

@@ -211,11 +211,15 @@ def linear_grpo_loss(
     cu_seqlens: Optional[Tensor] = None,
     normalizer: Normalizer = None,
     return_entropy: bool = False,
+    chunk_tokens: Optional[int] = None,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
 ) -> LossOutput:
     """The loss of SPEC §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
     [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
+
+    The kernel backends never materialize the [N, V] logits: unmasked tokens are processed ``chunk_tokens`` at
+    a time (default: 256 MiB of fp32 logits per chunk), and the gradients are computed in the forward.
 
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
@@ -226,10 +230,12 @@ def linear_grpo_loss(
         group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
         normalizer=normalizer, config=config)
     _checks.token_ids("targets", targets, weight.shape[0], mask)
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     return backends.select(backend, hidden.device).linear_grpo_loss(
         hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
-        return_entropy=return_entropy, config=config)
+        return_entropy=return_entropy, chunk_tokens=chunk_tokens, config=config)
 
 
 class GRPOLoss(nn.Module):

@@ -423,8 +423,10 @@ def grpo_loss(
 
 def linear_grpo_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
-    bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
+    bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(),
+    chunk_tokens: Optional[int] = None, **kwargs,
 ) -> LossOutput:
-    """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]."""
+    """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]. The oracle materializes
+    the fp32 logits (``chunk_tokens`` is accepted and ignored)."""
     return grpo_loss(hidden_to_logits(hidden, weight, bias), targets, advantages, mask,
                      return_entropy=return_entropy, config=config, **kwargs)

@@ -1,0 +1,148 @@
+"""The fused linear path of a kernel backend: hidden states + LM-head weight → loss, metrics and the gradients
+of hidden, weight and bias, with the logits never alive beyond one chunk of tokens.
+
+Masked tokens are compacted away first (one host sync: padding then costs no FLOPs), and the unmasked ones
+are processed in chunks of ``chunk_tokens`` rows, so peak extra memory is one [chunk, V] fp32 block, whatever N:
+- token-local configs: z = h·Wᵀ (+ b) for the chunk, the fused op turns z into ∂loss/∂z in place, then
+  dX = dZ·W and dW += dZᵀ·X, accumulated in fp32: 3 GEMMs of 2·c·V·H, so 6·N·V·H FLOPs in all;
+- the rest (sequence ratios, entropy quantile and off-policy masks) needs every log-prob first: one pass of
+  z and the log-prob op, the O(N) objective and its gradient w.r.t. ℓ and H, then a second pass recomputing z
+  for the gradient: 4 GEMMs, 8·N·V·H FLOPs.
+GEMMs read bf16/fp16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=float32)`` where this
+torch has it), never rounding a product to bf16 before the log-sum-exp; elsewhere they run on fp32 copies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import LossConfig, LossOutput, Rewards
+from .kernel_ops import is_token_local
+
+CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk: 256 MiB ≈ 440 tokens of a 151936-entry vocabulary
+
+
+def default_chunk_tokens(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+class _Gemm:
+    """The chunk GEMMs with fp32 outputs."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _has_out_dtype()
+        self.weight = weight if self.low_precision else weight.float()
+        self.bias = None if bias is None else bias.float()
+
+    def _mm(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.low_precision:
+            return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+        return a.float() @ b.float()
+
+    def logits(self, h: Tensor) -> Tensor:
+        z = self._mm(h, self.weight.t())
+        return z if self.bias is None else z + self.bias
+
+    def input_grads(self, dz: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(dX = dZ·W, dW = dZᵀ·X) of one chunk, fp32."""
+        return self._mm(dz, self.weight), self._mm(dz.t(), h)
+
+
+def _has_out_dtype() -> bool:
+    try:
+        torch.mm(torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"),
+                 torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"), out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+class _PrecomputedGrads(torch.autograd.Function):
+    """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, loss, grads, hidden, weight, bias):
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = ctx.grads
+        del ctx.grads
+        return (None, None, *(None if g is None else g * grad_loss.to(g.dtype) for g in grads))
+
+
+def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
+                     mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
+                     config: LossConfig = LossConfig(), chunk_tokens: Optional[int] = None, **kwargs) -> LossOutput:
+    cfg, ops = config, backend.ops
+    n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
+    h, y = hidden.reshape(n, hid), targets.reshape(n)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab))
+    gemm = _Gemm(weight.detach(), None if bias is None else bias.detach())
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
+    d_weight = torch.zeros(vocab, hid, **f32) if needs_grad else None
+    d_bias = torch.zeros(vocab, **f32) if needs_grad and bias is not None else None
+
+    def accumulate(rows: Tensor, dz: Tensor) -> None:
+        dx, dw = gemm.input_grads(dz, h[rows].detach())
+        d_hidden.index_copy_(0, rows, dx)
+        d_weight.add_(dw)
+        if d_bias is not None:
+            d_bias.add_(dz.sum(0))
+
+    has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
+    if is_token_local(cfg, has_old, has_is):
+        f = backend._prepare(targets, advantages, mask, return_entropy=return_entropy, config=cfg,
+                             device=hidden.device, **kwargs)
+        per_token = [torch.zeros(n, **f32) for _ in range(5)]  # ℓ, H, ρ, ∂loss/∂ℓ, advantage used
+        loss = torch.zeros((), **f32)
+        for rows in chunks:
+            z = gemm.logits(h[rows].detach())
+            args = (y[rows], *f.op_args(rows))
+            if needs_grad:
+                out = ops.grpo_loss_fused_inplace_(z, *args)  # z is now ∂loss/∂z
+                accumulate(rows, z)
+            else:
+                out = ops.grpo_loss_fused(z, *args, False)[:6]
+            loss = loss + out[0]
+            for dst, src in zip(per_token, out[1:]):
+                dst.index_copy_(0, rows, src)
+        result = backend._finish(f, cfg, loss, *per_token)
+    else:
+        with_entropy = return_entropy or cfg.needs_entropy
+        inv_t = 1.0 / cfg.temperature
+        lp, ent, stats = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, 2, **f32)
+        for rows in chunks:
+            lp_c, st_c, ent_c = ops.token_logprobs(gemm.logits(h[rows].detach()), y[rows], None, inv_t, with_entropy)
+            lp.index_copy_(0, rows, lp_c)
+            stats.index_copy_(0, rows, st_c)
+            if with_entropy:
+                ent.index_copy_(0, rows, ent_c)
+        lp_leaf = lp.view(targets.shape).requires_grad_(needs_grad)
+        ent_leaf = ent.view(targets.shape).requires_grad_(needs_grad and with_entropy) if with_entropy else None
+        with torch.enable_grad():
+            result = reference.policy_loss(lp_leaf, advantages, mask, entropy=ent_leaf, config=cfg, **kwargs)
+        if needs_grad:
+            leaves = [x for x in (lp_leaf, ent_leaf) if x is not None and x.requires_grad]
+            grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
+            g_lp = torch.zeros(n, **f32) if grads[0] is None else grads[0].reshape(n)
+            g_ent = grads[1].reshape(n) if len(grads) > 1 and grads[1] is not None else None
+            for rows in chunks:
+                dz = ops.token_logprobs_backward(g_lp[rows], None if g_ent is None else g_ent[rows],
+                                                 gemm.logits(h[rows].detach()), y[rows], None, stats[rows],
+                                                 ent[rows], inv_t)
+                accumulate(rows, dz.float())
+        result.loss = result.loss.detach()
+
+    if needs_grad:
+        grads = (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),
+                 None if d_bias is None else d_bias.to(bias.dtype))
+        result.loss = _PrecomputedGrads.apply(result.loss, grads, hidden, weight, bias)
+    return result
