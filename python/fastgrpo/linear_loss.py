@@ -23,11 +23,13 @@ from . import reference
 from .config import LossConfig, LossOutput, Rewards
 from .kernel_ops import is_token_local
 
-CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk: 256 MiB ≈ 440 tokens of a 151936-entry vocabulary
+# fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary); a CPU
+# GEMM is already efficient at ~100 rows, and a small block keeps the peak far below the logits'.
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
 
 
-def default_chunk_tokens(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * max(vocab, 1)))
+def default_chunk_tokens(vocab: int, device: torch.device) -> int:
+    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * max(vocab, 1)))
 
 
 class _Gemm:
@@ -47,9 +49,14 @@ class _Gemm:
         z = self._mm(h, self.weight.t())
         return z if self.bias is None else z + self.bias
 
-    def input_grads(self, dz: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-        """(dX = dZ·W, dW = dZᵀ·X) of one chunk, fp32."""
-        return self._mm(dz, self.weight), self._mm(dz.t(), h)
+    def accumulate(self, dz: Tensor, h: Tensor, rows: Tensor, d_hidden: Tensor, d_weight: Tensor) -> None:
+        """d_hidden[rows] = dZ·W and d_weight += dZᵀ·X for one chunk, in fp32 (the latter without a temporary
+        [V, H] product where the GEMM can accumulate in place)."""
+        d_hidden.index_copy_(0, rows, self._mm(dz, self.weight))
+        if self.low_precision:
+            d_weight.add_(self._mm(dz.t(), h))
+        else:
+            d_weight.addmm_(dz.t(), h.float())
 
 
 def _has_out_dtype() -> bool:
@@ -62,18 +69,22 @@ def _has_out_dtype() -> bool:
 
 
 class _PrecomputedGrads(torch.autograd.Function):
-    """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them."""
+    """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them, in place
+    (the backend's scale op does nothing when the incoming gradient is 1), and hands the buffers over."""
 
     @staticmethod
-    def forward(ctx, loss, grads, hidden, weight, bias):
-        ctx.grads = grads
+    def forward(ctx, loss, grads, scale_, hidden, weight, bias):
+        ctx.grads, ctx.scale_ = grads, scale_
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads = ctx.grads
         del ctx.grads
-        return (None, None, *(None if g is None else g * grad_loss.to(g.dtype) for g in grads))
+        for g in grads:
+            if g is not None:
+                ctx.scale_(g, grad_loss)
+        return (None, None, None, *grads)
 
 
 def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
@@ -83,7 +94,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab))
+    chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab, hidden.device))
     gemm = _Gemm(weight.detach(), None if bias is None else bias.detach())
     f32 = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
@@ -91,9 +102,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
     d_bias = torch.zeros(vocab, **f32) if needs_grad and bias is not None else None
 
     def accumulate(rows: Tensor, dz: Tensor) -> None:
-        dx, dw = gemm.input_grads(dz, h[rows].detach())
-        d_hidden.index_copy_(0, rows, dx)
-        d_weight.add_(dw)
+        gemm.accumulate(dz, h[rows].detach(), rows, d_hidden, d_weight)
         if d_bias is not None:
             d_bias.add_(dz.sum(0))
 
@@ -144,5 +153,5 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
     if needs_grad:
         grads = (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),
                  None if d_bias is None else d_bias.to(bias.dtype))
-        result.loss = _PrecomputedGrads.apply(result.loss, grads, hidden, weight, bias)
+        result.loss = _PrecomputedGrads.apply(result.loss, grads, ops.scale_grad_, hidden, weight, bias)
     return result
