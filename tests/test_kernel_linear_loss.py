@@ -127,3 +127,25 @@ def test_peak_memory_does_not_grow_with_tokens():
     logits = 4096 * v * 4
     assert large < logits / 4, f"peak extra {large / 2**20:.1f} MiB at N = 4096: logits are being materialized"
     assert large - small < logits / 8, f"peak extra grew by {(large - small) / 2**20:.1f} MiB from N = 256 to 4096"
+
+
+@pytest.mark.parametrize("variant", ["dapo", "gspo"])
+def test_logit_scale_and_softcap(variant, backend):
+    cfg = VARIANTS[variant]
+    tensors, kw = inputs()
+    extra = dict(logit_scale=1.7, logit_softcap=3.0)
+    ours, g_ours = run(tensors, kw, cfg, backend, chunk_tokens=4, **extra)
+    ref, g_ref = run(tensors, kw, cfg, "reference", **extra)
+    plain, _ = run(tensors, kw, cfg, "reference")
+    assert not torch.allclose(ref.loss, plain.loss)  # the transform changes the loss
+    torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_logit_transform_validation():
+    tensors, kw = inputs()
+    with pytest.raises(ValueError, match="logit_softcap must be None or a finite number > 0"):
+        fastgrpo.linear_grpo_loss(*tensors[:2], tensors[3], logit_softcap=0.0, **kw)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+        fastgrpo.linear_token_logprobs(*tensors[:2], tensors[3], logit_scale=float("inf"))

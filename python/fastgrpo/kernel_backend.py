@@ -42,9 +42,11 @@ class KernelBackend:
         return logprobs, ent if entropy else None
 
     def linear_token_logprobs(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
-                              temperature: float = 1.0, entropy: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        # fp32 logits until the fused linear path ([4/6]) keeps them on chip
-        return self.token_logprobs(reference.hidden_to_logits(hidden, weight, bias), targets, temperature, entropy)
+                              temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0,
+                              logit_softcap: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+        # materialized fp32 logits: the chunked path serves the loss; plain log-probs follow in [4/6]
+        z = reference.hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+        return self.token_logprobs(z, targets, temperature, entropy)
 
     # ------------------------------------------------------------------------------------------ advantages
     @staticmethod

@@ -8,6 +8,7 @@ are processed in chunks of ``chunk_tokens`` rows, so peak extra memory is one [c
 - the rest (sequence ratios, entropy quantile and off-policy masks) needs every log-prob first: one pass of
   z and the log-prob op, the O(N) objective and its gradient w.r.t. ℓ and H, then a second pass recomputing z
   for the gradient: 4 GEMMs, 8·N·V·H FLOPs.
+Logit scale and soft-capping (z = c·tanh(scale·(X·Wᵀ + b)/c)) are applied per chunk and chained into dZ.
 GEMMs read bf16/fp16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=float32)`` where this
 torch has it), never rounding a product to bf16 before the log-sum-exp; elsewhere they run on fp32 copies.
 """
@@ -33,12 +34,14 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 
 
 class _Gemm:
-    """The chunk GEMMs with fp32 outputs."""
+    """The chunk GEMMs with fp32 outputs, and the logit transform z = softcap(scale·(X·Wᵀ + b))."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float]) -> None:
         self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _has_out_dtype()
         self.weight = weight if self.low_precision else weight.float()
         self.bias = None if bias is None else bias.float()
+        self.scale, self.softcap = scale, softcap
+        self._tanh: Optional[Tensor] = None
 
     def _mm(self, a: Tensor, b: Tensor) -> Tensor:
         if self.low_precision:
@@ -47,7 +50,21 @@ class _Gemm:
 
     def logits(self, h: Tensor) -> Tensor:
         z = self._mm(h, self.weight.t())
-        return z if self.bias is None else z + self.bias
+        if self.bias is not None:
+            z += self.bias
+        if self.scale != 1.0:
+            z *= self.scale
+        if self.softcap is not None:  # keep tanh for the chain rule of this chunk
+            self._tanh = torch.tanh(z.div_(self.softcap))
+            z = self._tanh * self.softcap
+        return z
+
+    def to_raw_grad(self, dz: Tensor) -> Tensor:
+        """∂/∂(X·Wᵀ + b) from ∂/∂z of the chunk last passed to ``logits``."""
+        if self.softcap is not None:
+            dz = dz * (1.0 - self._tanh * self._tanh)
+            self._tanh = None
+        return dz * self.scale if self.scale != 1.0 else dz
 
     def accumulate(self, dz: Tensor, h: Tensor, rows: Tensor, d_hidden: Tensor, d_weight: Tensor) -> None:
         """d_hidden[rows] = dZ·W and d_weight += dZᵀ·X for one chunk, in fp32 (the latter without a temporary
@@ -89,19 +106,21 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
                      mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
-                     config: LossConfig = LossConfig(), chunk_tokens: Optional[int] = None, **kwargs) -> LossOutput:
+                     config: LossConfig = LossConfig(), chunk_tokens: Optional[int] = None, logit_scale: float = 1.0,
+                     logit_softcap: Optional[float] = None, **kwargs) -> LossOutput:
     cfg, ops = config, backend.ops
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab, hidden.device))
-    gemm = _Gemm(weight.detach(), None if bias is None else bias.detach())
+    gemm = _Gemm(weight.detach(), None if bias is None else bias.detach(), logit_scale, logit_softcap)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
     d_weight = torch.zeros(vocab, hid, **f32) if needs_grad else None
     d_bias = torch.zeros(vocab, **f32) if needs_grad and bias is not None else None
 
     def accumulate(rows: Tensor, dz: Tensor) -> None:
+        dz = gemm.to_raw_grad(dz)
         gemm.accumulate(dz, h[rows].detach(), rows, d_hidden, d_weight)
         if d_bias is not None:
             d_bias.add_(dz.sum(0))

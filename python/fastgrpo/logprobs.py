@@ -17,6 +17,14 @@ def check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
+def check_logit_transform(logit_scale: float, logit_softcap: Optional[float]) -> None:
+    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale) or logit_scale <= 0:
+        raise ValueError(f"logit_scale must be a finite number > 0, got {logit_scale!r}")
+    if logit_softcap is not None and (not isinstance(logit_softcap, (int, float)) or not math.isfinite(logit_softcap)
+                                      or logit_softcap <= 0):
+        raise ValueError(f"logit_softcap must be None or a finite number > 0, got {logit_softcap!r}")
+
+
 def check_logits(logits: Tensor, targets: Tensor, check_ids: bool = True) -> None:
     """Types, shapes and devices; ``check_ids=False`` leaves the ids to a later check that knows the mask."""
     _checks.tensor("logits", logits)
@@ -75,12 +83,15 @@ def token_logprobs(
 
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
-    temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
+    temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+    backend: str = "auto",
 ) -> LogprobsResult:
-    """:func:`token_logprobs` of ``hidden @ weight.T + bias`` (hidden [B, T, H], weight [V, H]),
-    differentiable w.r.t. hidden, weight and bias."""
+    """:func:`token_logprobs` of ``softcap(logit_scale · (hidden @ weight.T + bias))`` (hidden [B, T, H],
+    weight [V, H]), differentiable w.r.t. hidden, weight and bias."""
     check_linear(hidden, weight, targets, bias)
     check_temperature(temperature)
+    check_logit_transform(logit_scale, logit_softcap)
     impl = backends.select(backend, hidden.device)
-    lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy)
+    lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy, logit_scale,
+                                         logit_softcap)
     return (lp, ent) if entropy else lp

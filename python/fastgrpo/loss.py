@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import _checks, backends
 from .advantages import check_rewards
 from .config import LossConfig, LossOutput, Rewards
-from .logprobs import check_linear, check_logits
+from .logprobs import check_linear, check_logit_transform, check_logits
 
 Normalizer = Union[float, Tensor, None]
 
@@ -212,6 +212,8 @@ def linear_grpo_loss(
     normalizer: Normalizer = None,
     return_entropy: bool = False,
     chunk_tokens: Optional[int] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
 ) -> LossOutput:
@@ -221,6 +223,9 @@ def linear_grpo_loss(
     The kernel backends never materialize the [N, V] logits: unmasked tokens are processed ``chunk_tokens`` at
     a time (default: 256 MiB of fp32 logits per chunk on CUDA, 16 MiB on CPU), and the gradients are computed
     in the forward.
+
+    ``logit_scale`` and ``logit_softcap`` c apply z = c·tanh(scale·(hidden @ weightᵀ + bias)/c) (Cohere's
+    logit_scale, Gemma's final_logit_softcapping) before the temperature.
 
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
@@ -233,10 +238,12 @@ def linear_grpo_loss(
     _checks.token_ids("targets", targets, weight.shape[0], mask)
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    check_logit_transform(logit_scale, logit_softcap)
     return backends.select(backend, hidden.device).linear_grpo_loss(
         hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
-        return_entropy=return_entropy, chunk_tokens=chunk_tokens, config=config)
+        return_entropy=return_entropy, chunk_tokens=chunk_tokens, logit_scale=logit_scale,
+        logit_softcap=logit_softcap, config=config)
 
 
 class GRPOLoss(nn.Module):

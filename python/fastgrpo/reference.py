@@ -39,17 +39,21 @@ def token_logprobs(
     return lp, ent
 
 
-def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """z = hidden @ weightᵀ + bias in fp32 (the oracle never rounds a product to the input dtype)."""
+def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
+                     logit_softcap: Optional[float] = None) -> Tensor:
+    """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32 (the oracle never rounds a product to the input
+    dtype); softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
     z = _acc(hidden) @ _acc(weight).t()
-    return z if bias is None else z + _acc(bias)
+    z = (z if bias is None else z + _acc(bias)) * logit_scale
+    return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
 
 
 def linear_token_logprobs(
     hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
-    temperature: float = 1.0, entropy: bool = False,
+    temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    return token_logprobs(hidden_to_logits(hidden, weight, bias), targets, temperature, entropy)
+    z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+    return token_logprobs(z, targets, temperature, entropy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,9 +428,9 @@ def grpo_loss(
 def linear_grpo_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
     bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(),
-    chunk_tokens: Optional[int] = None, **kwargs,
+    chunk_tokens: Optional[int] = None, logit_scale: float = 1.0, logit_softcap: Optional[float] = None, **kwargs,
 ) -> LossOutput:
     """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]. The oracle materializes
     the fp32 logits (``chunk_tokens`` is accepted and ignored)."""
-    return grpo_loss(hidden_to_logits(hidden, weight, bias), targets, advantages, mask,
+    return grpo_loss(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, advantages, mask,
                      return_entropy=return_entropy, config=config, **kwargs)
