@@ -128,7 +128,7 @@ class KernelBackend:
         if is_weights is not None:
             weight = lay.per_token(is_weights.detach(), shape)
         elif cfg.rollout_correction is not None:
-            weight = reference._rollout_weights(old, samp, m, lay, cfg)
+            weight = reference.rollout_weights(old, samp, m, lay, cfg)
         agg = lambda mode: reference.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
         scalars, codes = loss_params(cfg, old is not None, group_size, batch)
         return FusedInputs(
@@ -148,8 +148,8 @@ class KernelBackend:
         values = {"rho": rho, "is_weight": f.is_weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
                   "ppo_kl": (lp if f.old is None else f.old) - lp}
         if f.ref is not None:
-            values["kl"] = reference._kl(lp, f.ref, cfg)
-        metrics = reference._metrics(values, dlogp, adv, f.mask, ent if f.with_entropy else None, cfg, f.used_weights)
+            values["kl"] = reference.kl_estimate(lp, f.ref, cfg)
+        metrics = reference.loss_metrics(values, dlogp, adv, f.mask, ent if f.with_entropy else None, cfg, f.used_weights)
         return LossOutput(loss=loss, logprobs=lp.reshape(f.shape),
                           entropy=ent.reshape(f.shape) if f.with_entropy else None, metrics=metrics)
 

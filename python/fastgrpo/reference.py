@@ -196,7 +196,7 @@ def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfi
     return (aggregation_weights(m, mode, lay, cfg, normalizer) * x).sum()
 
 
-def _kl(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
+def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
@@ -212,7 +212,7 @@ def _kl(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     return k
 
 
-def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
+def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
     """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
     log_w = (old - samp) * m
     mode = cfg.rollout_correction
@@ -274,7 +274,7 @@ def _objective(
     if is_w is not None:
         weight = is_w
     elif cfg.rollout_correction is not None:
-        weight = _rollout_weights(old, samp, m, lay, cfg)
+        weight = rollout_weights(old, samp, m, lay, cfg)
     is_weight = weight
     emask = None
     if cfg.top_entropy_quantile < 1.0:
@@ -318,12 +318,12 @@ def _objective(
 
     loss = policy
     if cfg.beta != 0.0:  # §2.5
-        k = _kl(lp, ref, cfg)
+        k = kl_estimate(lp, ref, cfg)
         if cfg.kl_ratio_weighted:
             k = k * rho
         loss = loss + cfg.beta * _aggregate(k, m, cfg.kl_aggregation or cfg.aggregation, lay, cfg, normalizer)
     if ref is not None:
-        values["kl"] = _kl(lp.detach(), ref, cfg).detach()
+        values["kl"] = kl_estimate(lp.detach(), ref, cfg).detach()
     if cfg.entropy_coef != 0.0:  # §2.7
         ent_mask = m if emask is None else m * emask
         loss = loss - cfg.entropy_coef * _aggregate(
@@ -332,7 +332,7 @@ def _objective(
     return loss * cfg.loss_scale, values
 
 
-def _metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
+def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
              cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
     """SPEC §4 over the masked tokens."""
     rho = values["rho"]
@@ -409,7 +409,7 @@ def policy_loss(
     if grad_lp is None:
         grad_lp = torch.zeros_like(lp)
     weights_used = is_weights is not None or config.rollout_correction is not None
-    metrics = _metrics(values, grad_lp, adv, m, ent, config, weights_used)
+    metrics = loss_metrics(values, grad_lp, adv, m, ent, config, weights_used)
     return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
                       entropy=None if ent is None else ent.detach().reshape(shape), metrics=metrics)
 
