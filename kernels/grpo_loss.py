@@ -81,8 +81,9 @@ def grpo_loss_fwd_kernel(
     #    raw rewards of this token's group (the reward side fused into the same launch)
     A = tl.load(advantages_ptr + row)
     if adv_from_rewards != 0:
-        A = group_advantage(rewards_ptr, batch_std_ptr, tl.load(seq_ptr + row), group_size, adv_estimator,
-                            adv_divide, adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)[0]
+        A, _group_mean, _group_std = group_advantage(
+            rewards_ptr, batch_std_ptr, tl.load(seq_ptr + row), group_size, adv_estimator, adv_divide,
+            adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)
     old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
     log_r_raw = lp - old
     log_r = tl.minimum(tl.maximum(log_r_raw, -log_ratio_clamp), log_ratio_clamp)
