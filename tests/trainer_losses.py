@@ -97,28 +97,34 @@ def trl_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max)
 
 
 # --------------------------------------------------------------------------------------------------- verl
-def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None):
+def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None, dp_size=1, batch_num_tokens=None,
+                  global_batch_size=None):
     if loss_agg_mode == "token-mean":
-        return (loss_mat * loss_mask).sum() / loss_mask.sum()
+        count = loss_mask.sum() if batch_num_tokens is None else batch_num_tokens
+        return (loss_mat * loss_mask).sum() / count * dp_size
     if loss_agg_mode == "seq-mean-token-sum":
         seq_losses = (loss_mat * loss_mask).sum(-1)
         seq_mask = (loss_mask.sum(-1) > 0).float()
-        return (seq_losses * seq_mask).sum() / seq_mask.sum()
+        count = seq_mask.sum() if global_batch_size is None else global_batch_size
+        return (seq_losses * seq_mask).sum() / count * dp_size
     if loss_agg_mode == "seq-mean-token-mean":
         count = loss_mask.sum(-1)
         seq_losses = (loss_mat * loss_mask).sum(-1) / (count + 1e-8)
         seq_mask = (count > 0).float()
-        return (seq_losses * seq_mask).sum() / seq_mask.sum()
+        total = seq_mask.sum() if global_batch_size is None else global_batch_size
+        return (seq_losses * seq_mask).sum() / total * dp_size
     seq_losses = (loss_mat * loss_mask).sum(-1)  # seq-mean-token-sum-norm
     return seq_losses.sum() / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
 
 
 def verl_policy_loss(old, lp, adv, mask, *, loss_mode, loss_agg_mode, clip_ratio=0.2, clip_ratio_low=None,
                      clip_ratio_high=None, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05, loss_scale_factor=None,
-                     rollout_is_weights=None):
+                     rollout_is_weights=None, global_batch=None):
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-    agg = lambda x, mode=loss_agg_mode: verl_agg_loss(x, mask, mode, loss_scale_factor)  # noqa: E731
+    info = dict(global_batch or {})
+    info.pop("loss_scale_factor", None)
+    agg = lambda x, mode=loss_agg_mode: verl_agg_loss(x, mask, mode, loss_scale_factor, **info)  # noqa: E731
     w = (lambda x: x) if rollout_is_weights is None else (lambda x: x * rollout_is_weights)  # noqa: E731
     nkl = lp - old
     if loss_mode == "vanilla":
@@ -185,25 +191,31 @@ def verl_actor_loss(old, lp, ref, adv, mask, entropy, *, loss_agg_mode, entropy_
 
 
 # ----------------------------------------------------------------------------------------------- OpenRLHF
-def openrlhf_aggregate(loss, mask, token_level_loss=True):
+def openrlhf_aggregate(loss, mask, token_level_loss=True, dp_size=1, batch_num_tokens=None, global_batch_size=None):
     if token_level_loss:
-        return _masked_mean(loss, mask)
+        if batch_num_tokens is None:
+            return _masked_mean(loss, mask)
+        return (loss * mask).sum() / batch_num_tokens * dp_size
     counts = mask.sum(-1)
     seq_loss = (loss * mask).sum(-1) / (counts + 1e-8)
     seq_mask = (counts > 0).float()
-    return _masked_mean(seq_loss, seq_mask)
+    if global_batch_size is None:
+        return _masked_mean(seq_loss, seq_mask)
+    return (seq_loss * seq_mask).sum() / global_batch_size * dp_size
 
 
 def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="ppo", clip_eps_low=0.2,
                         clip_eps_high=0.2, dual_clip=None, token_level_loss=True, rollout=None,
                         vllm_is_correction_type=None, vllm_is_truncated_threshold=(0.5, 5.0), use_kl_loss=False,
-                        init_kl_coef=0.0, kl_estimator="k1", entropy_coef=None):
+                        init_kl_coef=0.0, kl_estimator="k1", entropy_coef=None, dp_size=1, batch_num_tokens=None,
+                        global_batch_size=None):
     token_level = token_level_loss and policy_loss_type != "gspo"
     raw = lp - old
     if policy_loss_type == "ppo":
         ratio = raw.clamp(-20.0, 20.0).exp()
     else:
-        ratio = ((raw * mask).sum(-1) / mask.sum(-1).clamp(min=1)).exp().unsqueeze(-1) * mask
+        log_ratio = lp - rollout if vllm_is_correction_type is not None else raw
+        ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).exp().unsqueeze(-1) * mask
     surr1, surr2 = ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv
     if dual_clip is None:
         loss = -torch.min(surr1, surr2)
@@ -221,7 +233,7 @@ def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="p
             loss = ((seq_is >= lo) & (seq_is <= hi)).unsqueeze(-1) * torch.exp(log_r).detach() * loss
         else:
             loss = torch.exp(log_r).clamp(min=lo, max=hi).detach() * loss
-    total = openrlhf_aggregate(loss, mask, token_level)
+    total = openrlhf_aggregate(loss, mask, token_level, dp_size, batch_num_tokens, global_batch_size)
     if use_kl_loss and init_kl_coef > 0:
         d = lp.float() - ref.float()
         kl = {"k1": d, "k2": d ** 2 / 2.0, "k3": (-d).exp() - 1 + d}[kl_estimator].clamp(min=-10, max=10)

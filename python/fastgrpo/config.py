@@ -76,6 +76,9 @@ class LossConfig:
             ``reinforce`` (GPG, REINFORCE, on-policy distillation with token advantages).
         ratio_level: ``token`` or ``sequence`` (GSPO: the length-normalized sequence ratio, broadcast to
             every token, differentiable through every token of the sequence).
+        sequence_ratio_grad: ``sequence`` (TRL, OpenRLHF: ρ_t = s_i differentiates through the whole sequence)
+            or ``token`` (verl's GSPO-token: log ρ_t = ℓ_t − sg[ℓ_t] + sg[log s_i], each token's own log-prob).
+            The two give the same gradient unless per-token weights vary within a sequence.
         epsilon_low, epsilon_high: PPO clip range [1 − ε_low, 1 + ε_high]; for ``gmpo`` the log-space
             clip range [−ε_low, ε_high].
         ratio_cap: TRL ``delta``: the unclipped branch uses min(ρ, δ).
@@ -124,6 +127,7 @@ class LossConfig:
 
     policy_loss: PolicyLossType = "ppo"
     ratio_level: RatioLevel = "token"
+    sequence_ratio_grad: Literal["sequence", "token"] = "sequence"
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     ratio_cap: Optional[float] = None
@@ -162,6 +166,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
         _one_of("ratio_level", self.ratio_level, RATIO_LEVELS)
+        _one_of("sequence_ratio_grad", self.sequence_ratio_grad, ("sequence", "token"))
         _one_of("aggregation", self.aggregation, AGGREGATIONS)
         _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         for name in ("kl_aggregation", "entropy_aggregation"):

@@ -141,10 +141,9 @@ def verl(
     ``kl_loss_coef``, ``kl_loss_type``, ``entropy_coeff``, ``loss_scale_factor``) → verl's actor loss.
 
     - ``vanilla``: log-ratio clamped to ±20 and dual clip always on with ``clip_ratio_c``.
-    - ``gspo``: sequence ratio with log upper clamp 10, policy term always ``seq-mean-token-mean`` (KL and
-      entropy keep ``loss_agg_mode``). verl's GSPO-token form differentiates each token's own log-prob; it
-      equals this config's gradient whenever the per-token weights are uniform within a sequence (no
-      token-level ``rollout_is_weights``).
+    - ``gspo``: verl's GSPO-token form (``sequence_ratio_grad="token"``: each token's ratio has the value of
+      the sequence ratio and the gradient of its own log-prob), log upper clamp 10, policy term always
+      ``seq-mean-token-mean`` (KL and entropy keep ``loss_agg_mode``).
     - ``sapo``: ±20 clamp, policy term always ``seq-mean-token-mean``; ``gpg``: −A·ℓ; ``geo_mean``: GMPO
       with log-space bounds and token weights folded per sequence by geometric mean; ``cispo``: ±20 clamp
       and bounds 1 − low, 1 + high.
@@ -173,6 +172,7 @@ def verl(
     return LossConfig(
         policy_loss=policy,
         ratio_level="sequence" if loss_mode == "gspo" else "token",
+        sequence_ratio_grad="token" if loss_mode == "gspo" else "sequence",
         epsilon_low=low,
         epsilon_high=high,
         dual_clip=clip_ratio_c if loss_mode == "vanilla" else None,

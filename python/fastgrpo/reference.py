@@ -263,9 +263,12 @@ def _objective(
     count = lay.seg_sum(m)
     if cfg.ratio_level == "sequence":  # §2.2 GSPO
         log_s = lay.seg_sum(log_r * m) / count.clamp(min=1)
+        log_rho = log_s[lay.seq]
+        if cfg.sequence_ratio_grad == "token":  # verl's GSPO-token: the value of s_i, the gradient of ℓ_t
+            log_rho = lp - lp.detach() + log_rho.detach()
         if cfg.seq_log_ratio_max is not None:
-            log_s = log_s.clamp(max=cfg.seq_log_ratio_max)
-        rho = torch.exp(log_s)[lay.seq]
+            log_rho = log_rho.clamp(max=cfg.seq_log_ratio_max)
+        rho = torch.exp(log_rho)
     else:
         rho = torch.exp(log_r)
 

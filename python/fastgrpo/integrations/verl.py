@@ -1,0 +1,123 @@
+"""verl drop-ins: policy losses with verl's policy-loss call signature, its KL penalty and log-prob helper.
+
+    from fastgrpo.integrations import verl as fg
+    fg.register_policy_losses()          # adds "fastgrpo_vanilla", "fastgrpo_gspo", ... to verl's registry
+    # then actor.policy_loss.loss_mode=fastgrpo_vanilla (or call fg.policy_loss_fn("vanilla") directly)
+
+Each function returns what verl's own returns: (loss, metrics) with verl's metric names and definitions,
+computed from the same inputs (verl ≥ 0.5, read at 0.8.0.dev: verl/trainer/ppo/core_algos.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import presets
+from ..logprobs import token_logprobs
+from ..loss import policy_loss
+from ..reference import kl_estimate
+
+LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
+
+
+def _option(config: Any, name: str, default: Any = None) -> Any:
+    """An option of verl's ActorConfig, an omegaconf DictConfig or a plain dict."""
+    if config is None:
+        return default
+    if isinstance(config, dict):
+        return config.get(name, default)
+    value = getattr(config, name, default)
+    return default if value is None and default is not None else value
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum()
+
+
+def _verl_metrics(loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Tensor, low: float, high: float,
+                  clip_ratio_c: float) -> dict[str, float]:
+    """verl's three policy metrics, by its per-mode definitions."""
+    if loss_mode == "gpg":
+        return {}
+    m = mask.float()
+    nkl = (lp - old).detach()
+    if loss_mode in ("vanilla", "sapo", "cispo"):
+        nkl = nkl.clamp(-20.0, 20.0)
+    zero = torch.zeros((), device=lp.device)
+    ppo_kl = _masked_mean(-nkl, m)
+    if loss_mode in ("vanilla", "gspo"):
+        if loss_mode == "gspo":
+            seq = (nkl * m).sum(-1) / m.sum(-1).clamp(min=1)
+            ratio = torch.exp(seq.unsqueeze(-1).expand_as(nkl).clamp(max=10.0))
+        else:
+            ratio = torch.exp(nkl)
+        l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - low, 1 + high)
+        clipfrac = _masked_mean((l2 > l1).float(), m)
+        lower = zero
+        if loss_mode == "vanilla":
+            lower = _masked_mean(((torch.maximum(l1, l2) > -adv * clip_ratio_c) & (adv < 0)).float(), m)
+    elif loss_mode == "geo_mean":
+        clipped = nkl != nkl.clamp(-low, high)
+        clipfrac, lower = _masked_mean((clipped & (adv > 0)).float(), m), _masked_mean((clipped & (adv < 0)).float(), m)
+    elif loss_mode == "cispo":
+        ratio = torch.exp(nkl)
+        clipfrac, lower = _masked_mean((ratio != ratio.clamp(1 - low, 1 + high)).float(), m), zero
+    else:  # sapo reports no clipping
+        clipfrac = lower = zero
+    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
+
+
+def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
+    """A policy loss with verl's signature for ``loss_mode`` (vanilla, gspo, sapo, gpg, geo_mean, cispo)."""
+    if loss_mode not in LOSS_MODES:
+        raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+
+    def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
+                            loss_agg_mode: str = "token-mean", config: Any = None,
+                            rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+        clip_ratio = _option(config, "clip_ratio", 0.2)
+        low = _option(config, "clip_ratio_low", clip_ratio)
+        high = _option(config, "clip_ratio_high", clip_ratio)
+        clip_ratio_c = _option(config, "clip_ratio_c", 3.0)
+        info = _option(config, "global_batch_info", {}) or {}
+        cfg = presets.verl(loss_mode=loss_mode, loss_agg_mode=loss_agg_mode, clip_ratio=clip_ratio, clip_ratio_low=low,
+                           clip_ratio_high=high, clip_ratio_c=clip_ratio_c, tau_pos=_option(config, "tau_pos", 1.0),
+                           tau_neg=_option(config, "tau_neg", 1.05),
+                           loss_scale_factor=info.get("loss_scale_factor") or _option(config, "loss_scale_factor"))
+        # verl's global batch counts, as the denominators its agg_loss would use (· dp_size)
+        agg = cfg.aggregation
+        dp = info.get("dp_size", 1)
+        count = info.get("batch_num_tokens") if agg == "token_mean" else info.get("global_batch_size")
+        normalizer = None if count is None or agg == "token_sum_norm" or loss_mode == "geo_mean" else count / dp
+        out = policy_loss(log_prob, advantages, response_mask, old_logprobs=old_log_prob,
+                          is_weights=rollout_is_weights, normalizer=normalizer, config=cfg)
+        metrics = _verl_metrics(loss_mode, old_log_prob, log_prob, advantages, response_mask, low, high, clip_ratio_c)
+        return out.loss, metrics
+
+    compute_policy_loss.__name__ = f"fastgrpo_{loss_mode}"
+    return compute_policy_loss
+
+
+def register_policy_losses(prefix: str = "fastgrpo_") -> list[str]:
+    """Registers every mode in verl's policy-loss registry as ``prefix + mode``; returns the names."""
+    from verl.trainer.ppo.core_algos import register_policy_loss
+
+    names = []
+    for mode in LOSS_MODES:
+        register_policy_loss(prefix + mode)(policy_loss_fn(mode))
+        names.append(prefix + mode)
+    return names
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    """verl's ``kl_penalty`` (kl/k1, abs, mse/k2, low_var_kl/k3, and the straight-through ``+`` forms)."""
+    cfg = presets.verl(use_kl_loss=True, kl_loss_type=kl_penalty)
+    return kl_estimate(logprob, ref_logprob, cfg)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
+    """verl's ``logprobs_from_logits`` ([..., V] logits, [...] labels → [...] fp32 log-probs), one fused pass."""
+    return token_logprobs(logits, labels)
