@@ -149,3 +149,16 @@ def test_logit_transform_validation():
         fastgrpo.linear_grpo_loss(*tensors[:2], tensors[3], logit_softcap=0.0, **kw)
     with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
         fastgrpo.linear_token_logprobs(*tensors[:2], tensors[3], logit_scale=float("inf"))
+
+
+def test_linear_token_logprobs_without_grad_is_chunked(backend, monkeypatch):
+    from fastgrpo import linear_loss
+
+    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", {"cpu": 3 * 70 * 4, "cuda": 3 * 70 * 4})  # 3 tokens a chunk
+    (hidden, weight, bias, targets), _ = inputs()
+    with torch.no_grad():
+        lp, ent = fastgrpo.linear_token_logprobs(hidden, weight, targets, bias=bias, entropy=True, temperature=0.8,
+                                                 logit_softcap=4.0, backend=backend)
+    ref_lp, ref_ent = fastgrpo.reference.linear_token_logprobs(hidden, weight, targets, bias, 0.8, True, 1.0, 4.0)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)

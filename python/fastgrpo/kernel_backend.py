@@ -44,7 +44,12 @@ class KernelBackend:
     def linear_token_logprobs(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
                               temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0,
                               logit_softcap: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
-        # materialized fp32 logits: the chunked path serves the loss; plain log-probs follow in [4/6]
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias))
+        if not needs_grad:  # old/ref policy log-probs: one chunk of logits at a time
+            return linear_loss.linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy,
+                                                     logit_scale, logit_softcap)
+        # differentiable log-probs still materialize the fp32 logits (the loss itself never does)
         z = reference.hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
         return self.token_logprobs(z, targets, temperature, entropy)
 

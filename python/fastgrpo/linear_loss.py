@@ -85,6 +85,25 @@ def _has_out_dtype() -> bool:
         return False
 
 
+def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                          temperature: float, entropy: bool, logit_scale: float, logit_softcap: Optional[float],
+                          chunk_tokens: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs (and entropy) without gradients, the logits alive one chunk of tokens at a time."""
+    n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
+    h, y = hidden.reshape(n, hid), targets.reshape(n)
+    gemm = _Gemm(weight, bias, logit_scale, logit_softcap)
+    lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    ent = torch.empty(n if entropy else 0, device=hidden.device, dtype=torch.float32)
+    step = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        lp_c, _, ent_c = backend.ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, 1.0 / temperature, entropy)
+        lp[rows] = lp_c
+        if entropy:
+            ent[rows] = ent_c
+    return lp.view(targets.shape), ent.view(targets.shape) if entropy else None
+
+
 class _PrecomputedGrads(torch.autograd.Function):
     """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them, in place
     (the backend's scale op does nothing when the incoming gradient is 1), and hands the buffers over."""
