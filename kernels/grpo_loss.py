@@ -5,16 +5,16 @@ One program per token row:
   2. evaluates the per-token objective of SPEC §2 on scalars: ratio, policy term (ppo with ratio cap and
      dual clip, cispo, sapo, reinforce), KL estimator with clamps / straight-through / ratio weighting, and
      their derivatives c_t = ∂L/∂ℓ_t and d_t = ∂L/∂H_t;
-  3. (WRITE_GRAD) streams the row again, while it is still in L2, and writes
+  3. (WRITE_GRAD) streams the row again, meant to hit L2 right after step 1, and writes
         ∂L/∂z_v = [c_t·(1[v = y] − p_v) − d_t·p_v·(log p_v + H_t)] / τ.
-So the logits make one trip from HBM and the gradient one trip back. "Token-local" means every quantity
+So the logits should make one trip from HBM and the gradient one trip back. "Token-local" means every quantity
 of step 2 depends on this token alone: sequence ratios (GSPO, GMPO), the entropy quantile mask and the
 off-policy mask need a statistic over other tokens first and take the two-phase path instead.
 
 The advantage comes per token, or (``adv_from_rewards``) from the raw rewards of the token's group, normalized
 in the kernel by ``group_advantage`` (SPEC §3). Aggregation, rollout importance weights, β, the entropy
-coefficient and ``loss_scale`` arrive folded into
-three per-token weights (w_policy, w_kl, w_entropy) computed from the mask beforehand, so the loss is
+coefficient and ``loss_scale`` arrive folded into three per-token weights (w_policy, w_kl, w_entropy) computed
+from the mask beforehand, so the loss is
 Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
 executed once per row, so they cost nothing and need no recompilation. Unused bounds are ±inf.
 Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
