@@ -51,12 +51,16 @@ def test_backend_selection():
 
 
 def test_cpu_extension_is_built_and_auto_uses_it():
-    """CI builds the C++ extension: auto must pick it for CPU tensors, with CUDA kernels registered too."""
+    """CI builds the C++ extension: auto must pick it for CPU tensors, with the CUDA kernels registered too
+    wherever a CUDA toolkit was there to compile them (CI's machine has nvcc)."""
+    import shutil
+
     from fastgrpo import cpp_backend
 
     assert backends.available(torch.device("cpu"))[0] == "cpu"
     assert cpp_backend.has_kernels("cpu")
-    if os.environ.get("FASTGRPO_NO_CUDA") != "1":
+    toolkit = shutil.which("nvcc") or os.environ.get("CUDA_HOME") or os.path.exists("/usr/local/cuda/bin/nvcc")
+    if toolkit and os.environ.get("FASTGRPO_NO_CUDA") != "1":
         assert cpp_backend.has_kernels("cuda"), "the extension was built without its CUDA kernels"
 
 
