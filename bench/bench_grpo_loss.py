@@ -95,6 +95,18 @@ def measure(fn, make, device, repeats=10):
     return q, peak
 
 
+def save(out_dir: str, name: str, cuda: bool, **fields) -> None:
+    """Writes one run's JSON record (date, device, torch version and ``fields``) as ``out_dir/name.json``."""
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device,
+                  torch=torch.__version__, config="presets.trl(loss_type='dapo', beta=0.04)", **fields)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -137,16 +149,8 @@ def main() -> None:
         if eager_ms and "median_ms" in row:
             row["speedup_vs_eager"] = eager_ms / row["median_ms"]
         print(row)
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device_name,
-                  torch=torch.__version__, tokens=args.tokens, vocab=args.vocab, dtype=args.dtype,
-                  logits_bytes=moved // 2, bytes_moved=moved, config="presets.trl(loss_type='dapo', beta=0.04)",
-                  rows=rows)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"grpo_loss_{args.device}_{args.dtype}_{args.tokens}x{args.vocab}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    save(args.out, f"grpo_loss_{args.device}_{args.dtype}_{args.tokens}x{args.vocab}", cuda, tokens=args.tokens,
+         vocab=args.vocab, dtype=args.dtype, logits_bytes=moved // 2, bytes_moved=moved, rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ above the inputs (see bench_grpo_loss.py) and the ratios. Writes one JSON file p
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
 import pathlib
 
 import torch
@@ -85,15 +83,9 @@ def main() -> None:
                          time_vs_gemms=med / roofline, peak_extra_bytes=peak))
     for row in rows:
         print(row)
-    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    record = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(), device=device_name,
-                  torch=torch.__version__, tokens=n, hidden=h, vocab=v, dtype=str(dtype).split(".")[-1], flops=flops,
-                  config="presets.trl(loss_type='dapo', beta=0.04)", rows=rows)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"linear_grpo_loss_{args.device}_{record['dtype']}_{n}x{h}x{v}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    dtype_name = str(dtype).split(".")[-1]
+    _common.save(args.out, f"linear_grpo_loss_{args.device}_{dtype_name}_{n}x{h}x{v}", cuda, tokens=n, hidden=h,
+                 vocab=v, dtype=dtype_name, flops=flops, rows=rows)
 
 
 if __name__ == "__main__":

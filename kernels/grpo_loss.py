@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
-from .token_logprobs import MAX_BLOCK_V, block_v, num_warps, row_statistics, write_grad_row, write_zero_row
+from .token_logprobs import MAX_BLOCK_V, num_warps, row_statistics, write_grad_row, write_zero_row
+from .token_logprobs import block_v  # noqa: F401  (the launch table, re-exported for the launcher)
 
 # Runtime codes of the per-token objective.
 PPO, CISPO, SAPO, REINFORCE = 0, 1, 2, 3

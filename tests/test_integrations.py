@@ -8,7 +8,7 @@ import torch
 
 from fastgrpo.integrations import openrlhf as fg_openrlhf
 from fastgrpo.integrations import verl as fg_verl
-from trainer_losses import openrlhf_actor_loss, verl_agg_loss, verl_kl_penalty, verl_policy_loss
+from trainer_losses import openrlhf_actor_loss, verl_kl_penalty, verl_policy_loss
 
 B, T = 4, 6
 
