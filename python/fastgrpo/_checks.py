@@ -57,7 +57,7 @@ def vocab_contiguous(name: str, x: Tensor) -> None:
 
 
 def token_ids(name: str, targets: Tensor, vocab: int, mask: Optional[Tensor] = None) -> None:
-    integer(name, targets)
+    """Ids in [0, vocab) at unmasked positions (callers have checked the dtype)."""
     if not values_checkable(targets) or targets.numel() == 0:
         return
     valid = (targets >= 0) & (targets < vocab)

@@ -17,8 +17,8 @@ from . import _checks, backends
 from .advantages import check_rewards
 from .config import LossConfig, LossOutput, Rewards
 from .logprobs import check_linear, check_logit_transform, check_logits
+from .reference import Normalizer
 
-Normalizer = Union[float, Tensor, None]
 
 
 def _check_config(config: LossConfig) -> None:
