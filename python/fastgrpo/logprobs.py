@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
+import torch
 from torch import Tensor
 
 from . import _checks, backends
@@ -63,6 +65,19 @@ def check_linear(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
         _checks.token_ids("targets", targets, weight.shape[0])
 
 
+@contextlib.contextmanager
+def autocast_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Iterator[tuple]:
+    """Under autocast, the LM-head GEMMs take the autocast dtype as ``F.linear`` would (the logits and the
+    log-sum-exp stay fp32), and autocast is off inside, so the kernels' own fp32 GEMMs are not recast."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        yield hidden, weight, bias
+        return
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        yield tuple(None if x is None else x.to(dtype) for x in (hidden, weight, bias))
+
+
 def token_logprobs(
     logits: Tensor, targets: Tensor, *, temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
 ) -> LogprobsResult:
@@ -88,10 +103,11 @@ def linear_token_logprobs(
 ) -> LogprobsResult:
     """:func:`token_logprobs` of ``softcap(logit_scale · (hidden @ weight.T + bias))`` (hidden [B, T, H],
     weight [V, H]), differentiable w.r.t. hidden, weight and bias."""
-    check_linear(hidden, weight, targets, bias)
     check_temperature(temperature)
     check_logit_transform(logit_scale, logit_softcap)
-    impl = backends.select(backend, hidden.device)
-    lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy, logit_scale,
-                                         logit_softcap)
+    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
+        check_linear(hidden, weight, targets, bias)
+        impl = backends.select(backend, hidden.device)
+        lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy, logit_scale,
+                                             logit_softcap)
     return (lp, ent) if entropy else lp

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import _checks, backends
 from .advantages import check_rewards
 from .config import LossConfig, LossOutput, Rewards
-from .logprobs import check_linear, check_logit_transform, check_logits
+from .logprobs import autocast_operands, check_linear, check_logit_transform, check_logits
 from .reference import Normalizer
 
 
@@ -225,25 +225,27 @@ def linear_grpo_loss(
     in the forward.
 
     ``logit_scale`` and ``logit_softcap`` c apply z = c·tanh(scale·(hidden @ weightᵀ + bias)/c) (Cohere's
-    logit_scale, Gemma's final_logit_softcapping) before the temperature.
+    logit_scale, Gemma's final_logit_softcapping) before the temperature. Under autocast the GEMMs take the
+    autocast dtype (as ``F.linear`` would); the logits and everything after them stay fp32.
 
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
-    check_linear(hidden, weight, targets, bias, check_ids=False)
-    advantages, mask = _resolve_inputs(
-        targets.shape, hidden.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
-        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config)
-    _checks.token_ids("targets", targets, weight.shape[0], mask)
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     check_logit_transform(logit_scale, logit_softcap)
-    return backends.select(backend, hidden.device).linear_grpo_loss(
-        hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer,
-        return_entropy=return_entropy, chunk_tokens=chunk_tokens, logit_scale=logit_scale,
-        logit_softcap=logit_softcap, config=config)
+    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
+        check_linear(hidden, weight, targets, bias, check_ids=False)
+        advantages, mask = _resolve_inputs(
+            targets.shape, hidden.device, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
+            group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
+            normalizer=normalizer, config=config)
+        _checks.token_ids("targets", targets, weight.shape[0], mask)
+        return backends.select(backend, hidden.device).linear_grpo_loss(
+            hidden, weight, targets, advantages, mask, bias=bias, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
+            cu_seqlens=cu_seqlens, normalizer=normalizer, return_entropy=return_entropy, chunk_tokens=chunk_tokens,
+            logit_scale=logit_scale, logit_softcap=logit_softcap, config=config)
 
 
 class GRPOLoss(nn.Module):
