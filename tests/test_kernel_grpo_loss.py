@@ -17,7 +17,8 @@ VARIANTS = dict(CONFIGS, **{
     "trl_dapo": presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
     "verl_vanilla_k3+": presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
     "verl_gspo": presets.verl(loss_mode="gspo", loss_agg_mode="token-mean"),
-    "openrlhf_tis": presets.openrlhf(enable_vllm_is_correction=True, vllm_is_truncated_threshold=(0.8, 1.2)),
+    "openrlhf_tis": presets.openrlhf(is_correction_level="token", is_correction_mode="clip",
+                                     is_correction_threshold=(0.8, 1.2)),
 })
 
 # (token shape, V, why)

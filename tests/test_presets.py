@@ -136,12 +136,12 @@ OPENRLHF_CASES = [
     dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01),
     dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
     dict(policy_loss_type="gspo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
-    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="tis",
-         vllm_is_truncated_threshold=(0.9, 1.2)),
-    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="icepop",
-         vllm_is_truncated_threshold=(0.9, 1.2)),
-    dict(policy_loss_type="ppo", enable_vllm_is_correction=True, vllm_is_correction_type="seq-mask-tis",
-         vllm_is_truncated_threshold=(0.9, 1.2), token_level_loss=False),
+    dict(policy_loss_type="ppo", is_correction_level="token", is_correction_mode="clip",
+         is_correction_threshold=(0.9, 1.2)),
+    dict(policy_loss_type="ppo", is_correction_level="token", is_correction_mode="mask",
+         is_correction_threshold=(0.9, 1.2)),
+    dict(policy_loss_type="ppo", is_correction_level="seq", is_correction_mode="mask",
+         is_correction_threshold=(0.9, 1.2), token_level_loss=False),
 ]
 
 
@@ -149,10 +149,8 @@ OPENRLHF_CASES = [
 def test_openrlhf(data, opts):
     d = data
     d["ref"] = d["lp"].detach() + 15.0 * torch.randn(B, T, dtype=torch.float64)  # reach the ±10 KL clamp
-    trainer = {k: v for k, v in opts.items() if k not in ("eps_clip_low_high", "enable_vllm_is_correction")}
+    trainer = {k: v for k, v in opts.items() if k != "eps_clip_low_high"}
     low, high = opts.get("eps_clip_low_high", (0.2, 0.2))
-    if not opts.get("enable_vllm_is_correction"):
-        trainer.pop("vllm_is_correction_type", None)
     expected = openrlhf_actor_loss(d["lp"], d["old"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
                                    d["entropy"], clip_eps_low=low, clip_eps_high=high, rollout=d["samp"],
                                    **trainer)

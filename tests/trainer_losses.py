@@ -4,11 +4,12 @@ Each function follows the cited source statement by statement (same order, same 
 denominators), written over plain tensors so it runs without the trainer installed. Sources read:
 - TRL v1.10.0.dev (main, 2026-07): trl/trainer/grpo_trainer.py, GRPOTrainer._compute_loss,
   get_high_entropy_mask, get_off_policy_mask; the vLLM IS ratio in _generate_and_score_completions.
-- verl 0.8.0.dev (main, 2026-01): verl/trainer/ppo/core_algos.py (agg_loss, compute_policy_loss_vanilla,
-  _gspo, _sapo, _gpg, _geo_mean, _cispo, kl_penalty, kl_penalty_forward); verl/workers/actor/dp_actor.py
-  (update_policy: entropy and KL terms, loss_scale_factor).
-- OpenRLHF 0.11.0 (main, 2026-08): openrlhf/models/loss.py (aggregate_loss, PolicyLoss.forward),
+- verl 0.9.1 (PyPI): verl/trainer/ppo/core_algos.py (agg_loss, compute_policy_loss_vanilla, _gspo, _sapo,
+  _gpg, _geo_mean, _cispo, kl_penalty, kl_penalty_forward); verl/workers/utils/losses.py (ppo_loss: entropy
+  and KL terms, loss_scale_factor).
+- OpenRLHF 0.11.2 (PyPI): openrlhf/models/loss.py (aggregate_loss, PolicyLoss.forward),
   openrlhf/models/utils.py (compute_approx_kl), openrlhf/trainer/ray/ppo_actor.py (KL and entropy terms).
+The verl and OpenRLHF drop-ins are also tested against the installed packages (test_integration_packages.py).
 """
 
 import torch
@@ -102,19 +103,23 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None, dp
     if loss_agg_mode == "token-mean":
         count = loss_mask.sum() if batch_num_tokens is None else batch_num_tokens
         return (loss_mat * loss_mask).sum() / count * dp_size
-    if loss_agg_mode == "seq-mean-token-sum":
+    if loss_agg_mode == "token-sum":
+        return (loss_mat * loss_mask).sum() * dp_size
+    if loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         seq_losses = (loss_mat * loss_mask).sum(-1)
         seq_mask = (loss_mask.sum(-1) > 0).float()
         count = seq_mask.sum() if global_batch_size is None else global_batch_size
-        return (seq_losses * seq_mask).sum() / count * dp_size
+        loss = (seq_losses * seq_mask).sum() / count * dp_size
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+        return loss
     if loss_agg_mode == "seq-mean-token-mean":
         count = loss_mask.sum(-1)
         seq_losses = (loss_mat * loss_mask).sum(-1) / (count + 1e-8)
         seq_mask = (count > 0).float()
         total = seq_mask.sum() if global_batch_size is None else global_batch_size
         return (seq_losses * seq_mask).sum() / total * dp_size
-    seq_losses = (loss_mat * loss_mask).sum(-1)  # seq-mean-token-sum-norm
-    return seq_losses.sum() / (loss_mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    raise ValueError(loss_agg_mode)
 
 
 def verl_policy_loss(old, lp, adv, mask, *, loss_mode, loss_agg_mode, clip_ratio=0.2, clip_ratio_low=None,
@@ -138,7 +143,7 @@ def verl_policy_loss(old, lp, adv, mask, *, loss_mode, loss_agg_mode, clip_ratio
         log_s = torch.clamp(lp - lp.detach() + seq.detach().unsqueeze(-1), max=10.0)
         s = torch.exp(log_s)
         l1, l2 = -adv * s, -adv * torch.clamp(s, 1 - low, 1 + high)
-        return agg(w(torch.maximum(l1, l2)), "seq-mean-token-mean")
+        return agg(w(torch.maximum(l1, l2)))
     if loss_mode == "sapo":
         ratio = torch.exp(torch.clamp(nkl, -20.0, 20.0))
         taus = torch.where(adv > 0, torch.tensor(tau_pos, dtype=adv.dtype), torch.tensor(tau_neg, dtype=adv.dtype))
@@ -206,7 +211,8 @@ def openrlhf_aggregate(loss, mask, token_level_loss=True, dp_size=1, batch_num_t
 
 def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="ppo", clip_eps_low=0.2,
                         clip_eps_high=0.2, dual_clip=None, token_level_loss=True, rollout=None,
-                        vllm_is_correction_type=None, vllm_is_truncated_threshold=(0.5, 5.0), use_kl_loss=False,
+                        is_correction_level="off", is_correction_mode="mask",
+                        is_correction_threshold=(0.5, 5.0), use_kl_loss=False,
                         init_kl_coef=0.0, kl_estimator="k1", entropy_coef=None, dp_size=1, batch_num_tokens=None,
                         global_batch_size=None):
     token_level = token_level_loss and policy_loss_type != "gspo"
@@ -214,7 +220,7 @@ def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="p
     if policy_loss_type == "ppo":
         ratio = raw.clamp(-20.0, 20.0).exp()
     else:
-        log_ratio = lp - rollout if vllm_is_correction_type is not None else raw
+        log_ratio = lp - rollout if is_correction_level != "off" else raw
         ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).exp().unsqueeze(-1) * mask
     surr1, surr2 = ratio * adv, ratio.clamp(1 - clip_eps_low, 1 + clip_eps_high) * adv
     if dual_clip is None:
@@ -222,17 +228,15 @@ def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="p
     else:
         clip1 = torch.min(surr1, surr2)
         loss = -torch.where(adv < 0, torch.max(clip1, dual_clip * adv), clip1)
-    if vllm_is_correction_type is not None and policy_loss_type == "ppo":
-        lo, hi = vllm_is_truncated_threshold
-        log_r = old - rollout
-        if vllm_is_correction_type == "icepop":
-            w = torch.exp(log_r).detach()
-            loss = w * ((w >= lo) & (w <= hi)) * loss
-        elif vllm_is_correction_type == "seq-mask-tis":
-            seq_is = torch.exp(_masked_mean(log_r, mask, dim=-1))
-            loss = ((seq_is >= lo) & (seq_is <= hi)).unsqueeze(-1) * torch.exp(log_r).detach() * loss
+    if is_correction_level != "off" and policy_loss_type == "ppo":  # ratio gating
+        lo, hi = is_correction_threshold
+        log_r = (old - rollout).detach()
+        stat = torch.exp(_masked_mean(log_r, mask, dim=-1)).unsqueeze(-1) if is_correction_level == "seq" \
+            else torch.exp(log_r)
+        if is_correction_mode == "clip":
+            loss = stat.clamp(min=lo, max=hi) * loss
         else:
-            loss = torch.exp(log_r).clamp(min=lo, max=hi).detach() * loss
+            loss = torch.where((stat >= lo) & (stat <= hi), torch.exp(log_r), 0.0) * loss
     total = openrlhf_aggregate(loss, mask, token_level, dp_size, batch_num_tokens, global_batch_size)
     if use_kl_loss and init_kl_coef > 0:
         d = lp.float() - ref.float()

@@ -112,10 +112,10 @@ class LossConfig:
             A call's ``normalizer`` replaces the local denominator. ``gmpo`` is always a mean over
             sequences.
         max_length: L_max of ``token_sum_norm`` (default: the padded T, or the longest packed sequence).
-        divide_by_num_sequences: ``token_sum_norm`` divides by S·L_max (TRL Dr. GRPO) or by L_max
-            alone (verl ``seq-mean-token-sum-norm`` with ``loss_scale_factor``).
-        count_empty_sequences: the sequence means divide by every sequence (TRL) or only by those with
-            at least one unmasked token (verl, OpenRLHF).
+        divide_by_num_sequences: ``token_sum_norm`` divides by S·L_max (TRL Dr. GRPO, verl
+            ``seq-mean-token-sum-norm``) or by L_max alone (with L_max = 1: verl's ``token-sum``).
+        count_empty_sequences: every division by a number of sequences S counts every sequence (TRL) or
+            only those with at least one unmasked token (verl, OpenRLHF).
 
     Entropy bonus and scaling
         entropy_coef: loss −= coef · aggregate(H) (over tokens kept by the entropy mask).

@@ -2,8 +2,8 @@
 that reproduces that trainer's loss, quirks included.
 
 Read from the trainers' sources: TRL ``trl/trainer/grpo_trainer.py`` (``_compute_loss``, v1.10–1.16),
-verl ``verl/trainer/ppo/core_algos.py`` + ``verl/workers/actor/dp_actor.py`` (≥ 0.5, read at 0.8.0.dev) and
-OpenRLHF ``openrlhf/models/loss.py`` + ``openrlhf/trainer/ray/ppo_actor.py`` (≥ 0.9, read at 0.11.0).
+verl ``verl/trainer/ppo/core_algos.py`` + ``verl/workers/utils/losses.py`` (read at 0.9.1; tested against it) and
+OpenRLHF ``openrlhf/models/loss.py`` + ``openrlhf/trainer/ray/ppo_actor.py`` (read at 0.11.2; tested against it).
 What a config cannot carry (a global token count, the rollout log-probs) is a call argument: each preset's
 docstring says which.
 """
@@ -98,7 +98,7 @@ def trl(
     )
 
 
-_VERL_AGG = {"token-mean": "token_mean", "seq-mean-token-sum": "seq_mean_token_sum",
+_VERL_AGG = {"token-mean": "token_mean", "token-sum": "token_sum_norm", "seq-mean-token-sum": "seq_mean_token_sum",
              "seq-mean-token-mean": "seq_mean_token_mean", "seq-mean-token-sum-norm": "token_sum_norm"}
 _VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 _VERL_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
@@ -142,15 +142,16 @@ def verl(
 
     - ``vanilla``: log-ratio clamped to ±20 and dual clip always on with ``clip_ratio_c``.
     - ``gspo``: verl's GSPO-token form (``sequence_ratio_grad="token"``: each token's ratio has the value of
-      the sequence ratio and the gradient of its own log-prob), log upper clamp 10, policy term always
-      ``seq-mean-token-mean`` (KL and entropy keep ``loss_agg_mode``).
-    - ``sapo``: ±20 clamp, policy term always ``seq-mean-token-mean``; ``gpg``: −A·ℓ; ``geo_mean``: GMPO
-      with log-space bounds and token weights folded per sequence by geometric mean; ``cispo``: ±20 clamp
-      and bounds 1 − low, 1 + high.
+      the sequence ratio and the gradient of its own log-prob), log upper clamp 10, ``loss_agg_mode`` as
+      given (verl ≤ 0.8 forced ``seq-mean-token-mean``).
+    - ``sapo``: ±20 clamp, policy term always ``seq-mean-token-mean`` (KL and entropy keep
+      ``loss_agg_mode``); ``gpg``: −A·ℓ; ``geo_mean``: GMPO with log-space bounds and token weights folded
+      per sequence by geometric mean; ``cispo``: ±20 clamp and bounds 1 − low, 1 + high.
     - Sequence means divide by the sequences with at least one token (verl's default when
       ``global_batch_size`` is not given: pass it as ``normalizer`` otherwise); ``seq-mean-token-sum-norm``
-      divides by ``loss_scale_factor`` (default: the padded length) alone. ``token-mean`` clamps an
-      all-masked batch's count to 1 where verl would return NaN.
+      is that sequence mean divided by ``loss_scale_factor`` (default: the padded length); ``token-sum`` is
+      the plain token sum. ``token-mean`` clamps an all-masked batch's count to 1 where verl would return
+      NaN.
     - KL (``use_kl_loss``): ``low_var_kl``/k3 clamps D to ±20 and the estimate to ±10; a ``+`` suffix keeps
       the value and takes k2's gradient.
     - ``gradient_accumulation_steps``: verl scales each micro-batch loss by 1/steps (``loss_scale``).
@@ -168,7 +169,7 @@ def verl(
     kl_est, kl_in, kl_out = _verl_kl(kl_loss_type)
     policy = {"vanilla": "ppo", "gspo": "ppo", "sapo": "sapo", "gpg": "reinforce", "geo_mean": "gmpo",
               "cispo": "cispo"}[loss_mode]
-    forced_seq_mean = loss_mode in ("gspo", "sapo")
+    forced_seq_mean = loss_mode == "sapo"
     return LossConfig(
         policy_loss=policy,
         ratio_level="sequence" if loss_mode == "gspo" else "token",
@@ -188,8 +189,8 @@ def verl(
         kl_output_clamp=kl_out,
         kl_aggregation=agg if forced_seq_mean else None,
         aggregation="seq_mean_token_mean" if forced_seq_mean else agg,
-        max_length=loss_scale_factor,
-        divide_by_num_sequences=False,
+        max_length=1 if loss_agg_mode == "token-sum" else loss_scale_factor,
+        divide_by_num_sequences=loss_agg_mode != "token-sum",
         count_empty_sequences=False,
         entropy_coef=entropy_coeff,
         entropy_aggregation=agg if forced_seq_mean else None,
@@ -201,7 +202,8 @@ def verl(
     )
 
 
-_OPENRLHF_IS = {"tis": "token_truncate", "icepop": "token_mask", "seq-mask-tis": "sequence_geomean_mask"}
+_OPENRLHF_IS = {("token", "clip"): "token_truncate", ("token", "mask"): "token_mask",
+                ("seq", "mask"): "sequence_geomean_mask"}
 _OPENRLHF_ADV = {"group_norm": ("grpo", "group", 1e-9), "dr_grpo": ("grpo", "none", 1e-9),
                  "rloo": ("rloo", "group", 1e-9), "reinforce_baseline": ("reinforce_baseline", "group", 1e-8)}
 
@@ -216,9 +218,10 @@ def openrlhf(
     init_kl_coef: float = 0.0,
     kl_estimator: str = "k1",
     entropy_coef: Optional[float] = None,
-    enable_vllm_is_correction: bool = False,
-    vllm_is_truncated_threshold: tuple[float, float] = (0.5, 5.0),
-    vllm_is_correction_type: str = "tis",
+    is_correction_level: str = "off",
+    is_correction_mode: str = "mask",
+    is_correction_gating: str = "ratio",
+    is_correction_threshold: tuple[float, float] = (0.5, 5.0),
     temperature: float = 1.0,
     advantage_estimator: str = "group_norm",
 ) -> LossConfig:
@@ -230,23 +233,31 @@ def openrlhf(
       means whatever ``token_level_loss`` says, as OpenRLHF's actor aggregates them with the default.
     - Sample means divide by the sequences with at least one token; pass OpenRLHF's ``batch_num_tokens`` or
       ``global_batch_size`` as ``normalizer``.
-    - vLLM IS correction (ppo only): ``tis`` truncates the token weights, ``icepop`` masks them,
-      ``seq-mask-tis`` keeps token weights and masks whole sequences by their geometric mean; pass
-      ``sampling_logprobs``. For ``gspo`` OpenRLHF instead measures the ratio against the rollout
+    - Train/rollout IS correction (``is_correction_*``, ppo only; read at 0.11.2), gated by the ratio:
+      level ``token`` with mode ``clip`` truncates the token weights (TIS), ``mask`` zeroes those outside the
+      band (ICEPOP); level ``seq`` with ``mask`` keeps token weights and drops whole sequences by their
+      geometric mean; pass ``sampling_logprobs``. The ``binary_kl``/``tv`` gatings are not a config: pass
+      the weights as ``is_weights`` (:class:`fastgrpo.integrations.openrlhf.PolicyLoss` computes them).
+      For ``gspo`` with a correction level OpenRLHF instead measures the ratio against the rollout
       log-probs: pass those as ``old_logprobs``.
     """
     if policy_loss_type not in ("ppo", "gspo"):
         raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {kl_estimator!r}")
-    if vllm_is_correction_type not in _OPENRLHF_IS:
-        raise ValueError(f"vllm_is_correction_type must be one of {tuple(_OPENRLHF_IS)}, "
-                         f"got {vllm_is_correction_type!r}")
+    if is_correction_level not in ("off", "token", "seq"):
+        raise ValueError(f"is_correction_level must be 'off', 'token' or 'seq', got {is_correction_level!r}")
+    if is_correction_level != "off" and (is_correction_level, is_correction_mode) not in _OPENRLHF_IS:
+        raise ValueError(f"is_correction_mode {is_correction_mode!r} is not supported at level "
+                         f"{is_correction_level!r} (token: clip/mask, seq: mask)")
+    if is_correction_level != "off" and is_correction_gating != "ratio" and policy_loss_type == "ppo":
+        raise ValueError(f"is_correction_gating={is_correction_gating!r} is not a LossConfig: pass the weights "
+                         "as is_weights")
     if advantage_estimator not in _OPENRLHF_ADV:
         raise ValueError(f"advantage_estimator must be one of {tuple(_OPENRLHF_ADV)}, got {advantage_estimator!r}")
     low, high = eps_clip_low_high
     gspo = policy_loss_type == "gspo"
-    is_mode = _OPENRLHF_IS[vllm_is_correction_type] if enable_vllm_is_correction and not gspo else None
+    is_mode = None if is_correction_level == "off" or gspo else _OPENRLHF_IS[is_correction_level, is_correction_mode]
     estimator, scale, eps = _OPENRLHF_ADV[advantage_estimator]
     return LossConfig(
         policy_loss="ppo",
@@ -256,8 +267,8 @@ def openrlhf(
         dual_clip=dual_clip,
         log_ratio_clamp=None if gspo else 20.0,
         rollout_correction=is_mode,
-        rollout_min=vllm_is_truncated_threshold[0] if is_mode else None,
-        rollout_max=vllm_is_truncated_threshold[1] if is_mode else None,
+        rollout_min=is_correction_threshold[0] if is_mode else None,
+        rollout_max=is_correction_threshold[1] if is_mode else None,
         beta=init_kl_coef if use_kl_loss else 0.0,
         kl_estimator=kl_estimator,
         kl_output_clamp=10.0,

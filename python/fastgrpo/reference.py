@@ -177,18 +177,21 @@ def aggregation_weights(m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig,
     """SPEC §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
     if mode == "token_mean":
         return m / (normalizer if normalizer is not None else m.sum().clamp(min=1))
+    count = lay.seg_sum(m)
+
+    def at_least_1(n: Union[int, Tensor]) -> Union[int, Tensor]:
+        return max(n, 1) if isinstance(n, int) else n.clamp(min=1)
+
+    def num_seqs() -> Union[int, Tensor]:
+        return at_least_1(lay.num_seqs if cfg.count_empty_sequences else (count > 0).sum())
+
     if mode == "token_sum_norm":
         if normalizer is None:
-            normalizer = (lay.num_seqs if cfg.divide_by_num_sequences else 1) * lay.max_length
-            normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
+            normalizer = at_least_1((num_seqs() if cfg.divide_by_num_sequences else 1) * lay.max_length)
         return m / normalizer
-    count = lay.seg_sum(m)
     if mode == "seq_mean_token_mean":
         m = m / count.clamp(min=1)[lay.seq]
-    if normalizer is None:
-        normalizer = lay.num_seqs if cfg.count_empty_sequences else (count > 0).sum()
-        normalizer = max(normalizer, 1) if isinstance(normalizer, int) else normalizer.clamp(min=1)
-    return m / normalizer
+    return m / (num_seqs() if normalizer is None else normalizer)
 
 
 def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:

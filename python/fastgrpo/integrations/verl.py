@@ -5,7 +5,7 @@
     # then actor.policy_loss.loss_mode=fastgrpo_vanilla (or call fg.policy_loss_fn("vanilla") directly)
 
 Each function returns what verl's own returns: (loss, metrics) with verl's metric names and definitions,
-computed from the same inputs (verl ≥ 0.5, read at 0.8.0.dev: verl/trainer/ppo/core_algos.py).
+computed from the same inputs (read at verl 0.9.1, verl/trainer/ppo/core_algos.py; tested against it).
 """
 
 from __future__ import annotations
@@ -70,13 +70,32 @@ def _verl_metrics(loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Te
     return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
 
 
+def _global_normalizer(loss_mode: str, loss_agg_mode: str, info: dict, padded_length: int) -> Optional[float]:
+    """The denominator verl's ``agg_loss`` uses with ``global_batch_info`` (the global count / dp_size), or
+    None for the local count. geo_mean takes a plain mean over the micro-batch's sequences."""
+    dp = info.get("dp_size", 1)
+    if loss_mode == "geo_mean":
+        return None
+    if loss_mode == "sapo":  # its policy term is always a sequence mean
+        loss_agg_mode = "seq-mean-token-mean"
+    if loss_agg_mode == "token-sum":
+        return 1.0 / dp if dp != 1 else None
+    count = info.get("batch_num_tokens") if loss_agg_mode == "token-mean" else info.get("global_batch_size")
+    if count is None:
+        return None
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return count / dp * (info.get("loss_scale_factor") or padded_length)
+    return count / dp
+
+
 def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
     """A policy loss with verl's signature for ``loss_mode`` (vanilla, gspo, sapo, gpg, geo_mean, cispo)."""
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+    default_agg = "seq-mean-token-mean" if loss_mode in ("gspo", "sapo") else "token-mean"  # verl's defaults
 
     def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                            loss_agg_mode: str = "token-mean", config: Any = None,
+                            loss_agg_mode: str = default_agg, config: Any = None,
                             rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
         clip_ratio = _option(config, "clip_ratio", 0.2)
         low = _option(config, "clip_ratio_low", clip_ratio)
@@ -87,11 +106,7 @@ def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, floa
                            clip_ratio_high=high, clip_ratio_c=clip_ratio_c, tau_pos=_option(config, "tau_pos", 1.0),
                            tau_neg=_option(config, "tau_neg", 1.05),
                            loss_scale_factor=info.get("loss_scale_factor") or _option(config, "loss_scale_factor"))
-        # verl's global batch counts, as the denominators its agg_loss would use (· dp_size)
-        agg = cfg.aggregation
-        dp = info.get("dp_size", 1)
-        count = info.get("batch_num_tokens") if agg == "token_mean" else info.get("global_batch_size")
-        normalizer = None if count is None or agg == "token_sum_norm" or loss_mode == "geo_mean" else count / dp
+        normalizer = _global_normalizer(loss_mode, loss_agg_mode, info, response_mask.shape[-1])
         out = policy_loss(log_prob, advantages, response_mask, old_logprobs=old_log_prob,
                           is_weights=rollout_is_weights, normalizer=normalizer, config=cfg)
         metrics = _verl_metrics(loss_mode, old_log_prob, log_prob, advantages, response_mask, low, high, clip_ratio_c)

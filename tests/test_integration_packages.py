@@ -1,0 +1,168 @@
+"""The verl and OpenRLHF drop-ins against the installed packages' own functions (versions pinned in
+tests/requirements-trainers.txt), on random inputs for every mode: loss, gradients and metrics.
+
+OpenRLHF: ``import openrlhf.models`` needs flash_attn (a CUDA-only build) and its ``models/utils.py`` imports
+deepspeed at the top (whose build needs a CUDA toolkit torch). So the test loads the installed
+``openrlhf/models/loss.py`` and ``models/utils.py`` files themselves under a bare package, with ``deepspeed``
+stubbed: only ``set_z3_leaf_modules`` uses it, which nothing here calls. The code under test is the package's."""
+
+import importlib.util
+import pathlib
+import sys
+import types
+
+import pytest
+import torch
+
+verl_core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="install tests/requirements-trainers.txt")
+from verl.utils import torch_functional as verl_F  # noqa: E402
+from verl.workers.config import FSDPActorConfig  # noqa: E402
+
+from fastgrpo.integrations import openrlhf as fg_openrlhf  # noqa: E402
+from fastgrpo.integrations import verl as fg_verl  # noqa: E402
+
+B, T = 5, 7
+VERL_AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def openrlhf_modules():
+    spec = importlib.util.find_spec("openrlhf")
+    if spec is None:
+        pytest.skip("install tests/requirements-trainers.txt")
+    root = pathlib.Path(spec.submodule_search_locations[0]) / "models"
+    saved = {k: sys.modules.get(k) for k in ("deepspeed", "_orlhf", "_orlhf.utils", "_orlhf.loss")}
+    try:
+        sys.modules["deepspeed"] = types.ModuleType("deepspeed")
+        package = types.ModuleType("_orlhf")
+        package.__path__ = [str(root)]
+        sys.modules["_orlhf"] = package
+        loaded = []
+        for name in ("utils", "loss"):
+            spec = importlib.util.spec_from_file_location(f"_orlhf.{name}", root / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            loaded.append(module)
+        return loaded
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(5)
+    lp = (-2.0 * torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False
+    mask[3, 2:] = False
+    adv = torch.tensor([1.2, -0.7, -1.5, 0.4, -0.2], dtype=torch.float64)[:, None].expand(B, T)
+    return dict(lp=lp, old=lp.detach() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                ref=lp.detach() + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                rollout=lp.detach() + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64), adv=adv, mask=mask,
+                weights=torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5)
+
+
+def assert_same(ours, theirs, lp):
+    (g_ours,) = torch.autograd.grad(ours, lp, retain_graph=True)
+    (g_theirs,) = torch.autograd.grad(theirs, lp)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_mode", fg_verl.LOSS_MODES)
+@pytest.mark.parametrize("loss_agg_mode", VERL_AGG_MODES)
+@pytest.mark.parametrize("batch_info", ["local", "global"])
+def test_verl_policy_losses(data, loss_mode, loss_agg_mode, batch_info):
+    d = data
+    config = FSDPActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_high=0.28, clip_ratio_c=2.0, rollout_n=1,
+                             ppo_micro_batch_size_per_gpu=1, tau_pos=1.2, tau_neg=0.9)
+    if loss_mode == "gspo":
+        config = FSDPActorConfig(strategy="fsdp", clip_ratio=3e-4, clip_ratio_high=4e-4, rollout_n=1,
+                                 ppo_micro_batch_size_per_gpu=1)
+    if batch_info == "global":
+        config.global_batch_info.update(dp_size=2, batch_num_tokens=50, global_batch_size=12, loss_scale_factor=16)
+    theirs, their_metrics = verl_core.get_policy_loss_fn(loss_mode)(
+        d["old"], d["lp"], d["adv"], d["mask"], loss_agg_mode=loss_agg_mode, config=config,
+        rollout_is_weights=d["weights"])
+    ours, our_metrics = fg_verl.policy_loss_fn(loss_mode)(
+        d["old"], d["lp"], d["adv"], d["mask"], loss_agg_mode=loss_agg_mode, config=config,
+        rollout_is_weights=d["weights"])
+    assert_same(ours, theirs, d["lp"])
+    assert our_metrics.keys() == their_metrics.keys()
+    for name, value in their_metrics.items():
+        assert our_metrics[name] == pytest.approx(float(value), rel=1e-6, abs=1e-9), name
+
+
+def test_verl_registry(data):
+    names = fg_verl.register_policy_losses()
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    for name, mode in zip(names, fg_verl.LOSS_MODES):
+        theirs, _ = verl_core.get_policy_loss_fn(mode)(data["old"], data["lp"], data["adv"], data["mask"],
+                                                       config=config)
+        ours, _ = verl_core.get_policy_loss_fn(name)(data["old"], data["lp"], data["adv"], data["mask"],
+                                                     config=config)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-6), name
+
+
+@pytest.mark.parametrize("kl_type", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
+def test_verl_kl_penalty(data, kl_type):
+    ref = data["lp"].detach() + 25 * torch.randn(B, T, dtype=torch.float64)  # beyond the ±20 clamps
+    assert_same(fg_verl.kl_penalty(data["lp"], ref, kl_type).sum(),
+                verl_core.kl_penalty(data["lp"], ref, kl_type).sum(), data["lp"])
+
+
+def test_verl_logprobs_from_logits():
+    logits = torch.randn(3, 4, 50, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 4))
+    w = torch.randn(3, 4)
+    ours = fg_verl.logprobs_from_logits(logits, labels)
+    theirs = verl_F.logprobs_from_logits(logits, labels)
+    torch.testing.assert_close(ours, theirs)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), logits)
+    (g_theirs,) = torch.autograd.grad((theirs * w).sum(), logits)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(), dict(dual_clip=1.5), dict(token_level_loss=False, clip_eps_high=0.28),
+    dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
+    dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=[0.9, 1.2]),
+    dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
+    dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
+    dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=[0.0, 0.01]),
+    dict(is_correction_level="seq", is_correction_gating="tv", is_correction_threshold=[0.0, 0.03]),
+    dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4, is_correction_level="token",
+         is_correction_threshold=[0.9, 1.2]),
+], ids=str)
+@pytest.mark.parametrize("batch_info", ["local", "global"])
+def test_openrlhf_policy_loss(data, opts, batch_info):
+    _, loss_module = openrlhf_modules()
+    d = data
+    mask = d["mask"].double()
+    kw = dict(dp_size=2, batch_num_tokens=50.0, global_batch_size=12.0) if batch_info == "global" else {}
+    theirs = loss_module.PolicyLoss(**opts)(d["lp"], d["old"], d["adv"], mask, rollout_log_probs=d["rollout"], **kw)
+    ours = fg_openrlhf.PolicyLoss(**opts)(d["lp"], d["old"], d["adv"], mask, rollout_log_probs=d["rollout"], **kw)
+    assert len(ours) == len(theirs) == 5
+    assert_same(ours[0], theirs[0], d["lp"])
+    for name, a, b in zip(("clip_ratio", "ppo_kl", "vllm_kl", "is_filter_ratio"), ours[1:], theirs[1:]):
+        if b is None:
+            assert a is None, name
+        else:
+            torch.testing.assert_close(a.double(), b.detach().double(), msg=name)
+
+
+def test_openrlhf_log_probs():
+    utils, _ = openrlhf_modules()
+    leaf = torch.randn(3, 4, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 4))
+    for temperature in (1.0, 0.7):  # a copy each: OpenRLHF divides the logits by the temperature in place
+        ours = fg_openrlhf.log_probs_from_logits(leaf * 1.0, labels, temperature=temperature)
+        theirs = utils.log_probs_from_logits(leaf * 1.0, labels, temperature=temperature)
+        torch.testing.assert_close(ours, theirs)
+        (g_ours,) = torch.autograd.grad(ours.sum(), leaf, retain_graph=True)
+        (g_theirs,) = torch.autograd.grad(theirs.sum(), leaf, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_theirs)
