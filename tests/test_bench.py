@@ -1,17 +1,89 @@
-"""Byte counts of the benchmarks against hand-computed values."""
+"""The benchmark suite's work counts against hand-computed values, the CLI end to end on tiny shapes, and the
+demo's reward rising."""
 
-import importlib.util
-import pathlib
+import csv
+import json
 
+import pytest
 import torch
 
-spec = importlib.util.spec_from_file_location(
-    "bench_grpo_loss", pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_grpo_loss.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+from fastgrpo.__main__ import main
+from fastgrpo.bench import advantages, grpo_loss, harness, linear_grpo_loss, token_logprobs
 
 
-def test_logits_bytes():
-    # 16384 × 151936 = 2,489,319,424 entries × 2 bytes (bf16), read once + written once: 9,957,277,696 bytes
-    assert bench.logits_bytes(16384, 151936, torch.bfloat16) == 9_957_277_696
-    assert bench.logits_bytes(4, 10, torch.float32) == 320
+def test_byte_and_flop_counts():
+    # 16384 × 151936 = 2,489,319,424 logits × 2 bytes (bf16): read once + gradient written once
+    assert grpo_loss.bytes_moved(16384, 151936, 2, "fwd+bwd") == 9_957_277_696
+    assert grpo_loss.bytes_moved(4, 10, 4, "fwd") == 160
+    # log-probs: the forward reads the logits; the backward reads them again and writes the gradient
+    assert token_logprobs.bytes_moved(4, 10, 4, "fwd") == 160
+    assert token_logprobs.bytes_moved(4, 10, 2, "fwd+bwd") == 240
+    # three GEMMs of 2·N·V·H: 2 · 16384 · 151936 · 4096 = 20,392,504,721,408 each
+    assert linear_grpo_loss.flops(16384, 151936, 4096, "fwd") == 20_392_504_721_408
+    assert linear_grpo_loss.flops(16384, 151936, 4096, "fwd+bwd") == 61_177_514_164_224
+    assert advantages.bytes_moved(1000) == 8000  # fp32 rewards in, fp32 advantages out
+
+
+def test_rates_and_roofline_fraction():
+    slow = harness.Provider(run=lambda x: sum(range(20000)), make=lambda: None)
+    fast = harness.Provider(run=lambda x: None, make=lambda: None)
+    case = harness.Case("grpo_loss", "fwd", dict(N=1, V=1), "fp32", {"eager reference": slow}, bytes=10**6,
+                        roofline=fast)
+    roof, eager = harness.run_case(case, "cpu", repeats=3)
+    assert roof["provider"] == "roofline" and roof["fraction_of_roofline"] == 1.0
+    assert eager["rate"] == pytest.approx(10**6 / eager["median_ms"] / 1e6)
+    assert 0 < eager["fraction_of_roofline"] < 1 and eager["speedup_vs_eager"] == 1.0
+    assert eager["p20_ms"] <= eager["median_ms"] <= eager["p80_ms"]
+
+
+def test_failing_provider_is_reported():
+    def boom(x):
+        raise RuntimeError("out of memory")
+
+    case = harness.Case("grpo_loss", "fwd", dict(N=1, V=1), "fp32",
+                        {"broken": harness.Provider(boom, lambda: None)}, bytes=1)
+    (row,) = harness.run_case(case, "cpu", repeats=1)
+    assert "out of memory" in row["error"]
+
+
+def test_cli_quick_end_to_end(tmp_path, capsys):
+    argv = ["bench", "--quick", "--tokens", "64", "--vocab", "500", "--hidden", "32", "--batch", "256",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "fastgrpo (cpu)" in printed and "eager reference" in printed
+    with open(tmp_path / "bench_cpu_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    record = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    assert record["environment"]["torch"] == torch.__version__ and "device" in record["environment"]
+    assert {r["op"] for r in rows} == {"token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages"}
+    for op in ("token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages"):
+        providers = {r["provider"]: r for r in rows if r["op"] == op}
+        assert {"roofline", "fastgrpo (cpu)", "eager reference"} <= providers.keys()
+        assert not providers["fastgrpo (cpu)"]["error"] and float(providers["fastgrpo (cpu)"]["median_ms"]) > 0
+    assert (tmp_path / "bench_cpu_quick.png").stat().st_size > 10_000
+
+
+def test_report_markdown(tmp_path):
+    from fastgrpo.bench import report
+
+    rows = [dict(op="grpo_loss", mode="fwd+bwd", dtype="fp32", N=8, V=10, provider=p, median_ms=t, p20_ms=t,
+                 p80_ms=t, peak_extra_mib=1.0, rate=1.0, rate_unit="GB/s", fraction_of_roofline=f,
+                 speedup_vs_eager=s) for p, t, f, s in (("roofline", 1.0, 1.0, None), ("fastgrpo (cpu)", 2.0, 0.5, 4.0),
+                                                        ("eager reference", 8.0, 0.125, 1.0))]
+    env = dict(date="2026-11-23T00:00:00+00:00", device="Test CPU", torch="2.13.0")
+    (tmp_path / "bench_cpu.json").write_text(json.dumps(dict(environment=env, rows=rows)))
+    text = report.markdown(tmp_path)
+    assert "Test CPU" in text and "2026-11-23" in text
+    assert "| grpo_loss | fwd+bwd | N8×V10 | fastgrpo (cpu) | 2.00 |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{report.START}\nold\n{report.END}\nb\n")
+    report.update_readme(readme, tmp_path)
+    assert "old" not in readme.read_text() and "Test CPU" in readme.read_text()
+
+
+def test_demo_reward_rises():
+    from fastgrpo.demo import train
+
+    curve = train(steps=60, quiet=True)
+    assert sum(curve[-10:]) / 10 > sum(curve[:5]) / 5 + 0.15

@@ -44,9 +44,18 @@ def run(tensors, kw, cfg, backend, **extra):
     return out, (hidden.grad, weight.grad, bias.grad)
 
 
+@pytest.fixture(params=["token_outer", "vocab_sliced"])
+def weight_grad_order(request, monkeypatch):
+    """vocab_sliced: the dW budget forced to 0, slices of 32 weight rows (70 = 32 + 32 + 6)."""
+    if request.param == "vocab_sliced":
+        monkeypatch.setitem(fastgrpo.linear_loss.DW_ACCUMULATOR_BYTES, DEVICE, 0)
+        monkeypatch.setitem(fastgrpo.linear_loss.SLICE_BYTES, DEVICE, 32 * 16 * 4)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matches_reference(variant, dtype, backend):
+def test_matches_reference(variant, dtype, backend, weight_grad_order):
     cfg = VARIANTS[variant]
     tensors, kw = inputs(dtype=dtype)
     ours, g_ours = run(tensors, kw, cfg, backend, chunk_tokens=3)  # 7 unmasked tokens: chunks of 3, 3, 1
@@ -130,7 +139,7 @@ def test_peak_memory_does_not_grow_with_tokens():
 
 
 @pytest.mark.parametrize("variant", ["dapo", "gspo"])
-def test_logit_scale_and_softcap(variant, backend):
+def test_logit_scale_and_softcap(variant, backend, weight_grad_order):
     cfg = VARIANTS[variant]
     tensors, kw = inputs()
     extra = dict(logit_scale=1.7, logit_softcap=3.0)
@@ -141,6 +150,33 @@ def test_logit_scale_and_softcap(variant, backend):
     torch.testing.assert_close(ours.loss, ref.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_ours, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="measures the process's CPU memory")
+def test_vocab_sliced_weight_gradient_drops_the_fp32_accumulator(monkeypatch):
+    """bf16 weight [32768, 512]: token-outer keeps an fp32 dW accumulator of V·H·4 = 64 MiB besides the
+    returned bf16 gradient; vocabulary slices of 4 MiB do not."""
+    backend = "cpu" if "cpu" in fastgrpo.backends.available(torch.device("cpu")) else pytest.skip("no C++ build")
+    v, hid, n = 32768, 512, 256
+    weight = torch.randn(v, hid, dtype=torch.bfloat16, requires_grad=True)
+    hidden = torch.randn(1, n, hid, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, v, (1, n))
+
+    def extra():
+        def step():
+            fastgrpo.linear_grpo_loss(hidden, weight, targets, torch.ones(1), backend=backend).loss.backward()
+
+        step()  # warm-up
+        hidden.grad = weight.grad = None
+        grads = (hidden.numel() + weight.numel()) * 2
+        return _peak_rss_during(step) - grads
+
+    token_outer = extra()
+    monkeypatch.setitem(fastgrpo.linear_loss.DW_ACCUMULATOR_BYTES, "cpu", 0)
+    monkeypatch.setitem(fastgrpo.linear_loss.SLICE_BYTES, "cpu", 4 << 20)
+    sliced = extra()
+    accumulator = v * hid * 4
+    assert sliced < token_outer - 0.75 * accumulator, (sliced / 2**20, token_outer / 2**20)
 
 
 def test_logit_transform_validation():

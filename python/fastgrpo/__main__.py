@@ -1,4 +1,5 @@
-"""``python -m fastgrpo check [--device cpu|cuda]``: every backend present against the fp32 reference.
+"""``python -m fastgrpo check|bench|demo``. ``check [--device cpu|cuda]``: every backend present against the
+fp32 reference; ``bench``: see :mod:`fastgrpo.bench.suite`; ``demo``: see :mod:`fastgrpo.demo`.
 
 For each op and loss variant it runs each available backend on a small random batch and prints the
 largest error of the loss, the logit gradient and the log-probs relative to the reference, and PASS/FAIL.
@@ -98,10 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="run every backend present against the fp32 reference")
     p_check.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from .bench import suite  # the CLI's own modules; importing fastgrpo imports neither
+
+    p_bench = sub.add_parser("bench", help="time every op against the peers and a roofline; table, CSV/JSON, PNG")
+    suite.add_arguments(p_bench)
+    p_demo = sub.add_parser("demo", help="a GRPO training loop on a tiny transformer; the reward curve as PNG")
+    p_demo.add_argument("--steps", type=int, default=600)
+    p_demo.add_argument("--out", default="bench/results/demo_reward.png")
+    p_report = sub.add_parser("report", help="markdown tables of bench/results (optionally into the README)")
+    p_report.add_argument("--results", default="bench/results")
+    p_report.add_argument("--readme", default=None, help="replace this file's results section")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        from .bench import report
+
+        if args.readme:
+            report.update_readme(args.readme, args.results)
+        else:
+            print(report.markdown(args.results))
+        return 0
     if args.command == "check":
         return 0 if check(torch.device(args.device)) else 1
-    return 2
+    if args.command == "bench":
+        suite.run(args)
+        return 0
+    from .demo import main as demo
+
+    return demo(steps=args.steps, out=args.out)
 
 
 if __name__ == "__main__":

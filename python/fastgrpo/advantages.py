@@ -79,5 +79,5 @@ def advantages(
     check_rewards(rewards, group_size, group_ids, reward_weights)
     cfg = config if config is not None else AdvantageConfig(estimator, scale, eps, singleton)
     impl = backends.select(backend, rewards.device)
-    adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights)
+    adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, metrics=return_metrics)
     return (adv, metrics) if return_metrics else adv

@@ -62,11 +62,11 @@ class KernelBackend:
 
     def advantages(self, rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
                    config: AdvantageConfig = AdvantageConfig(),
-                   reward_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, Tensor]]:
+                   reward_weights: Optional[Tensor] = None, metrics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and
         use the reference. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
         if group_ids is not None:
-            return reference.advantages(rewards, None, group_ids, config, reward_weights)
+            return reference.advantages(rewards, None, group_ids, config, reward_weights, metrics)
         r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
         batch, std_b = self._batch_std(r, config)
         estimator, divide, singleton_raw, eps = advantage_args(config)
@@ -76,6 +76,8 @@ class KernelBackend:
         if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch
             std_w = adv.std() if adv.numel() > 1 else adv.new_ones(())
             adv = (adv - adv.mean()) / (std_w + config.eps)
+        if not metrics:
+            return adv, {}
         g = torch.arange(r.numel(), device=r.device) // group_size
         return adv, reference.advantage_metrics(r, adv, g, mean, std)
 
@@ -126,7 +128,8 @@ class KernelBackend:
         else:
             if isinstance(advantages, Rewards):
                 r = advantages
-                advantages, _ = self.advantages(r.rewards, r.group_size, r.group_ids, cfg.advantage, r.weights)
+                advantages, _ = self.advantages(r.rewards, r.group_size, r.group_ids, cfg.advantage, r.weights,
+                                                metrics=False)
             adv = lay.per_token(advantages.detach(), shape)
 
         weight = torch.ones_like(m)  # §2.4 rollout weights: functions of the inputs alone here

@@ -8,6 +8,12 @@ are processed in chunks of ``chunk_tokens`` rows, so peak extra memory is one [c
 - the rest (sequence ratios, entropy quantile and off-policy masks) needs every log-prob first: one pass of
   z and the log-prob op, the O(N) objective and its gradient w.r.t. ℓ and H, then a second pass recomputing z
   for the gradient: 4 GEMMs, 8·N·V·H FLOPs.
+The fp32 dW accumulator is V·H·4 bytes (2.5 GB for Qwen's 151936 × 4096). Above ``DW_ACCUMULATOR_BYTES`` the
+gradient pass runs vocabulary-slice-outer instead: for each slice of ``SLICE_BYTES`` of fp32 weight rows, every
+chunk of tokens recomputes its [chunk, slice] tile of z, turns it into ∂loss/∂z from the row statistics of the
+first pass, adds dZ·W_slice into an fp32 dX and dZᵀ·X into the slice's fp32 dW, which is written out (in the
+weight's dtype) once complete. Extra memory is then one slice and dX (N·H·4), at the cost of the second pass:
+8·N·V·H FLOPs for every config.
 Logit scale and soft-capping (z = c·tanh(scale·(X·Wᵀ + b)/c)) are applied per chunk and chained into dZ.
 GEMMs read bf16/fp16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=float32)`` where this
 torch has it), never rounding a product to bf16 before the log-sum-exp; elsewhere they run on fp32 copies.
@@ -24,13 +30,21 @@ from . import reference
 from .config import LossConfig, LossOutput, Rewards
 from .kernel_ops import is_token_local
 
-# fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary); a CPU
-# GEMM is already efficient at ~100 rows, and a small block keeps the peak far below the logits'.
-CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 16 << 20}
+# fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
+# dW += dZᵀ·X runs with K = chunk rows: 16 MiB (128 rows at V = 32000) cost 1.20x the three GEMMs alone at
+# N = 4096, H = 1024 (2 cores), 64 MiB (512 rows) 1.02x; the peak stays far below the logits'.
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+# above this, dW is accumulated one vocabulary slice at a time (SLICE_BYTES of fp32 rows)
+DW_ACCUMULATOR_BYTES = {"cuda": 1 << 30, "cpu": 1 << 30}
+SLICE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+
+
+def _per_device(table: dict, device: torch.device) -> int:
+    return table.get(device.type, table["cpu"])
 
 
 def default_chunk_tokens(vocab: int, device: torch.device) -> int:
-    return max(1, CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"]) // (4 * max(vocab, 1)))
+    return max(1, _per_device(CHUNK_BYTES, device) // (4 * max(vocab, 1)))
 
 
 class _Gemm:
@@ -123,6 +137,39 @@ class _PrecomputedGrads(torch.autograd.Function):
         return (None, None, None, *grads)
 
 
+def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
+                      g_lp: Tensor, g_ent: Optional[Tensor], stats: Tensor, ent: Tensor, inv_t: float,
+                      d_hidden: Tensor, d_bias: Optional[Tensor]) -> Tensor:
+    """The gradient pass vocabulary-slice-outer (see the module docstring): returns dW in the weight's dtype,
+    adds into the fp32 ``d_hidden`` (and ``d_bias``). With u = z/τ, p = exp(u − lse):
+    ∂/∂u_j = g_ℓ·(δ_jy − p_j) − g_H·p_j·(log p_j + H)."""
+    vocab, hid = weight.shape
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    step_v = max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
+    lse = stats[:, 0] + stats[:, 1]
+    for v0 in range(0, vocab, step_v):
+        v1 = min(v0 + step_v, vocab)
+        sl = _Gemm(weight.detach()[v0:v1], None if bias is None else bias.detach()[v0:v1], gemm.scale, gemm.softcap)
+        dw = torch.zeros(v1 - v0, hid, device=weight.device, dtype=torch.float32)
+        for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
+            logp = sl.logits(h[r]).mul_(inv_t).sub_(lse[r, None])  # log p over the slice
+            p = logp.exp()
+            coef = g_lp[r, None] if g_ent is None else g_lp[r, None] + g_ent[r, None] * (logp + ent[r, None])
+            du = p.mul_(coef).neg_()
+            hit = (y[r] >= v0) & (y[r] < v1)  # the target's own entry: + g_ℓ
+            du[hit, y[r][hit] - v0] += g_lp[r][hit]
+            dz = sl.to_raw_grad(du.mul_(inv_t))
+            d_hidden.index_add_(0, r, sl._mm(dz, sl.weight))
+            if sl.low_precision:
+                dw.add_(sl._mm(dz.t(), h[r]))
+            else:
+                dw.addmm_(dz.t(), h[r].float())
+            if d_bias is not None:
+                d_bias[v0:v1] += dz.sum(0)
+        d_weight[v0:v1] = dw.to(weight.dtype)
+    return d_weight
+
+
 def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
                      mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
                      config: LossConfig = LossConfig(), chunk_tokens: Optional[int] = None, logit_scale: float = 1.0,
@@ -135,7 +182,8 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
     gemm = _Gemm(weight.detach(), None if bias is None else bias.detach(), logit_scale, logit_softcap)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
-    d_weight = torch.zeros(vocab, hid, **f32) if needs_grad else None
+    sliced = needs_grad and vocab * hid * 4 > _per_device(DW_ACCUMULATOR_BYTES, hidden.device)
+    d_weight = torch.zeros(vocab, hid, **f32) if needs_grad and not sliced else None  # sliced: per slice
     d_bias = torch.zeros(vocab, **f32) if needs_grad and bias is not None else None
 
     def accumulate(rows: Tensor, dz: Tensor) -> None:
@@ -145,7 +193,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
             d_bias.add_(dz.sum(0))
 
     has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
-    if is_token_local(cfg, has_old, has_is):
+    if is_token_local(cfg, has_old, has_is) and not sliced:
         f = backend._prepare(targets, advantages, mask, return_entropy=return_entropy, config=cfg,
                              device=hidden.device, **kwargs)
         per_token = [torch.zeros(n, **f32) for _ in range(5)]  # ℓ, H, ρ, ∂loss/∂ℓ, advantage used
@@ -181,7 +229,10 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
             grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
             g_lp = torch.zeros(n, **f32) if grads[0] is None else grads[0].reshape(n)
             g_ent = grads[1].reshape(n) if len(grads) > 1 and grads[1] is not None else None
-            for rows in chunks:
+            if sliced:
+                d_weight = _sliced_gradients(weight, bias, gemm, h.detach(), y, torch.cat(chunks) if chunks else
+                                             y.new_zeros(0), g_lp, g_ent, stats, ent, inv_t, d_hidden, d_bias)
+            for rows in () if sliced else chunks:
                 dz = ops.token_logprobs_backward(g_lp[rows], None if g_ent is None else g_ent[rows],
                                                  gemm.logits(h[rows].detach()), y[rows], None, stats[rows],
                                                  ent[rows], inv_t)
@@ -189,7 +240,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
         result.loss = result.loss.detach()
 
     if needs_grad:
-        grads = (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),
+        grads = (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),  # no copy when sliced
                  None if d_bias is None else d_bias.to(bias.dtype))
         result.loss = _PrecomputedGrads.apply(result.loss, grads, ops.scale_grad_, hidden, weight, bias)
     return result

@@ -72,8 +72,10 @@ def advantages(
     group_ids: Optional[Tensor] = None,
     config: AdvantageConfig = AdvantageConfig(),
     reward_weights: Optional[Tensor] = None,
+    metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3."""
+    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
+    ``metrics``)."""
     r = combine_rewards(rewards, reward_weights)
     g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
     count = torch.zeros(num_groups, device=r.device).index_add_(0, g, torch.ones_like(r))
@@ -103,7 +105,7 @@ def advantages(
         std_b = centered.std() if centered.numel() > 1 else torch.ones(())
         adv = (centered - centered.mean()) / (std_b + cfg.eps)
 
-    return adv, advantage_metrics(r, adv, g, mean, std)
+    return adv, advantage_metrics(r, adv, g, mean, std) if metrics else {}
 
 
 def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: AdvantageConfig) -> Tensor:
@@ -111,7 +113,7 @@ def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: Ad
     if not isinstance(advantages_or_rewards, Rewards):
         return advantages_or_rewards
     r = advantages_or_rewards
-    return advantages(r.rewards, r.group_size, r.group_ids, config, r.weights)[0]
+    return advantages(r.rewards, r.group_size, r.group_ids, config, r.weights, metrics=False)[0]
 
 
 def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:

@@ -1,0 +1,251 @@
+"""Timing, peak memory, rooflines and the files a benchmark run writes.
+
+A :class:`Case` is one op at one shape: providers (name → callable on a fresh input), the work it must do
+(bytes moved or FLOPs, counted explicitly by the op's module) and the roofline that work is judged against
+(a device-to-device copy of the same bytes, or a GEMM of the same FLOPs, measured in the same run).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Provider:
+    run: Callable[[Any], Any]   # the timed call
+    make: Callable[[], Any]     # a fresh input for one call (not timed)
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    mode: str                   # "fwd" or "fwd+bwd"
+    shape: dict[str, int]
+    dtype: str
+    providers: dict[str, Provider]
+    bytes: Optional[int] = None   # work as bytes moved (bandwidth-bound ops) ...
+    flops: Optional[int] = None   # ... or as FLOPs (the linear path)
+    roofline: Optional[Provider] = None  # the copy or GEMM doing the same work
+
+    @property
+    def n(self) -> int:
+        return self.shape.get("N", self.shape.get("B", 0))
+
+
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def exact_cpu_peaks() -> None:
+    """Makes glibc serve every allocation over 128 KiB with mmap and unmap it on free (no dynamic threshold),
+    so that the RSS peak of a call measures its own allocations rather than reused heap. Process-wide: only
+    the bench CLI calls it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: peaks may undercount reused memory
+
+
+def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
+    """([median, p20, p80] ms, peak bytes above the inputs) of ``p.run(p.make())``.
+
+    CUDA: triton's do_bench (L2 flushed between calls) and the allocator's peak. CPU: wall time of ``repeats``
+    calls after a warm-up, peak RSS reset through /proc/self/clear_refs before each call (Linux)."""
+    if device == "cuda":
+        import triton.testing
+
+        x = p.make()
+        p.run(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = triton.testing.do_bench(lambda: p.run(p.make()), quantiles=[0.5, 0.2, 0.8], warmup=5, rep=40)
+        return list(ms), torch.cuda.max_memory_allocated() - base
+    p.run(p.make())  # warm-up (and torch.compile's compilation)
+    times, peak = [], 0
+    rss = pathlib.Path("/proc/self/clear_refs").exists()
+    for _ in range(repeats):
+        x = p.make()
+        if rss:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # the peak RSS becomes the current RSS
+        base = _rss_bytes("VmRSS:") if rss else 0
+        start = time.perf_counter()
+        p.run(x)
+        times.append((time.perf_counter() - start) * 1e3)
+        if rss:
+            peak = max(peak, _rss_bytes("VmHWM:") - base)
+        del x
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return q.tolist(), peak
+
+
+def run_case(case: Case, device: str, repeats: int, progress: Optional["Progress"] = None) -> list[dict]:
+    """One row per provider: times, peak memory, achieved GB/s or TFLOP/s and its fraction of the roofline
+    measured here, and the speed-up over the eager reference. A provider that fails (e.g. out of memory)
+    gets a row with its error."""
+    work = case.bytes if case.bytes is not None else case.flops
+    unit = 1e6 if case.bytes is not None else 1e9  # per ms → GB/s or TFLOP/s
+    base = dict(op=case.op, mode=case.mode, dtype=case.dtype, **case.shape, bytes=case.bytes, flops=case.flops)
+    roof = None
+    rows = []
+    entries = ([("roofline", case.roofline)] if case.roofline else []) + list(case.providers.items())
+    shape = "x".join(f"{k}{v}" for k, v in case.shape.items())
+    for name, provider in entries:
+        if progress:
+            progress.step(f"{case.op} {case.mode} {shape} {name}")
+        try:
+            (med, p20, p80), peak = measure(provider, device, repeats)
+        except Exception as exc:  # reported, not fatal: one provider must not hide the others
+            rows.append(dict(base, provider=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        rate = work / med / unit
+        roof = rate if name == "roofline" else roof
+        rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
+                         peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
+                         fraction_of_roofline=rate / roof if roof else None))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    eager = next((r["median_ms"] for r in rows if r["provider"] == "eager reference" and "median_ms" in r), None)
+    for r in rows:
+        if eager and "median_ms" in r and r["provider"] != "roofline":
+            r["speedup_vs_eager"] = eager / r["median_ms"]
+    return rows
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict[str, str]:
+    import importlib.metadata as md
+
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               device=device_name(device), python=platform.python_version(), torch=torch.__version__)
+    for pkg in ("triton", "fastgrpo", "liger-kernel", "trl"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    if device == "cuda":
+        env["cuda"] = str(torch.version.cuda)
+    return env
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        """Announces the item about to run; the bar counts those finished."""
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                         f"{elapsed:5.0f}s {label[:60]:<60}")
+        sys.stderr.flush()
+        self.done += 1
+
+    def close(self) -> None:
+        sys.stderr.write("\n")
+
+
+COLUMNS = ["op", "mode", "N", "V", "H", "B", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib",
+           "rate", "rate_unit", "fraction_of_roofline", "speedup_vs_eager", "bytes", "flops", "error"]
+
+
+def table(rows: list[dict]) -> str:
+    """A plain-text table of the rows, one line per provider."""
+    head = f"{'op':<17}{'mode':<8}{'shape':<22}{'provider':<34}{'median ms':>10}{'p20-p80':>16}" \
+           f"{'rate':>16}{'roof':>7}{'vs eager':>9}{'+MiB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = "x".join(f"{k}{r[k]}" for k in ("N", "H", "V", "B") if r.get(k) is not None)
+        if "error" in r:
+            lines.append(f"{r['op']:<17}{r['mode']:<8}{shape:<22}{r['provider']:<34}  error: {r['error'][:60]}")
+            continue
+        frac = f"{r['fraction_of_roofline']:.0%}" if r.get("fraction_of_roofline") else ""
+        speed = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
+        lines.append(f"{r['op']:<17}{r['mode']:<8}{shape:<22}{r['provider']:<34}{r['median_ms']:>10.3f}"
+                     f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<7.3f}{r['rate']:>9.2f} {r['rate_unit']:<6}{frac:>7}"
+                     f"{speed:>9}{r['peak_extra_mib']:>8.0f}")
+    return "\n".join(lines)
+
+
+def write(rows: list[dict], env: dict, out: pathlib.Path, stem: str) -> list[pathlib.Path]:
+    """``stem``.json (environment + rows), ``stem``.csv and, with matplotlib, ``stem``.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
+    paths[0].write_text(json.dumps(dict(environment=env, rows=rows), indent=1))
+    with open(paths[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    png = plot(rows, env, out / f"{stem}.png")
+    return paths + ([png] if png else [])
+
+
+def plot(rows: list[dict], env: dict, path: pathlib.Path) -> Optional[pathlib.Path]:
+    """Time and peak memory vs N per provider, one column per (op, mode, V); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in rows if "median_ms" in r and r["provider"] != "roofline"]
+    groups = sorted({(r["op"], r["mode"], r.get("V"), r.get("H")) for r in ok}, key=str)
+    if not groups:
+        return None
+    names = sorted({r["provider"] for r in ok})
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
+    for col, (op, mode, v, h) in enumerate(groups):
+        sel = [r for r in ok if (r["op"], r["mode"], r.get("V"), r.get("H")) == (op, mode, v, h)]
+        for provider in sorted({r["provider"] for r in sel}):
+            pts = sorted((r["N"] if r.get("N") is not None else r["B"], r["median_ms"], r["peak_extra_mib"])
+                         for r in sel if r["provider"] == provider)
+            xs = [p[0] for p in pts]
+            style = dict(marker="o", color=colors[provider], label=provider)
+            axes[0][col].plot(xs, [p[1] for p in pts], **style)
+            axes[1][col].plot(xs, [p[2] for p in pts], **style)
+        title = f"{op} {mode}" + (f"\nV={v}" if v else "") + (f" H={h}" if h else "")
+        axes[0][col].set_title(title, fontsize=9)
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_ylabel("median ms (log)")
+        axes[1][col].set_ylabel("peak MiB above inputs")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("N tokens" if op != "advantages" else "B rewards")
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 4), fontsize=8)
+    fig.suptitle(f"fastgrpo bench — {env['device']}, torch {env['torch']}, {env['date'][:10]}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
