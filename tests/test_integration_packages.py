@@ -127,6 +127,45 @@ def test_verl_logprobs_from_logits():
     torch.testing.assert_close(g_ours, g_theirs)
 
 
+def test_verl_fused_linear_for_ppo():
+    """fp32: the same values and gradients as verl's torch implementation. bf16: verl rounds the logits to
+    bf16 before the softmax, fastgrpo keeps them fp32, so fastgrpo must be as close as verl to verl's fp32."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(2, 9, 16, generator=g), 0.3 * torch.randn(70, 16, generator=g)
+    ids = torch.randint(0, 70, (2, 9), generator=g)
+    w_lp, w_ent = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
+
+    def run(module, dtype):
+        h, w = (x.to(dtype).clone().requires_grad_() for x in (hidden, weight))
+        lp, ent = module(h, w, ids, temperature=0.7)
+        assert lp.dtype == torch.float32 and ent.dtype == dtype
+        ((lp.reshape(2, 9) * w_lp).sum() + (ent.reshape(2, 9).float() * w_ent).sum()).backward()
+        return [x.reshape(-1).float() for x in (lp, ent, h.grad, w.grad)]
+
+    exact = run(FusedLinearForPPO(chunk_size=4), torch.float32)
+    for a, b in zip(run(fg_verl.FusedLinearForPPO(chunk_size=4), torch.float32), exact):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    theirs, ours = (run(m, torch.bfloat16) for m in (FusedLinearForPPO(chunk_size=4), fg_verl.FusedLinearForPPO()))
+    for name, a, b, e in zip(("log_probs", "entropy", "d_hidden", "d_weight"), ours, theirs, exact):
+        assert (a - e).norm() <= 1.5 * (b - e).norm() + 1e-6 * e.norm(), name
+
+
+def test_verl_linear_cross_entropy():
+    """verl's Triton linear_cross_entropy needs CUDA: its outputs are checked against verl's torch
+    FusedLinearForPPO, which computes the same (log-probs, entropy)."""
+    from verl.utils.experimental.torch_functional import FusedLinearForPPO
+
+    hidden, weight, labels = torch.randn(6, 8), torch.randn(30, 8), torch.randint(0, 30, (6,))
+    lp, ent = fg_verl.linear_cross_entropy(hidden, weight, labels, 0.9)
+    ref_lp, ref_ent = FusedLinearForPPO()(hidden, weight, labels, 0.9)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(ent, ref_ent)
+    with pytest.raises(NotImplementedError, match="reduction"):
+        fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="mean")
+
+
 @pytest.mark.parametrize("opts", [
     dict(), dict(dual_clip=1.5), dict(token_level_loss=False, clip_eps_high=0.28),
     dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),

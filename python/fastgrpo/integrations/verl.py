@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import presets
-from ..logprobs import token_logprobs
+from ..logprobs import linear_token_logprobs, token_logprobs
 from ..loss import policy_loss
 from ..reference import kl_estimate
 
@@ -136,3 +136,30 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
     """verl's ``logprobs_from_logits`` ([..., V] logits, [...] labels → [...] fp32 log-probs), one fused pass."""
     return token_logprobs(logits, labels)
+
+
+class FusedLinearForPPO(nn.Module):
+    """verl's ``FusedLinearForPPO`` (verl/utils/experimental/torch_functional.py): hidden states + LM-head weight
+    → (fp32 log-probs, entropy in the hidden states' dtype), on fastgrpo's linear path (logits one chunk at a
+    time, one pass for both outputs). ``chunk_size`` and ``impl_backend`` are accepted for the signature."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch") -> None:
+        super().__init__()
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        lp, ent = linear_token_logprobs(hidden_states, vocab_weights, input_ids.long(), temperature=temperature,
+                                        entropy=True)
+        return lp, ent.to(hidden_states.dtype)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
+                         reduction: str = "none", dist_process_group: Any = None) -> tuple[Tensor, Tensor]:
+    """verl's ``linear_cross_entropy`` (verl/utils/kernel/linear_cross_entropy.py, CUDA-only there):
+    per-token (log-probs, entropy), fp32, differentiable w.r.t. hidden and weight. Only ``reduction="none"``
+    without a tensor-parallel vocabulary (``dist_process_group``) is supported."""
+    if reduction != "none" or dist_process_group is not None:
+        raise NotImplementedError("fastgrpo's linear_cross_entropy supports reduction='none' without "
+                                  "dist_process_group")
+    return linear_token_logprobs(hidden, weight, labels.long(), temperature=temperature, entropy=True)
