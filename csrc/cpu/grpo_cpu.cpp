@@ -319,14 +319,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& 
   auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
   const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
   const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
-  for (int64_t i = 0; i < n; ++i) {
-    float gm, gs;
-    adv.mutable_data_ptr<float>()[i] = group_advantage(r.const_data_ptr<float>(), bstd, i, p, &gm, &gs);
-    if (i % group_size == 0) {
-      mean.mutable_data_ptr<float>()[i / group_size] = gm;
-      std_.mutable_data_ptr<float>()[i / group_size] = gs;
+  const float* rp = r.const_data_ptr<float>();
+  float *ap = adv.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *sp = std_.mutable_data_ptr<float>();
+  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {  // whole groups per thread
+    for (int64_t i = g0 * group_size; i < g1 * group_size; ++i) {
+      float gm, gs;
+      ap[i] = group_advantage(rp, bstd, i, p, &gm, &gs);
+      if (i % group_size == 0) {
+        mp[i / group_size] = gm;
+        sp[i / group_size] = gs;
+      }
     }
-  }
+  });
   return {adv.view(rewards.sizes()), mean, std_};
 }
 
