@@ -43,7 +43,7 @@ def count_a(completions, **_):
     return [float(c.count("a")) - 0.1 * len(c) for c in completions]
 
 
-def make_trainer(tmp_path, *, model=None, max_steps=2, **overrides):
+def make_trainer(tmp_path, *, model=None, max_steps=2, peft_config=None, **overrides):
     tok = make_tokenizer()
     options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                    num_generations=4, num_iterations=2, max_completion_length=8, max_steps=max_steps,
@@ -54,8 +54,8 @@ def make_trainer(tmp_path, *, model=None, max_steps=2, **overrides):
     if model is None:  # a saved model: a non-zero beta makes TRL load the reference model from its path
         model = str(tmp_path / "model")
         make_model(len(tok)).save_pretrained(model)
-    return GRPOTrainer(model=model, reward_funcs=count_a,
-                       args=GRPOConfig(**options), train_dataset=dataset, processing_class=tok)
+    return GRPOTrainer(model=model, reward_funcs=count_a, args=GRPOConfig(**options), train_dataset=dataset,
+                       processing_class=tok, peft_config=peft_config)
 
 
 def batch(vocab_size, *, B=8, P=3, T=7, seed=1):
@@ -116,6 +116,47 @@ def test_compute_loss_matches_trl(tmp_path, case):
     assert ours[2].keys() == expected[2].keys()
     for name, value in expected[2].items():
         assert math.isclose(ours[2][name], value, rel_tol=1e-5, abs_tol=1e-6), (name, ours[2][name], value)
+
+
+def test_cast_lm_head_to_fp32_on_a_bf16_model(tmp_path):
+    """TRL's cast_lm_head_to_fp32: a bf16 backbone, the head in fp32 outside autocast; both paths then take the
+    same fp32 GEMM, so they agree to fp32 rounding (the bf16 parameters' gradients to one bf16 rounding)."""
+    results = []
+    for patched in (False, True):
+        model = make_model(len(make_tokenizer())).to(torch.bfloat16)
+        trainer = make_trainer(tmp_path / str(patched), model=model, bf16=True, cast_lm_head_to_fp32=True,
+                               loss_type="dapo")
+        assert trainer.model.lm_head.weight.dtype == torch.float32
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2
+        if patched:
+            patch_grpo_trainer(trainer)
+        results.append(loss_grads_metrics(trainer, trainer._compute_loss, batch(39)))
+    (loss_trl, grads_trl, _), (loss_ours, grads_ours, _) = results
+    torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads_ours["lm_head.weight"], grads_trl["lm_head.weight"], rtol=1e-4, atol=1e-6)
+    for name, g in grads_trl.items():
+        torch.testing.assert_close(grads_ours[name].float(), g.float(), rtol=2e-2, atol=1e-5, msg=name)
+
+
+def test_peft_lora_backbone(tmp_path):
+    peft = pytest.importorskip("peft")
+    results = []
+    for patched in (False, True):
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        trainer = make_trainer(tmp_path / str(patched), model=make_model(len(make_tokenizer())), peft_config=config,
+                               loss_type="grpo", beta=0.0)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2
+        if patched:
+            patch_grpo_trainer(trainer)
+        results.append(loss_grads_metrics(trainer, trainer._compute_loss, batch(39)))
+    (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
+    assert grads_trl and all("lora" in name for name in grads_trl)
+    torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
+    for name, g in grads_trl.items():
+        torch.testing.assert_close(grads_ours[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics_ours.keys() == metrics_trl.keys()
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])

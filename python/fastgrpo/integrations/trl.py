@@ -14,14 +14,18 @@ computed, ``num_items_in_batch``, gradient accumulation and the entropy bonus; i
 entropy, clip_ratio/*, cispo_clip_ratio, policy_loss, entropy_coef). The rollout's log-probs (old, reference) are
 still computed by TRL's own fused LM head, which also never materializes logits.
 
+Also: ``cast_lm_head_to_fp32`` (the head in fp32 outside autocast, as TRL), PEFT adapters on the backbone, an
+FSDP2-sharded head (gathered, as TRL does; not tested here).
+
 Not supported (a ``ValueError`` at patch time or a ``NotImplementedError`` on the first step, naming the option):
-TRL's vespo/luspo losses, the adaptive entropy controller, MoE router auxiliary losses, vision inputs, and the
-entropy bonus together with ``top_entropy_quantile < 1`` for dapo/cispo. With several processes, the
+TRL's vespo/luspo losses, the adaptive entropy controller, MoE router auxiliary losses, vision inputs, a PEFT
+adapter on the LM head, and the entropy bonus together with ``top_entropy_quantile < 1`` for dapo/cispo. With several processes, the
 ``top_entropy_quantile`` threshold is computed per process (TRL gathers the entropies of every process first).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 from typing import Any, Optional
@@ -32,6 +36,11 @@ from torch import Tensor
 from .. import presets
 from ..config import LossOutput
 from ..loss import linear_grpo_loss
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed
+    DTensor = ()
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "num_images")
 
@@ -119,7 +128,8 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
             normalizer = normalizer * accumulation / args.steps_per_generation
         if config.entropy_coef != 0.0:  # TRL ≥ 1.16: the entropy bonus is a token mean / accumulation steps
             count = mask.sum().clamp(min=1.0)
-            config = dataclasses.replace(config, entropy_coef=float(config.entropy_coef * normalizer / (count * accumulation)))
+            scaled = float(config.entropy_coef * normalizer / (count * accumulation))
+            config = dataclasses.replace(config, entropy_coef=scaled)
     is_weights = None
     if self.use_vllm and self.vllm_importance_sampling_correction:  # TRL's ratio: (B, T), or (B, 1) per sequence
         is_weights = inputs["importance_sampling_ratio"].expand_as(mask)
@@ -130,12 +140,19 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
     ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
 
     def loss_head(hidden: Tensor, head: Any, scale: float, softcap: Optional[float]) -> LossOutput:
-        hidden = hidden[:, -num_completion - 1:-1]  # position t predicts token t + 1
-        return linear_grpo_loss(
-            hidden, head.weight, completion_ids, advantages, mask, bias=head.bias, old_logprobs=old,
-            ref_logprobs=ref, sampling_logprobs=sampling, is_weights=is_weights, normalizer=normalizer,
-            return_entropy=True, chunk_tokens=self._fastgrpo["chunk_tokens"], logit_scale=scale,
-            logit_softcap=softcap, config=config, backend=self._fastgrpo["backend"])
+        if hasattr(head, "base_layer"):
+            raise NotImplementedError("a PEFT adapter on the LM head is not supported by fastgrpo's TRL integration")
+        hidden = hidden[:, -num_completion - 1:-1].to(head.weight.device)  # position t predicts token t + 1
+        weight, bias = head.weight, head.bias
+        if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL's fused head does
+            weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
+        fp32_head = args.cast_lm_head_to_fp32  # TRL runs the head in fp32, outside autocast
+        with torch.autocast(hidden.device.type, enabled=False) if fp32_head else contextlib.nullcontext():
+            return linear_grpo_loss(
+                hidden.float() if fp32_head else hidden, weight, completion_ids, advantages, mask, bias=bias,
+                old_logprobs=old, ref_logprobs=ref, sampling_logprobs=sampling, is_weights=is_weights,
+                normalizer=normalizer, return_entropy=True, chunk_tokens=self._fastgrpo["chunk_tokens"],
+                logit_scale=scale, logit_softcap=softcap, config=config, backend=self._fastgrpo["backend"])
 
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
