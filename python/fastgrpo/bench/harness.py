@@ -65,35 +65,58 @@ def exact_cpu_peaks() -> None:
         pass  # not glibc: peaks may undercount reused memory
 
 
-def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
-    """([median, p20, p80] ms, peak bytes above the inputs) of ``p.run(p.make())``.
+class _CpuMeter:
+    """Wall time, and the peak RSS above the RSS at the start (reset through /proc/self/clear_refs, Linux)."""
 
-    CUDA: triton's do_bench (L2 flushed between calls) and the allocator's peak. CPU: wall time of ``repeats``
-    calls after a warm-up, peak RSS reset through /proc/self/clear_refs before each call (Linux)."""
-    if device == "cuda":
-        import triton.testing
+    def __init__(self) -> None:
+        self.rss = pathlib.Path("/proc/self/clear_refs").exists()
 
-        x = p.make()
-        p.run(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        ms = triton.testing.do_bench(lambda: p.run(p.make()), quantiles=[0.5, 0.2, 0.8], warmup=5, rep=40)
-        return list(ms), torch.cuda.max_memory_allocated() - base
-    p.run(p.make())  # warm-up (and torch.compile's compilation)
-    times, peak = [], 0
-    rss = pathlib.Path("/proc/self/clear_refs").exists()
-    for _ in range(repeats):
-        x = p.make()
-        if rss:
+    def start(self) -> None:
+        if self.rss:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # the peak RSS becomes the current RSS
-        base = _rss_bytes("VmRSS:") if rss else 0
-        start = time.perf_counter()
+        self.base = _rss_bytes("VmRSS:") if self.rss else 0
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> tuple[float, int]:
+        ms = (time.perf_counter() - self.t0) * 1e3
+        return ms, (_rss_bytes("VmHWM:") - self.base) if self.rss else 0
+
+
+class _CudaMeter:
+    """CUDA events around the call, L2 flushed before it; the caching allocator's peak above the inputs."""
+
+    def __init__(self) -> None:
+        self.flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # larger than any L2 so far
+
+    def start(self) -> None:
+        self.flush.zero_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+        self.t0, self.t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.t0.record()
+
+    def stop(self) -> tuple[float, int]:
+        self.t1.record()
+        torch.cuda.synchronize()
+        return self.t0.elapsed_time(self.t1), torch.cuda.max_memory_allocated() - self.base
+
+
+def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
+    """([median, p20, p80] ms, peak bytes above the inputs) of ``p.run(x)``, ``x = p.make()`` built outside
+    the timed region (a fresh input each call: in-place providers consume theirs). One warm-up call (and
+    torch.compile's compilation) first; on CUDA at least 10 timed calls."""
+    meter = _CudaMeter() if device == "cuda" else _CpuMeter()
+    p.run(p.make())
+    times, peak = [], 0
+    for _ in range(max(repeats, 10) if device == "cuda" else repeats):
+        x = p.make()
+        meter.start()
         p.run(x)
-        times.append((time.perf_counter() - start) * 1e3)
-        if rss:
-            peak = max(peak, _rss_bytes("VmHWM:") - base)
+        ms, extra = meter.stop()
+        times.append(ms)
+        peak = max(peak, extra)
         del x
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return q.tolist(), peak
