@@ -52,16 +52,16 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fastgrpo (cpu)" in printed and "eager reference" in printed
-    with open(tmp_path / "bench_cpu_quick.csv") as f:
+    with open(tmp_path / "bench_cpu_fp32_quick.csv") as f:
         rows = list(csv.DictReader(f))
-    record = json.loads((tmp_path / "bench_cpu_quick.json").read_text())
+    record = json.loads((tmp_path / "bench_cpu_fp32_quick.json").read_text())
     assert record["environment"]["torch"] == torch.__version__ and "device" in record["environment"]
     assert {r["op"] for r in rows} == {"token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages"}
     for op in ("token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages"):
         providers = {r["provider"]: r for r in rows if r["op"] == op}
         assert {"roofline", "fastgrpo (cpu)", "eager reference"} <= providers.keys()
         assert not providers["fastgrpo (cpu)"]["error"] and float(providers["fastgrpo (cpu)"]["median_ms"]) > 0
-    assert (tmp_path / "bench_cpu_quick.png").stat().st_size > 10_000
+    assert (tmp_path / "bench_cpu_fp32_quick.png").stat().st_size > 10_000
 
 
 def test_report_markdown(tmp_path):

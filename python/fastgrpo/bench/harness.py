@@ -246,29 +246,35 @@ def plot(rows: list[dict], env: dict, path: pathlib.Path) -> Optional[pathlib.Pa
         return None
     names = sorted({r["provider"] for r in ok})
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
-    fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 6.5), squeeze=False)
-    for col, (op, mode, v, h) in enumerate(groups):
+    ncols = min(4, len(groups))
+    nrows = -(-len(groups) // ncols)
+    fig, axes = plt.subplots(2 * nrows, ncols, figsize=(3.8 * ncols, 5.6 * nrows), squeeze=False)
+    for k, (op, mode, v, h) in enumerate(groups):
+        row, col = 2 * (k // ncols), k % ncols
+        top, bottom = axes[row][col], axes[row + 1][col]
         sel = [r for r in ok if (r["op"], r["mode"], r.get("V"), r.get("H")) == (op, mode, v, h)]
         for provider in sorted({r["provider"] for r in sel}):
             pts = sorted((r["N"] if r.get("N") is not None else r["B"], r["median_ms"], r["peak_extra_mib"])
                          for r in sel if r["provider"] == provider)
             xs = [p[0] for p in pts]
             style = dict(marker="o", color=colors[provider], label=provider)
-            axes[0][col].plot(xs, [p[1] for p in pts], **style)
-            axes[1][col].plot(xs, [p[2] for p in pts], **style)
-        title = f"{op} {mode}" + (f"\nV={v}" if v else "") + (f" H={h}" if h else "")
-        axes[0][col].set_title(title, fontsize=9)
-        axes[0][col].set_yscale("log")
-        axes[0][col].set_ylabel("median ms (log)")
-        axes[1][col].set_ylabel("peak MiB above inputs")
-        for ax in (axes[0][col], axes[1][col]):
+            top.plot(xs, [p[1] for p in pts], **style)
+            bottom.plot(xs, [p[2] for p in pts], **style)
+        top.set_title(f"{op} {mode}" + (f" V={v}" if v else "") + (f" H={h}" if h else ""), fontsize=9)
+        top.set_yscale("log")
+        top.set_ylabel("median ms (log)")
+        bottom.set_ylabel("peak MiB above inputs")
+        for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("N tokens" if op != "advantages" else "B rewards")
             ax.grid(alpha=0.3)
+    for k in range(len(groups), nrows * ncols):  # empty cells of the last row
+        axes[2 * (k // ncols)][k % ncols].set_visible(False)
+        axes[2 * (k // ncols) + 1][k % ncols].set_visible(False)
     handles = [plt.Line2D([], [], color=colors[n], marker="o", label=n) for n in names]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 4), fontsize=8)
     fig.suptitle(f"fastgrpo bench — {env['device']}, torch {env['torch']}, {env['date'][:10]}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
         progress.close()
         del cases
     print(table(rows))
-    stem = f"bench_{args.device}{'_quick' if args.quick else ''}"
+    dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    ops = "" if args.ops == ",".join(OPS) else "_" + args.ops.replace(",", "+")
+    stem = f"bench_{args.device}_{dtype}{'_quick' if args.quick else ''}{ops}"
     paths = write(rows, env, pathlib.Path(args.out), stem)
     print("wrote " + ", ".join(str(p) for p in paths))
     return paths
