@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import fastgrpo
-from fastgrpo import backends  # noqa: F401  (fastgrpo.backends below)
+from fastgrpo import backends
 
 VOCAB, BOS, DIGITS, PROMPTS, GROUP, ITERATIONS = 11, 10, 3, 16, 8, 2
 CONFIG = fastgrpo.LossConfig(policy_loss="ppo", epsilon_low=0.2, epsilon_high=0.28, aggregation="token_mean")
@@ -116,7 +116,7 @@ def plot(curve: list[float], out: str) -> str:
 
 def main(steps: int = 600, out: str = "bench/results/demo_reward.png") -> int:
     print(f"GRPO demo: {PROMPTS} prompts x {GROUP} completions per step, {ITERATIONS} updates per rollout, "
-          f"backends on this device: {fastgrpo.backends.available(torch.device('cpu'))}")
+          f"backends on this device: {backends.available(torch.device('cpu'))}")
     curve = train(steps)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     print(f"reward {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps); curve: {plot(curve, out)}")
