@@ -82,6 +82,36 @@ def test_report_markdown(tmp_path):
     assert "old" not in readme.read_text() and "Test CPU" in readme.read_text()
 
 
+def test_peers_compute_the_same_loss():
+    """The linear benchmark's peers (TRL's fused LM head + its DAPO loss, Liger's LigerFusedLinearGRPOLoss)
+    compute the loss fastgrpo's providers do, so their times compare like with like."""
+    import fastgrpo
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 8, 16, generator=g), torch.randn(50, 16, generator=g) / 4
+    targets = torch.randint(0, 50, (2, 8), generator=g)
+    lp = fastgrpo.linear_token_logprobs(x, w, targets)
+    kw = dict(advantages=torch.randn(2, generator=g), mask=torch.ones(2, 8),
+              old_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g), ref_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g))
+    ours = fastgrpo.linear_grpo_loss(x, w, targets, config=linear_grpo_loss.CONFIG, **kw).loss
+    torch.testing.assert_close(linear_grpo_loss._trl_loss(x.view(-1, 16), w, targets, kw), ours)
+    pytest.importorskip("liger_kernel")
+    torch.testing.assert_close(linear_grpo_loss._liger_loss(targets, kw)(x, w), ours)
+
+
+def test_liger_triton_grpo_loss_computes_the_same_loss():
+    """Liger's Triton loss (the CUDA peer of the logits benchmark; here under the Triton interpreter) scores
+    T − 1 positions: fastgrpo's loss on those."""
+    pytest.importorskip("liger_kernel")
+    import fastgrpo
+
+    logits, targets, kw = grpo_loss.inputs(16, 40, torch.float32, "cpu", seq_len=8)
+    cut = {k: v[:, :-1] if v.dim() == 2 else v for k, v in kw.items()}
+    ours = fastgrpo.grpo_loss(logits[:, :-1], targets[:, :-1], config=grpo_loss.CONFIG, backend="reference", **cut)
+    theirs = grpo_loss._liger_loss(targets, kw)(logits.clone())
+    torch.testing.assert_close(theirs, ours.loss, rtol=1e-5, atol=1e-6)
+
+
 def test_demo_reward_rises():
     from fastgrpo.demo import train
 
