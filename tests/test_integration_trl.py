@@ -75,12 +75,13 @@ def batch(vocab_size, *, B=8, P=3, T=7, seed=1):
 
 
 def loss_grads_metrics(trainer, compute, inputs):
+    mode = "train" if trainer.model.training else "eval"
     trainer.model.zero_grad(set_to_none=True)
-    trainer._metrics["train"].clear()
+    trainer._metrics[mode].clear()
     loss = compute(trainer.model, inputs)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics[mode].items()}
 
 
 CASES = [dict(loss_type=t) for t in LOSS_TYPES] + [
@@ -93,19 +94,28 @@ CASES = [dict(loss_type=t) for t in LOSS_TYPES] + [
     dict(loss_type="dapo", entropy_coef=0.01),
     dict(loss_type="cispo", epsilon_high=1.2, vllm=True),
     dict(loss_type="grpo", temperature=0.7, vllm=True),
+    dict(loss_type="dapo", beta=0.04, on_policy=True),  # no old log-probs: TRL uses ℓ.detach()
+    dict(loss_type="bnpo", tool_mask=True),
+    dict(loss_type="dapo", eval_mode=True),  # no accumulation scaling in eval
+    dict(loss_type="dr_grpo", eval_mode=True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_compute_loss_matches_trl(tmp_path, case):
     case = dict(case)
-    vllm = case.pop("vllm", False)
+    vllm, on_policy = case.pop("vllm", False), case.pop("on_policy", False)
+    tool_mask, eval_mode = case.pop("tool_mask", False), case.pop("eval_mode", False)
     trainer = make_trainer(tmp_path, **case)
-    trainer.model.train()
+    trainer.model.train(not eval_mode)
     trainer.current_gradient_accumulation_steps = 2  # set by train(): a micro-batch of a 2-step window
     if vllm:  # the IS-ratio path reads only these two attributes (a vLLM server cannot run here)
         trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
     inputs = batch(trainer.model.config.vocab_size)
+    if on_policy:
+        del inputs["old_per_token_logps"]
+    if tool_mask:  # tool-call tokens are excluded from the loss
+        inputs["tool_mask"] = (torch.arange(7) % 3 != 1).long().expand(8, 7).clone()
     expected = loss_grads_metrics(trainer, trainer._compute_loss, inputs)
     patch_grpo_trainer(trainer)
     ours = loss_grads_metrics(trainer, trainer._compute_loss, inputs)
