@@ -154,7 +154,8 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
         for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
             logp = sl.logits(h[r]).mul_(inv_t).sub_(lse[r, None])  # log p over the slice
             p = logp.exp()
-            coef = g_lp[r, None] if g_ent is None else g_lp[r, None] + g_ent[r, None] * (logp + ent[r, None])
+            # two tile buffers in all: the coefficient overwrites log p, ∂/∂u overwrites p
+            coef = g_lp[r, None] if g_ent is None else logp.add_(ent[r, None]).mul_(g_ent[r, None]).add_(g_lp[r, None])
             du = p.mul_(coef).neg_()
             hit = (y[r] >= v0) & (y[r] < v1)  # the target's own entry: + g_ℓ
             du[hit, y[r][hit] - v0] += g_lp[r][hit]
