@@ -92,7 +92,8 @@ def test_peers_compute_the_same_loss():
     targets = torch.randint(0, 50, (2, 8), generator=g)
     lp = fastgrpo.linear_token_logprobs(x, w, targets)
     kw = dict(advantages=torch.randn(2, generator=g), mask=torch.ones(2, 8),
-              old_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g), ref_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g))
+              old_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g),
+              ref_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g))
     ours = fastgrpo.linear_grpo_loss(x, w, targets, config=linear_grpo_loss.CONFIG, **kw).loss
     torch.testing.assert_close(linear_grpo_loss._trl_loss(x.view(-1, 16), w, targets, kw), ours)
     pytest.importorskip("liger_kernel")

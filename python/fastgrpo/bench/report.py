@@ -40,7 +40,8 @@ def markdown(results: pathlib.Path) -> str:
                 continue
             out.append(f"| {r['op']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['median_ms']:.2f} | "
                        f"{r['p20_ms']:.2f}–{r['p80_ms']:.2f} | {r['rate']:.2f} {r['rate_unit']} | "
-                       f"{_fmt(r.get('fraction_of_roofline'), '.0%')} | {_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | "
+                       f"{_fmt(r.get('fraction_of_roofline'), '.0%')} | "
+                       f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | "
                        f"{r['peak_extra_mib']:.0f} |")
         out.append("")
     return "\n".join(out) if out else "No results yet: run `python -m fastgrpo bench`.\n"

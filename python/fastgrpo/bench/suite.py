@@ -18,7 +18,8 @@ OPS = ("token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="two sizes per op (about a minute on a CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default="bench/results", help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    parser.add_argument("--out", default="bench/results",
+                        help="folder for the CSV, JSON and PNG (default: %(default)s)")
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
     parser.add_argument("--modes", default=None, help="fwd,fwd+bwd (default: fwd+bwd with --quick, both otherwise)")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")

@@ -19,8 +19,9 @@ FSDP2-sharded head (gathered, as TRL does; not tested here).
 
 Not supported (a ``ValueError`` at patch time or a ``NotImplementedError`` on the first step, naming the option):
 TRL's vespo/luspo losses, the adaptive entropy controller, MoE router auxiliary losses, vision inputs, a PEFT
-adapter on the LM head, and the entropy bonus together with ``top_entropy_quantile < 1`` for dapo/cispo. With several processes, the
-``top_entropy_quantile`` threshold is computed per process (TRL gathers the entropies of every process first).
+adapter on the LM head, and the entropy bonus together with ``top_entropy_quantile < 1`` for dapo/cispo.
+With several processes, the ``top_entropy_quantile`` threshold is computed per process (TRL gathers the
+entropies of every process first).
 """
 
 from __future__ import annotations
