@@ -221,7 +221,7 @@ def linear_grpo_loss(
     [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
 
     The kernel backends never materialize the [N, V] logits: unmasked tokens are processed ``chunk_tokens`` at
-    a time (default: 256 MiB of fp32 logits per chunk on CUDA, 64 MiB on CPU), and the gradients are computed
+    a time (default: 256 MiB of fp32 logits per chunk on CUDA, 48 MiB on CPU), and the gradients are computed
     in the forward.
 
     ``logit_scale`` and ``logit_softcap`` c apply z = c·tanh(scale·(hidden @ weightᵀ + bias)/c) (Cohere's
