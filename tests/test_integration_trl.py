@@ -84,6 +84,16 @@ def loss_grads_metrics(trainer, compute, inputs):
     return loss.detach(), grads, {k: v[-1] for k, v in trainer._metrics[mode].items()}
 
 
+def compute_loss_once(trainer, patched):
+    """loss_grads_metrics of one training micro-batch (of a 2-step accumulation window) on the hand-made batch,
+    with TRL's loss or, patched, fastgrpo's."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2  # set by train()
+    if patched:
+        patch_grpo_trainer(trainer)
+    return loss_grads_metrics(trainer, trainer._compute_loss, batch(trainer.model.config.vocab_size))
+
+
 CASES = [dict(loss_type=t) for t in LOSS_TYPES] + [
     dict(loss_type="grpo", beta=0.05, use_bias_correction_kl=True),
     dict(loss_type="dapo", beta=0.04, delta=1.5, epsilon_high=0.28),
@@ -137,11 +147,7 @@ def test_cast_lm_head_to_fp32_on_a_bf16_model(tmp_path):
         trainer = make_trainer(tmp_path / str(patched), model=model, bf16=True, cast_lm_head_to_fp32=True,
                                loss_type="dapo")
         assert trainer.model.lm_head.weight.dtype == torch.float32
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 2
-        if patched:
-            patch_grpo_trainer(trainer)
-        results.append(loss_grads_metrics(trainer, trainer._compute_loss, batch(39)))
+        results.append(compute_loss_once(trainer, patched))
     (loss_trl, grads_trl, _), (loss_ours, grads_ours, _) = results
     torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads_ours["lm_head.weight"], grads_trl["lm_head.weight"], rtol=1e-4, atol=1e-6)
@@ -156,11 +162,7 @@ def test_peft_lora_backbone(tmp_path):
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         trainer = make_trainer(tmp_path / str(patched), model=make_model(len(make_tokenizer())), peft_config=config,
                                loss_type="grpo", beta=0.0)
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 2
-        if patched:
-            patch_grpo_trainer(trainer)
-        results.append(loss_grads_metrics(trainer, trainer._compute_loss, batch(39)))
+        results.append(compute_loss_once(trainer, patched))
     (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
     assert grads_trl and all("lora" in name for name in grads_trl)
     torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
@@ -178,11 +180,7 @@ def test_compute_loss_under_bf16_autocast(tmp_path, loss_type):
     results = {}
     for bf16, patched in ((False, False), (True, False), (True, True)):
         trainer = make_trainer(tmp_path / f"{bf16}{patched}", loss_type=loss_type, bf16=bf16, beta=0.04)
-        trainer.model.train()
-        trainer.current_gradient_accumulation_steps = 2
-        if patched:
-            patch_grpo_trainer(trainer)
-        results[bf16, patched] = loss_grads_metrics(trainer, trainer._compute_loss, batch(39))
+        results[bf16, patched] = compute_loss_once(trainer, patched)
     exact, trl_bf16, ours_bf16 = results[False, False], results[True, False], results[True, True]
     assert abs(ours_bf16[0] - exact[0]) <= 2**-8 * abs(exact[0])  # one bf16 rounding of the loss
 

@@ -83,9 +83,10 @@ class _Gemm:
         return dz * self.scale if self.scale != 1.0 else dz
 
     def accumulate(self, dz: Tensor, h: Tensor, rows: Tensor, d_hidden: Tensor, d_weight: Tensor) -> None:
-        """d_hidden[rows] = dZ·W and d_weight += dZᵀ·X for one chunk, in fp32 (the latter without a temporary
-        [V, H] product where the GEMM can accumulate in place)."""
-        d_hidden.index_copy_(0, rows, self._mm(dz, self.weight))
+        """d_hidden[rows] += dZ·W and d_weight += dZᵀ·X for one tile, in fp32 (the latter without a temporary
+        [V, H] product where the GEMM can accumulate in place). Token-outer, each row is added once to zeros;
+        vocabulary-sliced, once per slice."""
+        d_hidden.index_add_(0, rows, self._mm(dz, self.weight))
         if self.low_precision:
             d_weight.add_(self._mm(dz.t(), h))
         else:
@@ -162,11 +163,7 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
             hit = (y[r] >= v0) & (y[r] < v1)  # the target's own entry: + g_ℓ
             du[hit, y[r][hit] - v0] += g_lp[r][hit]
             dz = sl.to_raw_grad(du.mul_(inv_t))
-            d_hidden.index_add_(0, r, sl._mm(dz, sl.weight))
-            if sl.low_precision:
-                dw.add_(sl._mm(dz.t(), h[r]))
-            else:
-                dw.addmm_(dz.t(), h[r].float())
+            sl.accumulate(dz, h[r], r, d_hidden, dw)
             if d_bias is not None:
                 d_bias[v0:v1] += dz.sum(0)
             del logp, p, du, dz, coef  # before the next tile is allocated

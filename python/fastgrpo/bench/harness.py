@@ -37,10 +37,6 @@ class Case:
     flops: Optional[int] = None   # ... or as FLOPs (the linear path)
     roofline: Optional[Provider] = None  # the copy or GEMM doing the same work
 
-    @property
-    def n(self) -> int:
-        return self.shape.get("N", self.shape.get("B", 0))
-
 
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as status:

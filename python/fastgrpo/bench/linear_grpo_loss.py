@@ -2,9 +2,9 @@
 gradients), forward and forward+backward.
 
 Work: FLOPs of the GEMMs the loss needs: 2·N·V·H forward (the logits), 6·N·V·H forward+backward (+ dX and
-dW). Roofline: those GEMMs alone in the same dtype (fp32 output), timed in the same run. Peers: TRL's fused
-LM head (``trl.kernels.ChunkedLogProbFunction``, TRL ≥ 1.16) + TRL's eager DAPO loss, and Liger-Kernel's
-``LigerFusedLinearGRPOLoss``, when installed.
+dW). Roofline: those GEMMs alone, through the linear path's own GEMM routine, timed in the same run.
+Peers: TRL's fused LM head (``trl.kernels.ChunkedLogProbFunction``, TRL ≥ 1.16) + TRL's eager DAPO loss, and
+Liger-Kernel's ``LigerFusedLinearGRPOLoss``, when installed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..linear_loss import _Gemm
 from ..loss import grpo_loss, linear_grpo_loss
 from .common import CONFIG, DTYPES, generator, kernel_backends, leaf, timed
 from .harness import Case, Provider
@@ -95,23 +96,12 @@ def case(n: int, h: int, v: int, device: str, dtype: str, mode: str) -> Case:
     except ImportError:
         pass
 
+    gemm = _Gemm(weight.detach(), None, 1.0, None)  # the GEMM routine (dtypes, fp32 outputs) of the linear path
+
     def gemms(xw):
-        x, w = xw[0].view(-1, h), xw[1]
-        z = torch.mm(x, w.t(), out_dtype=torch.float32) if _OUT_DTYPE and x.dtype != torch.float32 else x @ w.t()
+        x = xw[0].view(-1, h)
+        z = gemm._mm(x, gemm.weight.t())
         if grad:
-            dz = z.to(x.dtype)
-            dz @ w, dz.t() @ x
+            gemm._mm(z, gemm.weight), gemm._mm(z.t(), x)
     return Case(OP, mode, dict(N=n, H=h, V=v), dtype, providers, flops=flops(n, v, h, mode),
                 roofline=Provider(gemms, lambda: (hidden.detach(), weight.detach())))
-
-
-def _has_out_dtype() -> bool:
-    try:
-        torch.mm(torch.ones(1, 1, dtype=torch.bfloat16), torch.ones(1, 1, dtype=torch.bfloat16),
-                 out_dtype=torch.float32)
-        return True
-    except (TypeError, RuntimeError):
-        return False
-
-
-_OUT_DTYPE = _has_out_dtype()
