@@ -1,11 +1,15 @@
 """Build script: the C++ CPU extension always, its CUDA kernels when a CUDA toolkit is found.
 
-- CPU: ``csrc/ops.cpp`` (schemas) + ``csrc/cpu/*.cpp``, with AVX-512 or AVX2/FMA code when the build host
-  has them (``FASTGRPO_CPU_ARCH=avx512|avx2|default`` overrides); the library is built for the machine it runs on.
-- CUDA: ``csrc/cuda/*.cu`` compiled by nvcc into objects linked into the same extension with the static
-  CUDA runtime, when ``CUDA_HOME`` or ``nvcc`` on PATH is found; decided by the toolkit, never by
-  ``torch.cuda.is_available()``, so CPU-only machines (like CI's) compile the CUDA code too. The .cu files
-  include only CUDA headers and ``csrc/*.h`` plain-C++ headers, which works with a CPU-only PyTorch.
+- CPU: ``fastgrpo._C`` = ``csrc/ops.cpp`` (schemas) + ``csrc/cpu/*.cpp``, with AVX-512 or AVX2/FMA code when the
+  build host has them (``FASTGRPO_CPU_ARCH=avx512|avx2|default`` overrides); built for the machine it runs on.
+- CUDA: ``fastgrpo._C_cuda``, a separate module = ``csrc/cuda/*.cpp`` + the ``csrc/cuda/*.cu`` objects compiled by
+  nvcc, when ``CUDA_HOME`` or ``nvcc`` on PATH is found; decided by the toolkit, never by
+  ``torch.cuda.is_available()``, so CPU-only machines (like CI's) compile the CUDA code too. It links the CUDA
+  runtime dynamically (``libcudart.so.<major>``): in a process where torch has already loaded its own runtime of
+  that major version, that one is used, so the extension asks no newer driver than torch does. A toolkit whose
+  major version differs from ``torch.version.cuda`` gets a build-time warning (the module would then need that
+  other runtime and its driver); ``import fastgrpo`` never depends on it: the CPU ops live in ``_C``, and a
+  ``_C_cuda`` that cannot load only makes ``backend="cuda"`` unavailable, with the loader's reason.
   ``FASTGRPO_CUDA_ARCHS`` (default ``80;90a``) lists the architectures; ``FASTGRPO_NO_CUDA=1`` skips CUDA.
 - ``FASTGRPO_NO_EXTENSION=1`` builds nothing: the reference and Triton paths need no extension.
 - Build with ``pip install --no-build-isolation``: the extension must be compiled against the torch it will
@@ -14,8 +18,10 @@
 
 import glob
 import os
+import re
 import shutil
 import subprocess
+import warnings
 
 from setuptools import setup
 
@@ -67,6 +73,28 @@ def compile_cuda(home, build_dir):
     return objects
 
 
+def nvcc_major(home):
+    out = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    return int(found.group(1)) if found else None
+
+
+def warn_on_runtime_mismatch(home):
+    """The module needs libcudart.so.<nvcc major>: say so when torch brings another runtime."""
+    import torch
+
+    major = nvcc_major(home)
+    torch_cuda = torch.version.cuda
+    if torch_cuda is None:
+        warnings.warn(f"fastgrpo: compiling the CUDA kernels with CUDA {major} for a CPU-only torch: they are built "
+                      "and checked, but run only with a CUDA build of torch whose CUDA major version is "
+                      f"{major}", stacklevel=1)
+    elif major is not None and int(torch_cuda.split(".")[0]) != major:
+        warnings.warn(f"fastgrpo: nvcc is CUDA {major} but torch uses CUDA {torch_cuda}: fastgrpo._C_cuda will need "
+                      f"libcudart.so.{major} and a driver for CUDA {major}; build with the toolkit matching "
+                      f"torch (CUDA_HOME=...) or FASTGRPO_NO_CUDA=1", stacklevel=1)
+
+
 def extensions():
     if os.environ.get("FASTGRPO_NO_EXTENSION") == "1":
         return [], {}
@@ -77,22 +105,21 @@ def extensions():
               "(pip install --no-build-isolation -e . builds it against the installed torch)")
         return [], {}
 
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -fopenmp: at::parallel_for is header code, parallel only where the extension itself is built with OpenMP
     cxx = ["-O3", "-std=c++17", "-fopenmp", *cpu_arch_flags()]
-    kwargs = {"extra_link_args": ["-fopenmp"]}
+    exts = [CppExtension("fastgrpo._C", ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     home = cuda_home()
     if home:
-        sources += sorted(glob.glob("csrc/cuda/*.cpp"))
-        cxx.append("-DFASTGRPO_WITH_CUDA")
-        kwargs.update(
+        warn_on_runtime_mismatch(home)
+        lib = os.path.join(home, "lib64") if os.path.isdir(os.path.join(home, "lib64")) else os.path.join(home, "lib")
+        exts.append(CppExtension(
+            "fastgrpo._C_cuda", sorted(glob.glob("csrc/cuda/*.cpp")), extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
             extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
-            include_dirs=[os.path.join(home, "include")],
-            library_dirs=[os.path.join(home, "lib64"), os.path.join(home, "lib")],
-            libraries=["cudart_static", "rt", "dl", "pthread"],
-        )
-    ext = CppExtension("fastgrpo._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": BuildExtension}
+            include_dirs=[os.path.join(home, "include")], library_dirs=[lib], libraries=["cudart"],
+            # the toolkit's runtime as the fallback; a runtime of the same major torch loaded already is used first
+            extra_link_args=[f"-Wl,-rpath,{lib}"]))
+    return exts, {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extensions()

@@ -1,16 +1,26 @@
-"""``backend="cpu"`` / ``"cuda"``: the C++ and CUDA ops of ``fastgrpo._C`` behind the common kernel backend.
+"""``backend="cpu"`` / ``"cuda"``: the C++ and CUDA ops of the extension behind the common kernel backend.
 
-Importing ``fastgrpo._C`` registers the ops (``csrc/ops.cpp``) with their CPU implementations and, when the
-extension was built with a CUDA toolkit, their CUDA ones; this module adds the fakes and autograd.
+Importing ``fastgrpo._C`` registers the ops (``csrc/ops.cpp``) with their CPU implementations; ``fastgrpo._C_cuda``
+(built when a CUDA toolkit was found) adds their CUDA ones. The CUDA module is loaded here too, but a failure to
+load it (no CUDA runtime of the version it was built against) only leaves the CUDA backend unavailable, with
+the reason in ``CUDA_UNAVAILABLE``. This module adds the fakes and autograd.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from . import _C  # noqa: F401  (registers the ops)
+from . import _C  # noqa: F401  (registers the ops and their CPU kernels)
 from . import kernel_ops
 from .kernel_backend import KernelBackend
+
+CUDA_UNAVAILABLE: Optional[str] = None
+try:
+    from . import _C_cuda  # noqa: F401  (registers the CUDA kernels)
+except ImportError as exc:  # not built (no toolkit), or its CUDA runtime cannot be loaded here
+    CUDA_UNAVAILABLE = str(exc)
 
 _ops = torch.ops.fastgrpo
 OPS = kernel_ops.Ops(_ops.token_logprobs, _ops.token_logprobs_backward, _ops.grpo_loss_fused,
