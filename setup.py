@@ -79,12 +79,16 @@ def nvcc_major(home):
     return int(found.group(1)) if found else None
 
 
-def warn_on_runtime_mismatch(home):
-    """The module needs libcudart.so.<nvcc major>: say so when torch brings another runtime."""
+def torch_cuda_version():
     import torch
 
+    return torch.version.cuda
+
+
+def warn_on_runtime_mismatch(home):
+    """The module needs libcudart.so.<nvcc major>: say so when torch brings another runtime."""
     major = nvcc_major(home)
-    torch_cuda = torch.version.cuda
+    torch_cuda = torch_cuda_version()
     if torch_cuda is None:
         warnings.warn(f"fastgrpo: compiling the CUDA kernels with CUDA {major} for a CPU-only torch: they are built "
                       "and checked, but run only with a CUDA build of torch whose CUDA major version is "
@@ -93,6 +97,15 @@ def warn_on_runtime_mismatch(home):
         warnings.warn(f"fastgrpo: nvcc is CUDA {major} but torch uses CUDA {torch_cuda}: fastgrpo._C_cuda will need "
                       f"libcudart.so.{major} and a driver for CUDA {major}; build with the toolkit matching "
                       f"torch (CUDA_HOME=...) or FASTGRPO_NO_CUDA=1", stacklevel=1)
+
+
+def stream_native_handle():
+    """Whether this torch's c10::Stream has native_handle() (newer torch); else the bindings reach the CUDA stream
+    through c10_cuda, which only a CUDA build of torch has."""
+    import torch.utils.cpp_extension as cpp
+
+    header = os.path.join(cpp.include_paths()[0], "c10", "core", "Stream.h")
+    return os.path.exists(header) and "native_handle()" in open(header).read()
 
 
 def extensions():
@@ -110,13 +123,19 @@ def extensions():
     exts = [CppExtension("fastgrpo._C", ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
                          extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
     home = cuda_home()
+    native_handle = home is not None and stream_native_handle()
+    if home and not native_handle and torch_cuda_version() is None:
+        print("fastgrpo: this CPU-only torch has no c10::Stream::native_handle (torch < 2.7?): skipping the CUDA kernels")
+        home = None
     if home:
         warn_on_runtime_mismatch(home)
         lib = os.path.join(home, "lib64") if os.path.isdir(os.path.join(home, "lib64")) else os.path.join(home, "lib")
         exts.append(CppExtension(
             "fastgrpo._C_cuda", sorted(glob.glob("csrc/cuda/*.cpp")), extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
             extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
-            include_dirs=[os.path.join(home, "include")], library_dirs=[lib], libraries=["cudart"],
+            define_macros=[("FASTGRPO_STREAM_NATIVE_HANDLE", None)] if native_handle else [],
+            include_dirs=[os.path.join(home, "include")], library_dirs=[lib],
+            libraries=["cudart"] if native_handle else ["cudart", "c10_cuda"],
             # the toolkit's runtime as the fallback; a runtime of the same major torch loaded already is used first
             extra_link_args=[f"-Wl,-rpath,{lib}"]))
     return exts, {"build_ext": BuildExtension}

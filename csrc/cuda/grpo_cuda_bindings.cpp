@@ -5,6 +5,9 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
+#ifndef FASTGRPO_STREAM_NATIVE_HANDLE
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "../common.h"
 #include "launch.h"
@@ -22,7 +25,11 @@ cuda::DType dtype_of(const at::Tensor& x) {
 }
 
 void* current_stream(const at::Tensor& x) {
+#ifdef FASTGRPO_STREAM_NATIVE_HANDLE  // newer torch: no link to c10_cuda, so this builds against a CPU-only torch
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
+#else  // older torch (2.6): through c10_cuda, which setup.py links (a CUDA build of torch only)
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+#endif
 }
 
 void check_launch(const char* error, const char* op) {
