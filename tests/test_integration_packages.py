@@ -6,6 +6,7 @@ deepspeed at the top (whose build needs a CUDA toolkit torch). So the test loads
 ``openrlhf/models/loss.py`` and ``models/utils.py`` files themselves under a bare package, with ``deepspeed``
 stubbed: only ``set_z3_leaf_modules`` uses it, which nothing here calls. The code under test is the package's."""
 
+import contextlib
 import importlib.util
 import pathlib
 import sys
@@ -127,6 +128,82 @@ def test_verl_logprobs_from_logits():
     torch.testing.assert_close(g_ours, g_theirs)
 
 
+@pytest.mark.parametrize("loss_mode", fg_verl.LOSS_MODES)
+@pytest.mark.parametrize("loss_agg_mode", VERL_AGG_MODES)
+def test_verl_dp_size_without_global_counts(data, loss_mode, loss_agg_mode):
+    """dp_size > 1 without the global token/sequence count: verl raises (a local count would weight each rank's
+    gradient differently); so must the drop-in. Where verl needs no count (token-sum, geo_mean) both agree."""
+    d = data
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    config.global_batch_info.update(dp_size=2)
+    args = (d["old"], d["lp"], d["adv"], d["mask"])
+    try:
+        theirs, _ = verl_core.get_policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+    except ValueError as e:
+        assert "dp_size > 1" in str(e)
+        expected = r"global_batch_info\['(batch_num_tokens|global_batch_size)'\].*dp_size > 1"
+        with pytest.raises(ValueError, match=expected):
+            fg_verl.policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+        return
+    ours, _ = fg_verl.policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+    assert_same(ours, theirs, d["lp"])
+
+
+@pytest.fixture
+def verl_gpu_paths(monkeypatch):
+    """verl's GPU paths of ``logprobs_from_logits`` (flash-attn's cross-entropy) and ``linear_cross_entropy`` (its
+    Triton kernels) cannot run here: their kernels are replaced by the same math in torch, taking rows as the real
+    kernels do, so what runs is verl's own code around them: the reshapes and reductions that decide which shapes
+    it accepts and returns."""
+    from verl.utils.kernel import kernels
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    def cross_entropy_loss(logits, labels, inplace_backward=False):
+        assert logits.dim() == 2 and labels.dim() == 1
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), None
+
+    def efficient_entropy_forward(hidden, weight, labels, reduction, temperature, dist_process_group):
+        assert hidden.dim() == 2 and labels.dim() == 1
+        logp = ((hidden.float() @ weight.float().T) / temperature).log_softmax(-1)
+        lp, ent = logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+        return {0: lp, 1: lp.sum(), 2: lp.mean()}[reduction], ent, None, None, None
+
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+    monkeypatch.setattr(verl_F, "cross_entropy_loss", cross_entropy_loss, raising=False)
+    monkeypatch.setattr(kernels, "efficient_entropy_forward", efficient_entropy_forward)
+    monkeypatch.setattr(torch.cuda.nvtx, "range", lambda msg: contextlib.nullcontext())
+    return verl_F.logprobs_from_logits, linear_cross_entropy
+
+
+# verl's own test_linear_cross_entropy passes logits [N, V] with labels [1, N]
+ROWS_AND_LABELS = [((6,), (1, 6)), ((6,), (6,)), ((1, 6), (1, 6)), ((2, 3), (2, 3)), ((2, 3), (6,)), ((2, 3, 2), (12,))]
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+def test_verl_logprobs_from_logits_shapes(verl_gpu_paths, rows, label_shape):
+    theirs_fn, _ = verl_gpu_paths
+    logits = torch.randn(*rows, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, label_shape)
+    theirs, ours = theirs_fn(logits, labels), fg_verl.logprobs_from_logits(logits, labels)
+    assert ours.shape == theirs.shape
+    assert_same(ours.sum(), theirs.sum(), logits)
+    with pytest.raises(ValueError, match="labels must hold one id per row of logits"):
+        fg_verl.logprobs_from_logits(logits, labels.reshape(-1)[1:])
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "Mean"])
+def test_verl_linear_cross_entropy_shapes(verl_gpu_paths, rows, label_shape, reduction):
+    _, theirs_fn = verl_gpu_paths
+    hidden, weight = torch.randn(*rows, 8), torch.randn(30, 8)
+    labels = torch.randint(0, 30, label_shape)
+    theirs = theirs_fn(hidden, weight, labels, 0.9, reduction)
+    ours = fg_verl.linear_cross_entropy(hidden, weight, labels, 0.9, reduction)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_verl_fused_linear_for_ppo():
     """fp32: the same values and gradients as verl's torch implementation. bf16: verl rounds the logits to
     bf16 before the softmax, fastgrpo keeps them fp32, so fastgrpo must be as close as verl to verl's fp32."""
@@ -162,8 +239,10 @@ def test_verl_linear_cross_entropy():
     ref_lp, ref_ent = FusedLinearForPPO()(hidden, weight, labels, 0.9)
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(ent, ref_ent)
-    with pytest.raises(NotImplementedError, match="reduction"):
-        fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="mean")
+    with pytest.raises(ValueError, match="reduction"):
+        fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="average")
+    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        fg_verl.linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
 
 
 @pytest.mark.parametrize("opts", [
