@@ -15,6 +15,8 @@ import types
 import pytest
 import torch
 
+from fastgrpo import policy_loss, presets
+
 verl_core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="install tests/requirements-trainers.txt")
 from verl.utils import torch_functional as verl_F  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
@@ -284,3 +286,72 @@ def test_openrlhf_log_probs():
         (g_ours,) = torch.autograd.grad(ours.sum(), leaf, retain_graph=True)
         (g_theirs,) = torch.autograd.grad(theirs.sum(), leaf, retain_graph=True)
         torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+def test_openrlhf_log_probs_shapes(monkeypatch, rows, label_shape):
+    """OpenRLHF's fp32 path with flash-attn (on GPUs) flattens the rows and the labels; flash-attn's kernel is
+    replaced by the same math in torch, so the shapes are OpenRLHF's own."""
+    utils, _ = openrlhf_modules()
+    kernel = types.ModuleType("flash_attn.ops.triton.cross_entropy")
+    kernel.cross_entropy_loss = lambda logits, labels: (  # flash-attn's losses are fp32
+        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), None)
+    for name in ("flash_attn", "flash_attn.ops", "flash_attn.ops.triton"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, kernel.__name__, kernel)
+    logits = torch.randn(*rows, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, label_shape)
+    theirs = utils.log_probs_from_logits(logits * 1.0, labels)
+    ours = fg_openrlhf.log_probs_from_logits(logits, labels)
+    assert ours.shape == theirs.shape
+    assert_same(ours.sum(), theirs.sum(), logits)
+
+
+def far_policy_data(shift):
+    """fp32 (the trainers' log-prob dtype, where exp(100) overflows) with log π − log π_ref = log π − log π_old =
+    shift at every token."""
+    g = torch.Generator().manual_seed(7)
+    lp = (-2.0 * torch.rand(B, T, generator=g)).requires_grad_()
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0.0
+    adv = torch.tensor([1.2, -0.7, -1.5, 0.4, -0.2])[:, None].expand(B, T)
+    return lp, lp.detach() - shift, adv, mask
+
+
+@pytest.mark.parametrize("shift", [-100.0, -3.0, 0.5, 100.0])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_openrlhf_far_reference_policy(shift, kl_estimator):
+    """OpenRLHF's KL estimates are clamped to ±10, and k3 clamps the log-ratio at −10 before exp: a reference
+    policy 100 nats away gives a finite KL term with a zero gradient there (the clamp's), never NaN. Checked on
+    the KL drop-in and on fastgrpo's whole OpenRLHF actor loss (policy + init_kl_coef · KL, the preset) against
+    OpenRLHF's PolicyLoss + compute_approx_kl + aggregate_loss."""
+    utils, loss_module = openrlhf_modules()
+    lp, far, adv, mask = far_policy_data(shift)
+    kl_theirs = utils.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator)
+    kl_ours = fg_openrlhf.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator)
+    torch.testing.assert_close(kl_ours, kl_theirs)
+    grads = [torch.autograd.grad((k * mask).sum(), lp, retain_graph=True)[0] for k in (kl_ours, kl_theirs)]
+    torch.testing.assert_close(*grads)
+    coef = 0.1
+    theirs = loss_module.PolicyLoss()(lp, far, adv, mask)[0] + coef * loss_module.aggregate_loss(kl_theirs, mask)
+    config = presets.openrlhf(use_kl_loss=True, init_kl_coef=coef, kl_estimator=kl_estimator)
+    ours = policy_loss(lp, adv, mask, old_logprobs=far, ref_logprobs=far, config=config).loss
+    torch.testing.assert_close(ours, theirs)
+    grads = [torch.autograd.grad(x, lp)[0] for x in (ours, theirs)]
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(*grads)
+    with pytest.raises(NotImplementedError, match="unbiased_gradient"):
+        fg_openrlhf.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator, unbiased_gradient=True)
+
+
+@pytest.mark.parametrize("shift", [-100.0, 100.0])
+def test_openrlhf_policy_loss_far_old_policy(shift):
+    """PPO's log-ratio clamp at ±20 (OpenRLHF's) passes through the drop-in: the same loss and gradient."""
+    _, loss_module = openrlhf_modules()
+    lp, far, adv, mask = far_policy_data(shift)
+    results = [module(dual_clip=3.0)(lp, far, adv, mask)[0]
+               for module in (fg_openrlhf.PolicyLoss, loss_module.PolicyLoss)]
+    torch.testing.assert_close(*results)
+    grads = [torch.autograd.grad(x, lp)[0] for x in results]
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(*grads)

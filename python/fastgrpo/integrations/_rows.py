@@ -10,6 +10,7 @@ import math
 from torch import Tensor
 
 from .. import _checks
+from ..logprobs import token_logprobs
 
 
 def labels_per_row(name: str, x: Tensor, labels: Tensor) -> Tensor:
@@ -25,6 +26,9 @@ def labels_per_row(name: str, x: Tensor, labels: Tensor) -> Tensor:
     return labels.reshape(rows)
 
 
-def as_rows(x: Tensor) -> Tensor:
-    """``x`` [..., V or H] as fastgrpo's [B, T, ·] or [N, ·] (other ranks flattened; a view where possible)."""
-    return x if x.dim() in (2, 3) else x.reshape(-1, x.shape[-1])
+def logprobs_per_row(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """fp32 log-probs, shaped ``logits.shape[:-1]``, of ``labels`` (one id per row, any shape) under ``logits``
+    [..., V] / ``temperature``."""
+    ids = labels_per_row("logits", logits, labels)
+    rows = logits if logits.dim() in (2, 3) else logits.reshape(-1, logits.shape[-1])  # fastgrpo's layouts
+    return token_logprobs(rows, ids.reshape(rows.shape[:-1]), temperature=temperature).reshape(ids.shape)

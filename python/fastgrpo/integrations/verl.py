@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
-from ..logprobs import linear_token_logprobs, token_logprobs
+from ..logprobs import linear_token_logprobs
 from ..loss import policy_loss
 from ..reference import kl_estimate
-from ._rows import as_rows, labels_per_row
+from ._rows import labels_per_row, logprobs_per_row
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
 
@@ -142,10 +142,8 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
     """verl's ``logprobs_from_logits``: fp32 log-probs [...] of ``labels`` under ``logits`` [..., V], one fused
     pass. As verl's flash-attn path, ``labels`` may have any shape with one id per row of ``logits`` (e.g. [1, N]
-    for [N, V]). ``inplace_backward`` is accepted for the signature: fastgrpo's backward keeps no [N, V] copy."""
-    ids = labels_per_row("logits", logits, labels)
-    rows = as_rows(logits)
-    return token_logprobs(rows, ids.reshape(rows.shape[:-1])).reshape(ids.shape)
+    for [N, V]). ``inplace_backward`` is accepted for the signature and ignored (no in-place gradient here)."""
+    return logprobs_per_row(logits, labels)
 
 
 class FusedLinearForPPO(nn.Module):
