@@ -6,6 +6,7 @@ deepspeed at the top (whose build needs a CUDA toolkit torch). So the test loads
 ``openrlhf/models/loss.py`` and ``models/utils.py`` files themselves under a bare package, with ``deepspeed``
 stubbed: only ``set_z3_leaf_modules`` uses it, which nothing here calls. The code under test is the package's."""
 
+import contextlib
 import importlib.util
 import pathlib
 import sys
@@ -13,6 +14,8 @@ import types
 
 import pytest
 import torch
+
+from fastgrpo import policy_loss, presets
 
 verl_core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="install tests/requirements-trainers.txt")
 from verl.utils import torch_functional as verl_F  # noqa: E402
@@ -127,6 +130,82 @@ def test_verl_logprobs_from_logits():
     torch.testing.assert_close(g_ours, g_theirs)
 
 
+@pytest.mark.parametrize("loss_mode", fg_verl.LOSS_MODES)
+@pytest.mark.parametrize("loss_agg_mode", VERL_AGG_MODES)
+def test_verl_dp_size_without_global_counts(data, loss_mode, loss_agg_mode):
+    """dp_size > 1 without the global token/sequence count: verl raises (a local count would weight each rank's
+    gradient differently); so must the drop-in. Where verl needs no count (token-sum, geo_mean) both agree."""
+    d = data
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    config.global_batch_info.update(dp_size=2)
+    args = (d["old"], d["lp"], d["adv"], d["mask"])
+    try:
+        theirs, _ = verl_core.get_policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+    except ValueError as e:
+        assert "dp_size > 1" in str(e)
+        expected = r"global_batch_info\['(batch_num_tokens|global_batch_size)'\].*dp_size > 1"
+        with pytest.raises(ValueError, match=expected):
+            fg_verl.policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+        return
+    ours, _ = fg_verl.policy_loss_fn(loss_mode)(*args, loss_agg_mode=loss_agg_mode, config=config)
+    assert_same(ours, theirs, d["lp"])
+
+
+@pytest.fixture
+def verl_gpu_paths(monkeypatch):
+    """verl's GPU paths of ``logprobs_from_logits`` (flash-attn's cross-entropy) and ``linear_cross_entropy`` (its
+    Triton kernels) cannot run here: their kernels are replaced by the same math in torch, taking rows as the real
+    kernels do, so what runs is verl's own code around them: the reshapes and reductions that decide which shapes
+    it accepts and returns."""
+    from verl.utils.kernel import kernels
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    def cross_entropy_loss(logits, labels, inplace_backward=False):
+        assert logits.dim() == 2 and labels.dim() == 1
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), None
+
+    def efficient_entropy_forward(hidden, weight, labels, reduction, temperature, dist_process_group):
+        assert hidden.dim() == 2 and labels.dim() == 1
+        logp = ((hidden.float() @ weight.float().T) / temperature).log_softmax(-1)
+        lp, ent = logp.gather(-1, labels[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+        return {0: lp, 1: lp.sum(), 2: lp.mean()}[reduction], ent, None, None, None
+
+    monkeypatch.setattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", True)
+    monkeypatch.setattr(verl_F, "cross_entropy_loss", cross_entropy_loss, raising=False)
+    monkeypatch.setattr(kernels, "efficient_entropy_forward", efficient_entropy_forward)
+    monkeypatch.setattr(torch.cuda.nvtx, "range", lambda msg: contextlib.nullcontext())
+    return verl_F.logprobs_from_logits, linear_cross_entropy
+
+
+# verl's own test_linear_cross_entropy passes logits [N, V] with labels [1, N]
+ROWS_AND_LABELS = [((6,), (1, 6)), ((6,), (6,)), ((1, 6), (1, 6)), ((2, 3), (2, 3)), ((2, 3), (6,)), ((2, 3, 2), (12,))]
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+def test_verl_logprobs_from_logits_shapes(verl_gpu_paths, rows, label_shape):
+    theirs_fn, _ = verl_gpu_paths
+    logits = torch.randn(*rows, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, label_shape)
+    theirs, ours = theirs_fn(logits, labels), fg_verl.logprobs_from_logits(logits, labels)
+    assert ours.shape == theirs.shape
+    assert_same(ours.sum(), theirs.sum(), logits)
+    with pytest.raises(ValueError, match="labels must hold one id per row of logits"):
+        fg_verl.logprobs_from_logits(logits, labels.reshape(-1)[1:])
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "Mean"])
+def test_verl_linear_cross_entropy_shapes(verl_gpu_paths, rows, label_shape, reduction):
+    _, theirs_fn = verl_gpu_paths
+    hidden, weight = torch.randn(*rows, 8), torch.randn(30, 8)
+    labels = torch.randint(0, 30, label_shape)
+    theirs = theirs_fn(hidden, weight, labels, 0.9, reduction)
+    ours = fg_verl.linear_cross_entropy(hidden, weight, labels, 0.9, reduction)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_verl_fused_linear_for_ppo():
     """fp32: the same values and gradients as verl's torch implementation. bf16: verl rounds the logits to
     bf16 before the softmax, fastgrpo keeps them fp32, so fastgrpo must be as close as verl to verl's fp32."""
@@ -162,8 +241,10 @@ def test_verl_linear_cross_entropy():
     ref_lp, ref_ent = FusedLinearForPPO()(hidden, weight, labels, 0.9)
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(ent, ref_ent)
-    with pytest.raises(NotImplementedError, match="reduction"):
-        fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="mean")
+    with pytest.raises(ValueError, match="reduction"):
+        fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="average")
+    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        fg_verl.linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
 
 
 @pytest.mark.parametrize("opts", [
@@ -205,3 +286,72 @@ def test_openrlhf_log_probs():
         (g_ours,) = torch.autograd.grad(ours.sum(), leaf, retain_graph=True)
         (g_theirs,) = torch.autograd.grad(theirs.sum(), leaf, retain_graph=True)
         torch.testing.assert_close(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize("rows, label_shape", ROWS_AND_LABELS, ids=str)
+def test_openrlhf_log_probs_shapes(monkeypatch, rows, label_shape):
+    """OpenRLHF's fp32 path with flash-attn (on GPUs) flattens the rows and the labels; flash-attn's kernel is
+    replaced by the same math in torch, so the shapes are OpenRLHF's own."""
+    utils, _ = openrlhf_modules()
+    kernel = types.ModuleType("flash_attn.ops.triton.cross_entropy")
+    kernel.cross_entropy_loss = lambda logits, labels: (  # flash-attn's losses are fp32
+        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), None)
+    for name in ("flash_attn", "flash_attn.ops", "flash_attn.ops.triton"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, kernel.__name__, kernel)
+    logits = torch.randn(*rows, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, label_shape)
+    theirs = utils.log_probs_from_logits(logits * 1.0, labels)
+    ours = fg_openrlhf.log_probs_from_logits(logits, labels)
+    assert ours.shape == theirs.shape
+    assert_same(ours.sum(), theirs.sum(), logits)
+
+
+def far_policy_data(shift):
+    """fp32 (the trainers' log-prob dtype, where exp(100) overflows) with log π − log π_ref = log π − log π_old =
+    shift at every token."""
+    g = torch.Generator().manual_seed(7)
+    lp = (-2.0 * torch.rand(B, T, generator=g)).requires_grad_()
+    mask = torch.ones(B, T)
+    mask[1, 4:] = 0.0
+    adv = torch.tensor([1.2, -0.7, -1.5, 0.4, -0.2])[:, None].expand(B, T)
+    return lp, lp.detach() - shift, adv, mask
+
+
+@pytest.mark.parametrize("shift", [-100.0, -3.0, 0.5, 100.0])
+@pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
+def test_openrlhf_far_reference_policy(shift, kl_estimator):
+    """OpenRLHF's KL estimates are clamped to ±10, and k3 clamps the log-ratio at −10 before exp: a reference
+    policy 100 nats away gives a finite KL term with a zero gradient there (the clamp's), never NaN. Checked on
+    the KL drop-in and on fastgrpo's whole OpenRLHF actor loss (policy + init_kl_coef · KL, the preset) against
+    OpenRLHF's PolicyLoss + compute_approx_kl + aggregate_loss."""
+    utils, loss_module = openrlhf_modules()
+    lp, far, adv, mask = far_policy_data(shift)
+    kl_theirs = utils.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator)
+    kl_ours = fg_openrlhf.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator)
+    torch.testing.assert_close(kl_ours, kl_theirs)
+    grads = [torch.autograd.grad((k * mask).sum(), lp, retain_graph=True)[0] for k in (kl_ours, kl_theirs)]
+    torch.testing.assert_close(*grads)
+    coef = 0.1
+    theirs = loss_module.PolicyLoss()(lp, far, adv, mask)[0] + coef * loss_module.aggregate_loss(kl_theirs, mask)
+    config = presets.openrlhf(use_kl_loss=True, init_kl_coef=coef, kl_estimator=kl_estimator)
+    ours = policy_loss(lp, adv, mask, old_logprobs=far, ref_logprobs=far, config=config).loss
+    torch.testing.assert_close(ours, theirs)
+    grads = [torch.autograd.grad(x, lp)[0] for x in (ours, theirs)]
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(*grads)
+    with pytest.raises(NotImplementedError, match="unbiased_gradient"):
+        fg_openrlhf.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator, unbiased_gradient=True)
+
+
+@pytest.mark.parametrize("shift", [-100.0, 100.0])
+def test_openrlhf_policy_loss_far_old_policy(shift):
+    """PPO's log-ratio clamp at ±20 (OpenRLHF's) passes through the drop-in: the same loss and gradient."""
+    _, loss_module = openrlhf_modules()
+    lp, far, adv, mask = far_policy_data(shift)
+    results = [module(dual_clip=3.0)(lp, far, adv, mask)[0]
+               for module in (fg_openrlhf.PolicyLoss, loss_module.PolicyLoss)]
+    torch.testing.assert_close(*results)
+    grads = [torch.autograd.grad(x, lp)[0] for x in results]
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(*grads)

@@ -15,7 +15,13 @@ import torch
 trl = pytest.importorskip("trl", reason="TRL is installed by the test extra; see README")
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    FalconH1Config,
+    FalconH1ForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from fastgrpo.integrations.trl import patch_grpo_trainer  # noqa: E402
@@ -37,6 +43,19 @@ def make_model(vocab_size, seed=0, **extra):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                       eos_token_id=1, bos_token_id=1, tie_word_embeddings=False, **extra)
     return Qwen2ForCausalLM(cfg)
+
+
+def make_falcon_h1(vocab_size, seed=0):
+    """A Mamba/attention hybrid whose ``prepare_inputs_for_generation(input_ids, **kwargs)`` makes generate()
+    check its model_kwargs against forward's signature (as NemotronH, Bamba, Zamba do); its LM head multiplies
+    the logits (lm_head_multiplier), which the loss path must apply too."""
+    torch.manual_seed(seed)
+    cfg = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=4,
+                         mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
+                         lm_head_multiplier=0.5, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                         bos_token_id=1, tie_word_embeddings=False)
+    return FalconH1ForCausalLM(cfg)
 
 
 def count_a(completions, **_):
@@ -238,3 +257,53 @@ def test_import_patches_nothing():
     model = make_model(len(make_tokenizer()))
     assert "fastgrpo" not in type(model.forward).__name__ and not getattr(model, "_fastgrpo_forward", False)
     copy.deepcopy(model)
+
+
+def test_patched_mamba_hybrid_generates_as_unpatched(tmp_path):
+    """The patched forward keeps the original's parameter names visible: generate() on a model whose
+    prepare_inputs_for_generation takes (input_ids, **kwargs) used to reject attention_mask."""
+    trainer = make_trainer(tmp_path, model=make_falcon_h1(len(make_tokenizer())))
+    ids = torch.tensor([[0, 0, 2, 3], [4, 5, 6, 7]])
+    attention_mask = (ids != 0).long()  # left padding, as TRL generates
+    kwargs = dict(input_ids=ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False)
+    expected = trainer.model.generate(**kwargs)
+    patch_grpo_trainer(trainer)
+    torch.testing.assert_close(trainer.model.generate(**kwargs), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_compute_loss_matches_trl_on_a_mamba_hybrid(tmp_path, loss_type):
+    """The loss path on Falcon-H1: backbone hidden states, then its lm_head_multiplier."""
+    results = []
+    for patched in (False, True):
+        trainer = make_trainer(tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())),
+                               loss_type=loss_type)
+        results.append(compute_loss_once(trainer, patched))
+    (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
+    torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
+    assert grads_ours.keys() == grads_trl.keys()
+    for name, g in grads_trl.items():
+        torch.testing.assert_close(grads_ours[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert metrics_ours.keys() == metrics_trl.keys()
+    for name, value in metrics_trl.items():
+        assert math.isclose(metrics_ours[name], value, rel_tol=1e-5, abs_tol=1e-6), (name, metrics_ours[name], value)
+
+
+def test_training_matches_trl_on_a_mamba_hybrid(tmp_path):
+    """A whole patched train() on Falcon-H1 (TRL generates with the patched model) against TRL's own."""
+    runs = []
+    for patched in (False, True):
+        trainer = make_trainer(tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())), max_steps=2,
+                               loss_type="dapo")
+        if patched:
+            patch_grpo_trainer(trainer)
+        trainer.train()
+        runs.append((trainer.state.log_history[:-1], dict(trainer.model.named_parameters())))
+    (logs_trl, params_trl), (logs_ours, params_ours) = runs
+    assert len(logs_trl) == len(logs_ours) == 2
+    for step_trl, step_ours in zip(logs_trl, logs_ours):
+        assert step_trl.keys() == step_ours.keys()
+        for key in step_trl.keys() - {"step_time", "epoch", "step", "learning_rate"}:
+            assert math.isclose(step_ours[key], step_trl[key], rel_tol=1e-4, abs_tol=1e-5), (key, step_ours, step_trl)
+    for name, p in params_trl.items():
+        torch.testing.assert_close(params_ours[name], p, rtol=1e-4, atol=1e-5, msg=name)

@@ -1,6 +1,6 @@
 """OpenRLHF drop-ins: a ``PolicyLoss`` module with OpenRLHF's constructor, forward signature and return tuple,
-and ``log_probs_from_logits`` (read at OpenRLHF 0.11.2: openrlhf/models/loss.py, models/utils.py; tested
-against it).
+``compute_approx_kl`` and ``log_probs_from_logits`` (read at OpenRLHF 0.11.2: openrlhf/models/loss.py,
+models/utils.py; tested against it).
 
     from fastgrpo.integrations.openrlhf import PolicyLoss     # instead of openrlhf.models.loss.PolicyLoss
 """
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
-from ..logprobs import token_logprobs
 from ..loss import policy_loss
+from ..reference import kl_estimate
+from ._rows import logprobs_per_row
 
 
 def _masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
@@ -98,6 +99,20 @@ class PolicyLoss(nn.Module):
         return out.loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
 
 
+def compute_approx_kl(log_probs: Tensor, log_probs_base: Tensor, log_probs_old: Optional[Tensor] = None,
+                      kl_estimator: str = "k1", unbiased_gradient: bool = False) -> Tensor:
+    """OpenRLHF's ``compute_approx_kl``: the per-token estimate (fp32, clamped to ±10) of KL(π‖π_base) by
+    ``kl_estimator`` (k1, k2, k3), the one :func:`fastgrpo.presets.openrlhf` puts in the loss. ``log_probs_old``
+    is read only by ``unbiased_gradient``, which is not supported."""
+    if unbiased_gradient:
+        raise NotImplementedError("unbiased_gradient=True (OpenRLHF's --algo.kl.unbiased_gradient) is not supported "
+                                  "by fastgrpo's OpenRLHF integration")
+    config = presets.openrlhf(use_kl_loss=True, kl_estimator=kl_estimator)
+    return kl_estimate(log_probs.float(), log_probs_base.float(), config)
+
+
 def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """OpenRLHF's ``log_probs_from_logits``: fp32 log-probs of ``labels`` under ``logits / temperature``."""
-    return token_logprobs(logits, labels, temperature=temperature)
+    """OpenRLHF's ``log_probs_from_logits``: fp32 log-probs [...] of ``labels`` under ``logits`` [..., V] /
+    ``temperature``. As OpenRLHF's flash-attn path, ``labels`` may have any shape with one id per row of
+    ``logits``. Unlike OpenRLHF, ``logits`` is not divided by the temperature in place."""
+    return logprobs_per_row(logits, labels, temperature)

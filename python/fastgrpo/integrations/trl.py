@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import types
 from typing import Any, Optional
 
@@ -92,6 +94,7 @@ def _add_loss_forward(model: Any) -> None:
     original = model.forward
     scale, softcap = _logit_transform(model.config)
 
+    @functools.wraps(original)
     def forward(self, *args, fastgrpo_loss=None, **kwargs):
         if fastgrpo_loss is None:
             return original(*args, **kwargs)
@@ -99,8 +102,23 @@ def _add_loss_forward(model: Any) -> None:
         hidden = self.base_model(*args, **kwargs).last_hidden_state
         return fastgrpo_loss(hidden, self.get_output_embeddings(), scale, softcap)
 
+    # transformers reads forward's parameter names (generate() checks model_kwargs such as attention_mask
+    # against them when prepare_inputs_for_generation takes **kwargs, as the Mamba hybrids' do; it also looks
+    # for logits_to_keep): the wrapper shows the original's parameters plus its own keyword
+    forward.__signature__ = _signature_with_loss(inspect.signature(original))
     model.forward = types.MethodType(forward, model)
     model._fastgrpo_forward = True
+
+
+def _signature_with_loss(bound: inspect.Signature) -> inspect.Signature:
+    """The unbound signature of the wrapper of a bound ``forward`` with signature ``bound``: ``self``, its
+    parameters and a keyword-only ``fastgrpo_loss=None`` (before ``**kwargs``, where keyword-only ones go)."""
+    params = list(bound.parameters.values())
+    loss = inspect.Parameter("fastgrpo_loss", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bound.replace(parameters=[self, *params[:at], loss, *params[at:]],
+                         return_annotation=inspect.Signature.empty)  # it returns the loss function's result too
 
 
 def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
-from ..logprobs import linear_token_logprobs, token_logprobs
+from ..logprobs import linear_token_logprobs
 from ..loss import policy_loss
 from ..reference import kl_estimate
+from ._rows import labels_per_row, logprobs_per_row
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
 
@@ -67,12 +68,13 @@ def _verl_metrics(loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Te
         clipfrac, lower = _masked_mean((ratio != ratio.clamp(1 - low, 1 + high)).float(), m), zero
     else:  # sapo reports no clipping
         clipfrac = lower = zero
-    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(), "actor/pg_clipfrac_lower": lower.item()}
+    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+            "actor/pg_clipfrac_lower": lower.item()}
 
 
 def _global_normalizer(loss_mode: str, loss_agg_mode: str, info: dict, padded_length: int) -> Optional[float]:
     """The denominator verl's ``agg_loss`` uses with ``global_batch_info`` (the global count / dp_size), or
-    None for the local count. geo_mean takes a plain mean over the micro-batch's sequences."""
+    None for the local count (dp_size 1 only). geo_mean takes a plain mean over the micro-batch's sequences."""
     dp = info.get("dp_size", 1)
     if loss_mode == "geo_mean":
         return None
@@ -80,8 +82,12 @@ def _global_normalizer(loss_mode: str, loss_agg_mode: str, info: dict, padded_le
         loss_agg_mode = "seq-mean-token-mean"
     if loss_agg_mode == "token-sum":
         return 1.0 / dp if dp != 1 else None
-    count = info.get("batch_num_tokens") if loss_agg_mode == "token-mean" else info.get("global_batch_size")
+    name = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
+    count = info.get(name)
     if count is None:
+        if dp > 1:  # verl's agg_loss raises too: a local count would scale each rank's gradient differently
+            raise ValueError(f"global_batch_info[{name!r}] (the global count) is required when dp_size > 1 "
+                             f"(loss_agg_mode={loss_agg_mode!r}), as in verl's agg_loss")
         return None
     if loss_agg_mode == "seq-mean-token-sum-norm":
         return count / dp * (info.get("loss_scale_factor") or padded_length)
@@ -134,8 +140,10 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:
-    """verl's ``logprobs_from_logits`` ([..., V] logits, [...] labels → [...] fp32 log-probs), one fused pass."""
-    return token_logprobs(logits, labels)
+    """verl's ``logprobs_from_logits``: fp32 log-probs [...] of ``labels`` under ``logits`` [..., V], one fused
+    pass. As verl's flash-attn path, ``labels`` may have any shape with one id per row of ``logits`` (e.g. [1, N]
+    for [N, V]). ``inplace_backward`` is accepted for the signature and ignored (no in-place gradient here)."""
+    return logprobs_per_row(logits, labels)
 
 
 class FusedLinearForPPO(nn.Module):
@@ -145,6 +153,8 @@ class FusedLinearForPPO(nn.Module):
 
     def __init__(self, chunk_size: int = 512, impl_backend: str = "torch") -> None:
         super().__init__()
+        if impl_backend not in ("torch", "liger"):  # verl's check
+            raise ValueError(f"impl_backend must be 'torch' or 'liger', got {impl_backend!r}")
         self.chunk_size, self.impl_backend = chunk_size, impl_backend
 
     def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
@@ -156,10 +166,19 @@ class FusedLinearForPPO(nn.Module):
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
                          reduction: str = "none", dist_process_group: Any = None) -> tuple[Tensor, Tensor]:
-    """verl's ``linear_cross_entropy`` (verl/utils/kernel/linear_cross_entropy.py, CUDA-only there):
-    per-token (log-probs, entropy), fp32, differentiable w.r.t. hidden and weight. Only ``reduction="none"``
-    without a tensor-parallel vocabulary (``dist_process_group``) is supported."""
-    if reduction != "none" or dist_process_group is not None:
-        raise NotImplementedError("fastgrpo's linear_cross_entropy supports reduction='none' without "
-                                  "dist_process_group")
-    return linear_token_logprobs(hidden, weight, labels.long(), temperature=temperature, entropy=True)
+    """verl's ``linear_cross_entropy`` (verl/utils/kernel/linear_cross_entropy.py, CUDA-only there): the rows of
+    ``hidden`` [..., H] flattened, one label per row in any shape → (log-probs [N], entropy [N]), fp32,
+    differentiable w.r.t. hidden and weight; ``reduction`` ``"sum"``/``"mean"`` reduces the log-probs to a
+    scalar (the entropy stays [N]), as verl's. A tensor-parallel vocabulary (``dist_process_group``) is not
+    supported."""
+    if dist_process_group is not None:
+        raise NotImplementedError("fastgrpo's linear_cross_entropy does not support dist_process_group (a "
+                                  "tensor-parallel vocabulary)")
+    if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
+        # verl reads any other string as "none"; a typo should not silently change the output's shape
+        raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
+    ids = labels_per_row("hidden", hidden, labels).reshape(-1)
+    lp, ent = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ids.long(),
+                                    temperature=temperature, entropy=True)
+    reduce = {"none": lambda x: x, "sum": torch.sum, "mean": torch.mean}[reduction.lower()]
+    return reduce(lp), ent
