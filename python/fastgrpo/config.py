@@ -92,7 +92,8 @@ class AdvantageConfig:
 class LossConfig:
     """Every knob of the trajectory side (SPEC §2), as a frozen, hashable value.
 
-    Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss.
+    Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss. Every field's
+    type and range is checked at construction; an error names the field (``err.fields``).
 
     Policy term
         policy_loss: ``ppo`` (GRPO, DAPO, Dr. GRPO, GSPO, dual-clip PPO), ``cispo``, ``sapo``, ``gmpo``,
