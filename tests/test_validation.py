@@ -77,6 +77,9 @@ def test_masked_positions_may_hold_padding_ids():
     (torch.tensor([0, 4, 2, 6]), "non-decreasing"),
     (torch.tensor([[0, 6]]), r"cu_seqlens must be 1-D"),
     (torch.tensor([0.0, 6.0]), "cu_seqlens must be an integer tensor"),
+    (torch.tensor([0, 7, 6]), r"non-decreasing and end at N = 6, got \[0, 7, 6\]"),
+    # the device is checked before any value is read (a meta tensor has none)
+    (torch.tensor([0, 6], device="meta"), "cu_seqlens is on meta but the inputs are on cpu"),
 ])
 def test_packed_cu_seqlens_errors(cu, match):
     with pytest.raises((ValueError, TypeError), match=match):
