@@ -45,17 +45,23 @@ def call(entry, over, check_values=None, backend="reference"):
 
 ENTRIES = ["policy_loss", "grpo_loss", "linear_grpo_loss"]
 BAD = [  # (keywords, message): one case per argument and kind of bad value
-    (dict(mask=with_value((B, T), (0, 1), -1.0)), r"mask must hold finite weights >= 0 .* found -1.0 at position \(0, 1\)"),
-    (dict(mask=with_value((B, T), (1, 0), NAN) + 1), r"mask must hold finite weights .* found nan at position \(1, 0\)"),
+    (dict(mask=with_value((B, T), (0, 1), -1.0)),
+     r"mask must hold finite weights >= 0 .* found -1.0 at position \(0, 1\)"),
+    (dict(mask=with_value((B, T), (1, 0), NAN) + 1),
+     r"mask must hold finite weights .* found nan at position \(1, 0\)"),
     (dict(mask=with_value((B, T), (1, 2), INF)), r"mask must hold finite weights .* found inf"),
-    (dict(old_logprobs=with_value((B, T), (0, 1), INF)), r"old_logprobs must hold finite log-probs .* found inf at position \(0, 1\)"),
+    (dict(old_logprobs=with_value((B, T), (0, 1), INF)),
+     r"old_logprobs must hold finite log-probs .* found inf at position \(0, 1\)"),
     (dict(old_logprobs=with_value((B, T), (1, 2), -INF)), r"old_logprobs must hold finite log-probs .* found -inf"),
     (dict(old_logprobs=with_value((B, T), (1, 2), NAN)), "old_logprobs must hold finite log-probs .* found nan"),
     (dict(ref_logprobs=with_value((B, T), (0, 0), NAN), config=LossConfig(beta=0.1)), "ref_logprobs must hold finite"),
     (dict(sampling_logprobs=with_value((B, T), (0, 0), -INF), old_logprobs=torch.zeros(B, T),
-          config=LossConfig(rollout_correction="token_truncate", rollout_max=2.0)), "sampling_logprobs must hold finite"),
-    (dict(advantages=torch.tensor([1.0, NAN])), "advantages must be finite at unmasked positions, found nan at index 1"),
-    (dict(advantages=with_value((B, T), (1, 1), -INF)), r"advantages must be finite .* found -inf at position \(1, 1\)"),
+          config=LossConfig(rollout_correction="token_truncate", rollout_max=2.0)),
+     "sampling_logprobs must hold finite"),
+    (dict(advantages=torch.tensor([1.0, NAN])),
+     "advantages must be finite at unmasked positions, found nan at index 1"),
+    (dict(advantages=with_value((B, T), (1, 1), -INF)),
+     r"advantages must be finite .* found -inf at position \(1, 1\)"),
     (dict(advantages=torch.tensor([[INF], [1.0]])), r"advantages must be finite .* found inf at position \(0, 0\)"),
     (dict(is_weights=torch.tensor([1.0, -0.5])), "is_weights must hold finite weights >= 0 .* found -0.5 at index 1"),
     (dict(is_weights=with_value((B, T), (0, 2), NAN)), "is_weights must hold finite weights >= 0 .* found nan"),
@@ -63,7 +69,8 @@ BAD = [  # (keywords, message): one case per argument and kind of bad value
     (dict(normalizer=torch.tensor(0.0)), "normalizer must be finite and > 0, found 0.0"),
     (dict(normalizer=torch.tensor(-3)), "normalizer must be finite and > 0, found -3"),
     (dict(normalizer=torch.tensor(NAN)), "normalizer must be finite and > 0, found nan"),
-    (dict(advantages=None, rewards=torch.tensor([1.0, INF]), group_size=2), "rewards must be finite, found inf at index 1"),
+    (dict(advantages=None, rewards=torch.tensor([1.0, INF]), group_size=2),
+     "rewards must be finite, found inf at index 1"),
     (dict(advantages=None, rewards=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), group_size=2,
           reward_weights=torch.tensor([1.0, NAN])), "reward_weights must be finite, found nan at index 1"),
 ]
@@ -77,7 +84,8 @@ def test_bad_values_are_rejected(entry, over, match):
 
 
 @pytest.mark.parametrize("over, match", [
-    (dict(entropy=with_value((B, T), (1, 0), NAN)), r"entropy must be finite at unmasked positions, found nan at position \(1, 0\)"),
+    (dict(entropy=with_value((B, T), (1, 0), NAN)),
+     r"entropy must be finite at unmasked positions, found nan at position \(1, 0\)"),
     (dict(entropy=with_value((B, T), (0, 0), INF)), "entropy must be finite"),
 ])
 def test_bad_entropy_is_rejected(over, match):

@@ -52,6 +52,9 @@ def _resolve_inputs(
                         ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
                         rewards=rewards, cu_seqlens=cu_seqlens,
                         normalizer=normalizer if isinstance(normalizer, Tensor) else None)
+    # value checks are added in the order their errors are reported; they run in the caller
+    checks.cu_seqlens(cu_seqlens, tokens[0])
+    checks.set_mask(mask, cu_seqlens)
     if config.beta != 0.0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs is required when config.beta != 0 (beta={config.beta}): pass the "
                          "reference policy's per-token log-probs, or set beta=0")
@@ -82,9 +85,6 @@ def _resolve_inputs(
         _checks.floating("advantages", advantages)
         _checks.per_sequence_or_token("advantages", advantages, tokens, num_seqs)
 
-    # value checks, in the order their errors are reported
-    checks.cu_seqlens(cu_seqlens, tokens[0])
-    checks.set_mask(mask, cu_seqlens)
     checks.finite("advantages", advantages)
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
                     ("sampling_logprobs", sampling_logprobs)):
@@ -126,7 +126,7 @@ def policy_loss(
     is_weights: precomputed rollout importance weights, per token or per sequence.
     entropy: per-token entropy [B, T], needed for ``entropy_coef`` and ``top_entropy_quantile``.
     normalizer: a float or 0-d tensor replacing the local denominator of the aggregation (e.g. a global
-        token count); never synced to the host beyond the value check.
+        token count); never read on the host (its value check is part of the call's one read).
     check_values: None (the global default, ``fastgrpo.set_check_values``), True or False. On, a call rejects
         (ValueError naming the argument, the first bad value and its position) a mask entry that is negative
         or not finite (fractional entries are soft weights, as TRL multiplies by the mask), non-finite
