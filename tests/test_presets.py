@@ -193,3 +193,95 @@ def test_log_ratio_clamps_at_20(data):
     # no dual clip: with A < 0 the loss grows as ρ itself, so e^20 and e^30 differ
     compare(openrlhf_actor_loss(d["lp"], d["old"], d["ref"], adv, d["mask"], d["entropy"]),
             ours(d, presets.openrlhf()), d)
+
+
+# ------------------------------------------------------------------------------------------- option errors
+NAN = float("nan")
+PRESET_ERRORS = [  # (preset, options, the option the error must name); one case per option and kind of value
+    ("trl", dict(loss_type="vespo"), "loss_type"),
+    ("trl", dict(epsilon=NAN), "epsilon"),
+    ("trl", dict(epsilon=-0.1), "epsilon"),
+    ("trl", dict(epsilon="0.2"), "epsilon"),
+    ("trl", dict(epsilon_high=-1.0), "epsilon_high"),
+    ("trl", dict(loss_type="cispo", epsilon_high=NAN), "epsilon_high"),
+    ("trl", dict(delta=0), "delta"),
+    ("trl", dict(beta=NAN), "beta"),
+    ("trl", dict(beta=-0.04), "beta"),
+    ("trl", dict(importance_sampling_level="seq"), "importance_sampling_level"),
+    ("trl", dict(loss_type="cispo", importance_sampling_level="sequence"), "loss_type"),
+    ("trl", dict(temperature=0.0), "temperature"),
+    ("trl", dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length"),
+    ("trl", dict(loss_type="dr_grpo", max_completion_length=2.5), "max_completion_length"),
+    ("trl", dict(use_bias_correction_kl="yes"), "use_bias_correction_kl"),
+    ("trl", dict(sapo_temperature_pos=0.0), "sapo_temperature_pos"),
+    ("trl", dict(sapo_temperature_neg=NAN), "sapo_temperature_neg"),
+    ("trl", dict(top_entropy_quantile=0.0), "top_entropy_quantile"),
+    ("trl", dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold"),
+    ("trl", dict(off_policy_mask_threshold=NAN), "off_policy_mask_threshold"),
+    ("trl", dict(entropy_coef=float("inf")), "entropy_coef"),
+    ("trl", dict(use_vllm="yes"), "use_vllm"),
+    ("trl", dict(vllm_importance_sampling_correction=None), "vllm_importance_sampling_correction"),
+    ("trl", dict(use_vllm=True, vllm_importance_sampling_mode="tis"), "vllm_importance_sampling_mode"),
+    ("trl", dict(vllm_importance_sampling_clip_min=-1.0), "vllm_importance_sampling_clip_min"),
+    ("trl", dict(vllm_importance_sampling_clip_max=NAN), "vllm_importance_sampling_clip_max"),
+    ("trl", dict(vllm_importance_sampling_clip_min=4.0), "vllm_importance_sampling_clip_min"),
+    ("trl", dict(scale_rewards="std"), "scale_rewards"),
+    ("trl", dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    ("trl", dict(gradient_accumulation_steps="2"), "gradient_accumulation_steps"),
+    ("verl", dict(loss_mode="clip_cov"), "loss_mode"),
+    ("verl", dict(loss_agg_mode="mean"), "loss_agg_mode"),
+    ("verl", dict(clip_ratio=NAN), "clip_ratio"),
+    ("verl", dict(clip_ratio="0.2"), "clip_ratio"),
+    ("verl", dict(clip_ratio_low=1.5), "clip_ratio_low"),
+    ("verl", dict(loss_mode="cispo", clip_ratio_low=1.5), "clip_ratio_low"),
+    ("verl", dict(clip_ratio_high=-0.1), "clip_ratio_high"),
+    ("verl", dict(loss_mode="cispo", clip_ratio_high="0.28"), "clip_ratio_high"),
+    ("verl", dict(clip_ratio_c=0.5), "clip_ratio_c"),
+    ("verl", dict(tau_pos=0.0), "tau_pos"),
+    ("verl", dict(tau_neg=NAN), "tau_neg"),
+    ("verl", dict(use_kl_loss="yes"), "use_kl_loss"),
+    ("verl", dict(use_kl_loss=True, kl_loss_coef=-0.001), "kl_loss_coef"),
+    ("verl", dict(kl_loss_type="full"), "kl_loss_type"),
+    ("verl", dict(kl_loss_type=None), "kl_loss_type"),
+    ("verl", dict(entropy_coeff=NAN), "entropy_coeff"),
+    ("verl", dict(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=0), "loss_scale_factor"),
+    ("verl", dict(loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=2.5), "loss_scale_factor"),
+    ("verl", dict(temperature=-1.0), "temperature"),
+    ("verl", dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
+    ("verl", dict(gradient_accumulation_steps=1.5), "gradient_accumulation_steps"),
+    ("verl", dict(adv_estimator="gae"), "adv_estimator"),
+    ("verl", dict(norm_adv_by_std_in_grpo="no"), "norm_adv_by_std_in_grpo"),
+    ("openrlhf", dict(policy_loss_type="reinforce"), "policy_loss_type"),
+    ("openrlhf", dict(eps_clip_low_high=0.2), "eps_clip_low_high"),
+    ("openrlhf", dict(eps_clip_low_high=(0.2,)), "eps_clip_low_high"),
+    ("openrlhf", dict(eps_clip_low_high=("0.2", "0.2")), "eps_clip_low_high"),
+    ("openrlhf", dict(eps_clip_low_high=(0.2, NAN)), "eps_clip_low_high"),
+    ("openrlhf", dict(eps_clip_low_high=(1.2, 0.2)), "eps_clip_low_high"),
+    ("openrlhf", dict(dual_clip=1.0), "dual_clip"),
+    ("openrlhf", dict(token_level_loss="yes"), "token_level_loss"),
+    ("openrlhf", dict(use_kl_loss=1), "use_kl_loss"),
+    ("openrlhf", dict(use_kl_loss=True, init_kl_coef=NAN), "init_kl_coef"),
+    ("openrlhf", dict(kl_estimator="k4"), "kl_estimator"),
+    ("openrlhf", dict(entropy_coef=float("inf")), "entropy_coef"),
+    ("openrlhf", dict(is_correction_level="sequence"), "is_correction_level"),
+    ("openrlhf", dict(is_correction_mode="truncate"), "is_correction_mode"),
+    ("openrlhf", dict(is_correction_level="seq", is_correction_mode="clip"), "is_correction_mode"),
+    ("openrlhf", dict(is_correction_gating="kl"), "is_correction_gating"),
+    ("openrlhf", dict(is_correction_level="token", is_correction_gating="tv"), "is_correction_gating"),
+    ("openrlhf", dict(is_correction_threshold=0.5), "is_correction_threshold"),
+    ("openrlhf", dict(is_correction_level="token", is_correction_threshold=(2.0, 1.0)), "is_correction_threshold"),
+    ("openrlhf", dict(is_correction_level="token", is_correction_threshold=(-1.0, 2.0)), "is_correction_threshold"),
+    ("openrlhf", dict(temperature=0.0), "temperature"),
+    ("openrlhf", dict(advantage_estimator="gae"), "advantage_estimator"),
+]
+
+
+@pytest.mark.parametrize("preset, options, option", PRESET_ERRORS,
+                         ids=[f"{p}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for p, o, _ in PRESET_ERRORS])
+def test_preset_errors_name_the_users_option(preset, options, option):
+    """Each bad option value gets a ValueError/TypeError that starts with the preset and names the trainer
+    option the user passed (never a raw ZeroDivisionError or unpack error, nor only the LossConfig field)."""
+    with pytest.raises((ValueError, TypeError), match=rf"^presets\.{preset}: {option}\b") as info:
+        getattr(presets, preset)(**options)
+    if option in options:  # the value the user gave is shown
+        assert repr(options[option]) in str(info.value) or str(options[option]) in str(info.value)

@@ -77,6 +77,9 @@ def test_masked_positions_may_hold_padding_ids():
     (torch.tensor([0, 4, 2, 6]), "non-decreasing"),
     (torch.tensor([[0, 6]]), r"cu_seqlens must be 1-D"),
     (torch.tensor([0.0, 6.0]), "cu_seqlens must be an integer tensor"),
+    (torch.tensor([0, 7, 6]), r"non-decreasing and end at N = 6, got \[0, 7, 6\]"),
+    # the device is checked before any value is read (a meta tensor has none)
+    (torch.tensor([0, 6], device="meta"), "cu_seqlens is on meta but the inputs are on cpu"),
 ])
 def test_packed_cu_seqlens_errors(cu, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -101,10 +104,100 @@ def test_packed_cu_seqlens_errors(cu, match):
     (dict(policy_loss="cispo", ratio_level="sequence"), "token level only"),
     (dict(policy_loss="gmpo", top_entropy_quantile=0.5), "not defined for policy_loss='gmpo'"),
     (dict(max_length=0), "max_length must be a positive int"),
+    # NaN, negative and out-of-range values once accepted silently
+    (dict(cispo_low=float("nan")), "cispo_low must be a finite number >= 0 or None, got nan"),
+    (dict(cispo_low=-0.5), "cispo_low must be a finite number >= 0"),
+    (dict(cispo_high=float("nan")), "cispo_high must be a finite number > 0 or None, got nan"),
+    (dict(cispo_high=-1.0), "cispo_high must be a finite number > 0"),
+    (dict(rollout_min=float("nan")), "rollout_min must be a finite number >= 0 or None, got nan"),
+    (dict(rollout_min=-1.0), "rollout_min must be a finite number >= 0"),
+    (dict(rollout_max=float("nan")), "rollout_max must be a finite number > 0 or None, got nan"),
+    (dict(rollout_max=-2.0), "rollout_max must be a finite number > 0"),
+    (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold must be a finite number >= 0"),
+    (dict(off_policy_mask_threshold=-0.1), "off_policy_mask_threshold must be a finite number >= 0"),
+    (dict(max_length=-3), "max_length must be a positive int"),
+    (dict(epsilon_low=float("nan")), r"epsilon_low must be in \[0, 1\)"),
+    (dict(epsilon_high=float("inf")), "epsilon_high must be a finite number >= 0"),
+    (dict(seq_log_ratio_max=float("nan")), "seq_log_ratio_max must be a finite number or None"),
+    (dict(log_ratio_clamp=-20.0), "log_ratio_clamp must be a finite number > 0"),
+    (dict(kl_input_clamp=float("nan")), "kl_input_clamp must be a finite number > 0"),
+    (dict(kl_output_clamp=0.0), "kl_output_clamp must be a finite number > 0"),
+    (dict(sapo_tau_pos=0.0), "sapo_tau_pos must be a finite number > 0"),
+    (dict(sapo_tau_neg=float("nan")), "sapo_tau_neg must be a finite number > 0"),
+    (dict(beta=float("nan")), "beta must be a finite number >= 0"),
+    (dict(beta=-0.1), "beta must be a finite number >= 0"),
+    (dict(entropy_coef=float("inf")), "entropy_coef must be a finite number"),
+    (dict(loss_scale=float("nan")), "loss_scale must be a finite number > 0"),
+    (dict(loss_scale=0.0), "loss_scale must be a finite number > 0"),
+    (dict(top_entropy_quantile=float("nan")), r"top_entropy_quantile must be in \(0, 1\]"),
+    (dict(kl_aggregation="mean"), "kl_aggregation must be one of .* or None"),
+    (dict(entropy_aggregation="sum"), "entropy_aggregation must be one of"),
+    (dict(sequence_ratio_grad="both"), "sequence_ratio_grad must be one of"),
+    (dict(ratio_level=None), "ratio_level must be one of"),
+    (dict(policy_loss="gmpo", ratio_level="sequence"), "builds its own sequence ratio"),
 ])
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_length=2.5), "max_length must be a positive int or None, got float 2.5"),
+    (dict(max_length=True), "max_length must be a positive int or None, got bool"),
+    (dict(divide_by_num_sequences="yes"), "divide_by_num_sequences must be a bool, got str 'yes'"),
+    (dict(count_empty_sequences=1), "count_empty_sequences must be a bool, got int"),
+    (dict(kl_ratio_weighted=None), "kl_ratio_weighted must be a bool, got NoneType"),
+    (dict(epsilon_low="0.2"), "epsilon_low must be a number, got str '0.2'"),
+    (dict(epsilon_high=None), "epsilon_high must be a number, got NoneType"),
+    (dict(temperature="1.0"), "temperature must be a number, got str"),
+    (dict(temperature=None), "temperature must be a number, got NoneType"),
+    (dict(beta=None), "beta must be a number, got NoneType"),
+    (dict(loss_scale=None), "loss_scale must be a number"),
+    (dict(entropy_coef="0.1"), "entropy_coef must be a number"),
+    (dict(top_entropy_quantile=None), "top_entropy_quantile must be a number"),
+    (dict(sapo_tau_pos="1"), "sapo_tau_pos must be a number"),
+    (dict(dual_clip="3"), "dual_clip must be a number or None, got str '3'"),
+    (dict(ratio_cap=True), "ratio_cap must be a number or None, got bool"),
+    (dict(cispo_high="5"), "cispo_high must be a number or None"),
+    (dict(rollout_max="3"), "rollout_max must be a number or None"),
+    (dict(off_policy_mask_threshold="0.1"), "off_policy_mask_threshold must be a number or None"),
+    (dict(advantage="grpo"), "advantage must be an AdvantageConfig, got str"),
+])
+def test_config_type_errors_name_the_field(kw, match):
+    """Strings, None and floats where another type belongs raised raw TypeErrors that named no field."""
+    with pytest.raises(TypeError, match=match):
+        LossConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(eps=float("nan")), ValueError, "eps must be a finite number >= 0, got nan"),
+    (dict(eps=-1e-4), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps="1e-4"), TypeError, "eps must be a number, got str"),
+    (dict(eps=None), TypeError, "eps must be a number, got NoneType"),
+    (dict(estimator=None), ValueError, "estimator must be one of"),
+    (dict(scale="std"), ValueError, "scale must be one of"),
+    (dict(singleton=0), ValueError, "singleton must be one of"),
+])
+def test_advantage_config_errors(kw, error, match):
+    with pytest.raises(error, match=match):
+        fastgrpo.AdvantageConfig(**kw)
+
+
+def test_config_errors_carry_the_field():
+    """Presets rely on ``err.fields`` to name the trainer option behind a field."""
+    with pytest.raises(ValueError) as info:
+        LossConfig(cispo_low=2.0, cispo_high=1.0)
+    assert info.value.fields == ("cispo_low", "cispo_high")
+    with pytest.raises(TypeError) as info:
+        LossConfig(max_length=2.5)
+    assert info.value.fields == ("max_length",)
+
+
+def test_advantages_config_must_be_an_advantage_config():
+    with pytest.raises(TypeError, match="config must be a fastgrpo.AdvantageConfig or None, got str"):
+        fastgrpo.advantages(torch.ones(4), 2, config="grpo")
+    with pytest.raises(TypeError, match="config must be a fastgrpo.AdvantageConfig or None, got LossConfig"):
+        fastgrpo.advantages(torch.ones(4), 2, config=LossConfig())
 
 
 def test_other_entry_points_validate():

@@ -4,6 +4,7 @@ Importing fastgrpo has no side effects: nothing is compiled, loaded or patched u
 """
 
 from . import presets, reference
+from ._checks import set_check_values
 from .advantages import advantages
 from .config import AdvantageConfig, LossConfig, LossOutput
 from .logprobs import linear_token_logprobs, token_logprobs
@@ -13,5 +14,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdvantageConfig", "GRPOLoss", "LossConfig", "LossOutput", "advantages", "grpo_loss", "linear_grpo_loss",
-    "linear_token_logprobs", "policy_loss", "presets", "reference", "token_logprobs",
+    "linear_token_logprobs", "policy_loss", "presets", "reference", "set_check_values", "token_logprobs",
 ]

@@ -12,8 +12,9 @@ from .config import AdvantageConfig
 
 def check_rewards(
     rewards: Tensor, group_size: Optional[int], group_ids: Optional[Tensor], reward_weights: Optional[Tensor],
-    num_seqs: Optional[int] = None,
+    checks: _checks.ValueChecks, num_seqs: Optional[int] = None,
 ) -> None:
+    """Rewards enter their group's mean and std: every one must be finite, masked sequence or not."""
     _checks.tensor("rewards", rewards)
     _checks.floating("rewards", rewards)
     if rewards.dim() not in (1, 2):
@@ -24,7 +25,7 @@ def check_rewards(
     if (group_size is None) == (group_ids is None):
         raise ValueError("pass exactly one of group_size (contiguous groups) or group_ids (an id per sequence)")
     if group_size is not None:
-        if not isinstance(group_size, int) or group_size < 1:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if b % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide the number of rewards ({b})")
@@ -37,8 +38,11 @@ def check_rewards(
         if rewards.dim() != 2:
             raise ValueError("reward_weights needs rewards of shape [B, K]")
         _checks.tensor("reward_weights", reward_weights)
+        _checks.floating("reward_weights", reward_weights)
         _checks.shape("reward_weights", reward_weights, (rewards.shape[1],), "one weight per reward function")
         _checks.same_device(rewards.device, reward_weights=reward_weights)
+    checks.finite("rewards", rewards, masked=False)
+    checks.finite("reward_weights", reward_weights, masked=False)
 
 
 @overload
@@ -62,6 +66,7 @@ def advantages(
     config: Optional[AdvantageConfig] = None,
     return_metrics: bool = False,
     backend: str = "auto",
+    check_values: Optional[bool] = None,
 ) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
     """Advantages [B] (fp32, no grad) from rewards [B] or [B, K] with weights [K].
 
@@ -75,9 +80,17 @@ def advantages(
     With ``return_metrics`` also returns 0-d tensors: ``reward/mean``, ``reward/std``,
     ``reward/group_std_mean``, ``frac_reward_zero_std``, ``advantage/group_sum_abs_max`` (≈ 0 for
     ``grpo``/``rloo``) and, for 0/1 rewards, ``frac_groups_all_solved`` / ``frac_groups_all_failed``.
+
+    ``check_values`` (None: the global default, see ``fastgrpo.set_check_values``): reject non-finite rewards
+    and reward weights, at the cost of one host sync (none when False, under torch.compile or on meta tensors).
     """
-    check_rewards(rewards, group_size, group_ids, reward_weights)
+    _checks.tensor("rewards", rewards)
+    checks = _checks.ValueChecks(check_values, rewards)
+    check_rewards(rewards, group_size, group_ids, reward_weights, checks)
+    if config is not None and not isinstance(config, AdvantageConfig):
+        raise TypeError(f"config must be a fastgrpo.AdvantageConfig or None, got {type(config).__name__}")
     cfg = config if config is not None else AdvantageConfig(estimator, scale, eps, singleton)
+    checks.run()
     impl = backends.select(backend, rewards.device)
     adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, metrics=return_metrics)
     return (adv, metrics) if return_metrics else adv

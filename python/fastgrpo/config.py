@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -27,16 +27,40 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 SINGLETON_GROUPS = ("zero", "raw")
 
 
-def _one_of(name: str, value: object, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def _error(exc: type, fields: tuple[str, ...], message: str) -> Exception:
+    """An error about config ``fields``; ``.fields`` lets a preset name the trainer option that set them."""
+    err = exc(message)
+    err.fields = fields
+    return err
 
 
-def _positive(name: str, value: Optional[float], *, allow_none: bool = True) -> None:
-    if value is None and allow_none:
+def _one_of(name: str, value: object, allowed: tuple, optional: bool = False) -> None:
+    if value is None and optional:
         return
-    if value is None or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise _error(ValueError, (name,), f"{name} must be one of {allowed}{' or None' if optional else ''}, "
+                                          f"got {value!r}")
+
+
+def _number(name: str, value: object, rule: str, ok: Callable[[float], bool], optional: bool = False) -> None:
+    """A finite int or float (never a bool) for which ``ok`` holds; ``rule`` says that in words."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _error(TypeError, (name,), f"{name} must be a number{' or None' if optional else ''}, got "
+                                         f"{type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and ok(value)):
+        raise _error(ValueError, (name,), f"{name} must be {rule}{' or None' if optional else ''}, got {value!r}")
+
+
+def _flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _error(TypeError, (name,), f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+_FINITE = ("a finite number", lambda v: True)
+_POSITIVE = ("a finite number > 0", lambda v: v > 0)
+_NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
 
 
 @dataclass(frozen=True)
@@ -61,15 +85,15 @@ class AdvantageConfig:
         _one_of("estimator", self.estimator, ADVANTAGE_ESTIMATORS)
         _one_of("scale", self.scale, ADVANTAGE_SCALES)
         _one_of("singleton", self.singleton, SINGLETON_GROUPS)
-        if not math.isfinite(self.eps) or self.eps < 0:
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+        _number("eps", self.eps, *_NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Every knob of the trajectory side (SPEC §2), as a frozen, hashable value.
 
-    Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss.
+    Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss. Every field's
+    type and range is checked at construction; an error names the field (``err.fields``).
 
     Policy term
         policy_loss: ``ppo`` (GRPO, DAPO, Dr. GRPO, GSPO, dual-clip PPO), ``cispo``, ``sapo``, ``gmpo``,
@@ -164,48 +188,54 @@ class LossConfig:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
 
     def __post_init__(self) -> None:
-        _one_of("policy_loss", self.policy_loss, POLICY_LOSSES)
-        _one_of("ratio_level", self.ratio_level, RATIO_LEVELS)
-        _one_of("sequence_ratio_grad", self.sequence_ratio_grad, ("sequence", "token"))
-        _one_of("aggregation", self.aggregation, AGGREGATIONS)
-        _one_of("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        for name in ("kl_aggregation", "entropy_aggregation"):
-            if getattr(self, name) is not None:
-                _one_of(name, getattr(self, name), AGGREGATIONS)
-        if self.rollout_correction is not None:
-            _one_of("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
-        if not (0.0 <= self.epsilon_low < 1.0):
-            raise ValueError(f"epsilon_low must be in [0, 1), got {self.epsilon_low!r}")
-        if not (math.isfinite(self.epsilon_high) and self.epsilon_high >= 0.0):
-            raise ValueError(f"epsilon_high must be a finite number >= 0, got {self.epsilon_high!r}")
-        if self.dual_clip is not None and not (math.isfinite(self.dual_clip) and self.dual_clip > 1.0):
-            raise ValueError(f"dual_clip must be > 1 (it bounds -c*A for A < 0), got {self.dual_clip!r}")
-        for name in ("ratio_cap", "log_ratio_clamp", "kl_input_clamp", "kl_output_clamp",
-                     "sapo_tau_pos", "sapo_tau_neg", "temperature"):
-            _positive(name, getattr(self, name), allow_none=name not in ("sapo_tau_pos", "sapo_tau_neg",
-                                                                       "temperature"))
-        if self.seq_log_ratio_max is not None and not math.isfinite(self.seq_log_ratio_max):
-            raise ValueError(f"seq_log_ratio_max must be finite, got {self.seq_log_ratio_max!r}")
-        if self.cispo_low is not None and self.cispo_high is not None and self.cispo_low > self.cispo_high:
-            raise ValueError(f"cispo_low ({self.cispo_low}) must be <= cispo_high ({self.cispo_high})")
-        if self.rollout_min is not None and self.rollout_max is not None and self.rollout_min > self.rollout_max:
-            raise ValueError(f"rollout_min ({self.rollout_min}) must be <= rollout_max ({self.rollout_max})")
-        if not (0.0 < self.top_entropy_quantile <= 1.0):
-            raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
-        if not math.isfinite(self.beta):
-            raise ValueError(f"beta must be finite, got {self.beta!r}")
+        """Every field's type and range, each error naming its field (``err.fields``)."""
+        for name, allowed in (("policy_loss", POLICY_LOSSES), ("ratio_level", RATIO_LEVELS),
+                              ("sequence_ratio_grad", ("sequence", "token")), ("aggregation", AGGREGATIONS),
+                              ("kl_estimator", KL_ESTIMATORS)):
+            _one_of(name, getattr(self, name), allowed)
+        for name, allowed in (("rollout_correction", ROLLOUT_CORRECTIONS), ("kl_aggregation", AGGREGATIONS),
+                              ("entropy_aggregation", AGGREGATIONS)):
+            _one_of(name, getattr(self, name), allowed, optional=True)
+        _number("epsilon_low", self.epsilon_low, "in [0, 1)", lambda v: 0 <= v < 1)
+        _number("epsilon_high", self.epsilon_high, *_NON_NEGATIVE)
+        _number("dual_clip", self.dual_clip, "> 1 (it bounds -c*A for A < 0)", lambda v: v > 1, optional=True)
+        for name in ("ratio_cap", "log_ratio_clamp", "kl_input_clamp", "kl_output_clamp"):
+            _number(name, getattr(self, name), *_POSITIVE, optional=True)
+        _number("seq_log_ratio_max", self.seq_log_ratio_max, *_FINITE, optional=True)
+        # bounds of a ratio (CISPO weight, rollout importance weight), which is >= 0
+        for name in ("cispo_low", "rollout_min"):
+            _number(name, getattr(self, name), *_NON_NEGATIVE, optional=True)
+        for name in ("cispo_high", "rollout_max"):
+            _number(name, getattr(self, name), *_POSITIVE, optional=True)
+        for low, high in (("cispo_low", "cispo_high"), ("rollout_min", "rollout_max")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
+                raise _error(ValueError, (low, high), f"{low} ({lo}) must be <= {high} ({hi})")
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "temperature", "loss_scale"):
+            _number(name, getattr(self, name), *_POSITIVE)
+        _number("top_entropy_quantile", self.top_entropy_quantile, "in (0, 1]", lambda v: 0 < v <= 1)
+        # a threshold on a mean KL-like divergence, which a sequence must exceed to be dropped
+        _number("off_policy_mask_threshold", self.off_policy_mask_threshold, *_NON_NEGATIVE, optional=True)
+        _number("beta", self.beta, "a finite number >= 0 (a KL penalty)", lambda v: v >= 0)
+        _number("entropy_coef", self.entropy_coef, *_FINITE)
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)):
+            raise _error(TypeError, ("max_length",), f"max_length must be a positive int or None, got "
+                                                     f"{type(self.max_length).__name__} {self.max_length!r}")
         if self.max_length is not None and self.max_length <= 0:
-            raise ValueError(f"max_length must be a positive int, got {self.max_length!r}")
-        if not (math.isfinite(self.loss_scale) and math.isfinite(self.entropy_coef)):
-            raise ValueError("loss_scale and entropy_coef must be finite")
-        if self.policy_loss == "cispo" and self.ratio_level != "token":
-            raise ValueError("policy_loss='cispo' is token level only: set ratio_level='token'")
-        if self.policy_loss == "gmpo" and self.ratio_level != "token":
-            raise ValueError("policy_loss='gmpo' builds its own sequence ratio: set ratio_level='token'")
-        if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
-            raise ValueError("top_entropy_quantile < 1 is not defined for policy_loss='gmpo' (a sequence loss)")
+            raise _error(ValueError, ("max_length",), f"max_length must be a positive int, got {self.max_length!r}")
+        for name in ("kl_ratio_weighted", "divide_by_num_sequences", "count_empty_sequences"):
+            _flag(name, getattr(self, name))
         if not isinstance(self.advantage, AdvantageConfig):
-            raise ValueError(f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
+            raise _error(TypeError, ("advantage",),
+                         f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
+        for kind in ("cispo", "gmpo"):
+            if self.policy_loss == kind and self.ratio_level != "token":
+                why = "is token level only" if kind == "cispo" else "builds its own sequence ratio"
+                raise _error(ValueError, ("policy_loss", "ratio_level"),
+                             f"policy_loss={kind!r} {why}: set ratio_level='token'")
+        if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
+            raise _error(ValueError, ("policy_loss", "top_entropy_quantile"),
+                         "top_entropy_quantile < 1 is not defined for policy_loss='gmpo' (a sequence loss)")
 
     @property
     def needs_entropy(self) -> bool:

@@ -10,13 +10,86 @@ docstring says which.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 from .config import AdvantageConfig, LossConfig
+
+_ADVANTAGE_FIELDS = ("estimator", "scale", "eps", "singleton")
+
+
+def _names_options(preset: str, sources: dict[str, tuple[str, ...]]) -> Callable:
+    """Re-raises a LossConfig/AdvantageConfig error about a field (``err.fields``) naming the trainer option
+    the user passed instead: ``sources`` maps each field to the options that may set it, in order of
+    precedence (the first one the call set to a value other than None wins)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def preset_fn(**options):
+            try:
+                return fn(**options)
+            except (TypeError, ValueError) as exc:
+                names = []
+                for field in getattr(exc, "fields", ()):
+                    candidates = sources.get(field, ())
+                    given = [c for c in candidates if options.get(c) is not None]
+                    names += [n for n in given[:1] or candidates[:1] if n not in names]
+                if not names:
+                    raise
+                shown = ", ".join(f"{n}={options[n]!r}" if n in options else f"{n} (default)" for n in names)
+                owner = "AdvantageConfig" if exc.fields[0] in _ADVANTAGE_FIELDS else "LossConfig"
+                raise type(exc)(f"presets.{preset}: {shown} is invalid ({owner}.{exc})") from exc
+
+        return preset_fn
+
+    return wrap
+
+
+def _choice(preset: str, name: str, value: object, allowed: tuple) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"presets.{preset}: {name} must be one of {allowed}, got {value!r}")
+
+
+def _flag(preset: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"presets.{preset}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _steps(preset: str, name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"presets.{preset}: {name} must be an int >= 1, got {value!r}")
+
+
+def _number(preset: str, name: str, value: object) -> None:
+    """Options the preset does arithmetic on (their range is LossConfig's to check)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"presets.{preset}: {name} must be a number, got {type(value).__name__} {value!r}")
+
+
+def _pair(preset: str, name: str, value: object) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"presets.{preset}: {name} must be a pair (low, high), got {value!r}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise TypeError(f"presets.{preset}: {name} must be a pair of numbers (low, high), got {value!r}")
+    return value[0], value[1]
+
 
 _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
+_TRL_SOURCES = {
+    "policy_loss": ("loss_type",), "ratio_level": ("importance_sampling_level",), "epsilon_low": ("epsilon",),
+    "epsilon_high": ("epsilon_high", "epsilon"), "cispo_high": ("epsilon_high", "epsilon"), "ratio_cap": ("delta",),
+    "sapo_tau_pos": ("sapo_temperature_pos",), "sapo_tau_neg": ("sapo_temperature_neg",),
+    "rollout_correction": ("vllm_importance_sampling_mode",),
+    "rollout_min": ("vllm_importance_sampling_clip_min",), "rollout_max": ("vllm_importance_sampling_clip_max",),
+    "top_entropy_quantile": ("top_entropy_quantile",), "off_policy_mask_threshold": ("off_policy_mask_threshold",),
+    "beta": ("beta",), "kl_ratio_weighted": ("use_bias_correction_kl",), "max_length": ("max_completion_length",),
+    "entropy_coef": ("entropy_coef",), "temperature": ("temperature",), "scale": ("scale_rewards",),
+}
+
+
+@_names_options("trl", _TRL_SOURCES)
 def trl(
     *,
     loss_type: str = "dapo",
@@ -56,20 +129,21 @@ def trl(
     - Entropy bonus: token mean over the kept tokens (a token sum over ``normalizer`` for dapo/cispo).
     - ``scale_rewards`` picks the advantage normalization when rewards are passed.
     """
-    if loss_type not in _TRL_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {_TRL_LOSS_TYPES} (TRL's vespo/luspo are not supported), "
-                         f"got {loss_type!r}")
-    if importance_sampling_level not in ("token", "sequence"):
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps!r}")
+    if not isinstance(loss_type, str) or loss_type not in _TRL_LOSS_TYPES:
+        raise ValueError(f"presets.trl: loss_type must be one of {_TRL_LOSS_TYPES} (TRL's vespo/luspo are not "
+                         f"supported), got {loss_type!r}")
+    _choice("trl", "importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    _steps("trl", "gradient_accumulation_steps", gradient_accumulation_steps)
+    for name, value in (("use_vllm", use_vllm), ("vllm_importance_sampling_correction",
+                                                 vllm_importance_sampling_correction)):
+        _flag("trl", name, value)
     eps_high = epsilon if epsilon_high is None else epsilon_high
     aggregation = {"grpo": "seq_mean_token_mean", "sapo": "seq_mean_token_mean", "bnpo": "token_mean",
                    "dr_grpo": "token_sum_norm", "dapo": "token_mean", "cispo": "token_mean"}[loss_type]
     global_count = loss_type in ("dapo", "cispo")
     policy = {"cispo": "cispo", "sapo": "sapo"}.get(loss_type, "ppo")
     if policy == "cispo" and importance_sampling_level != "token":
-        raise ValueError("loss_type='cispo' is token level only: set importance_sampling_level='token'")
+        raise ValueError("presets.trl: loss_type='cispo' is token level only: set importance_sampling_level='token'")
     return LossConfig(
         policy_loss=policy,
         ratio_level=importance_sampling_level,
@@ -109,7 +183,7 @@ def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
     """verl's kl_penalty: (estimator, input clamp, output clamp); a '+' suffix is straight-through to k2."""
     base, straight = (kl_loss_type[:-1], True) if kl_loss_type.endswith("+") else (kl_loss_type, False)
     if base not in _VERL_KL:
-        raise ValueError(f"kl_loss_type must be one of {sorted(_VERL_KL)} (optionally with '+'), "
+        raise ValueError(f"presets.verl: kl_loss_type must be one of {sorted(_VERL_KL)} (optionally with '+'), "
                          f"got {kl_loss_type!r}")
     est = _VERL_KL[base]
     if straight and est != "k2":  # k2+ is plain k2 in verl
@@ -117,6 +191,18 @@ def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
     return (est, 20.0, 10.0) if est.startswith("k3") else (est, None, None)
 
 
+_VERL_SOURCES = {
+    "policy_loss": ("loss_mode",), "aggregation": ("loss_agg_mode",),
+    "epsilon_low": ("clip_ratio_low", "clip_ratio"), "epsilon_high": ("clip_ratio_high", "clip_ratio"),
+    "cispo_low": ("clip_ratio_low", "clip_ratio"), "cispo_high": ("clip_ratio_high", "clip_ratio"),
+    "dual_clip": ("clip_ratio_c",), "sapo_tau_pos": ("tau_pos",), "sapo_tau_neg": ("tau_neg",),
+    "beta": ("kl_loss_coef",), "kl_estimator": ("kl_loss_type",), "entropy_coef": ("entropy_coeff",),
+    "max_length": ("loss_scale_factor",), "temperature": ("temperature",),
+    "loss_scale": ("gradient_accumulation_steps",), "estimator": ("adv_estimator",),
+}
+
+
+@_names_options("verl", _VERL_SOURCES)
 def verl(
     *,
     loss_mode: str = "vanilla",
@@ -157,14 +243,18 @@ def verl(
     - ``gradient_accumulation_steps``: verl scales each micro-batch loss by 1/steps (``loss_scale``).
     - Pass verl's ``rollout_is_weights`` as ``is_weights``.
     """
-    if loss_mode not in _VERL_MODES:
-        raise ValueError(f"loss_mode must be one of {_VERL_MODES}, got {loss_mode!r}")
-    if loss_agg_mode not in _VERL_AGG:
-        raise ValueError(f"loss_agg_mode must be one of {tuple(_VERL_AGG)}, got {loss_agg_mode!r}")
-    if adv_estimator not in _VERL_ADV:
-        raise ValueError(f"adv_estimator must be one of {tuple(_VERL_ADV)}, got {adv_estimator!r}")
+    _choice("verl", "loss_mode", loss_mode, _VERL_MODES)
+    _choice("verl", "loss_agg_mode", loss_agg_mode, tuple(_VERL_AGG))
+    _choice("verl", "adv_estimator", adv_estimator, tuple(_VERL_ADV))
+    if not isinstance(kl_loss_type, str):
+        raise ValueError(f"presets.verl: kl_loss_type must be a string, got {kl_loss_type!r}")
+    _steps("verl", "gradient_accumulation_steps", gradient_accumulation_steps)
+    for name, value in (("use_kl_loss", use_kl_loss), ("norm_adv_by_std_in_grpo", norm_adv_by_std_in_grpo)):
+        _flag("verl", name, value)
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    _number("verl", "clip_ratio_low" if clip_ratio_low is not None else "clip_ratio", low)
+    _number("verl", "clip_ratio_high" if clip_ratio_high is not None else "clip_ratio", high)
     agg = _VERL_AGG[loss_agg_mode]
     kl_est, kl_in, kl_out = _verl_kl(kl_loss_type)
     policy = {"vanilla": "ppo", "gspo": "ppo", "sapo": "sapo", "gpg": "reinforce", "geo_mean": "gmpo",
@@ -208,6 +298,14 @@ _OPENRLHF_ADV = {"group_norm": ("grpo", "group", 1e-9), "dr_grpo": ("grpo", "non
                  "rloo": ("rloo", "group", 1e-9), "reinforce_baseline": ("reinforce_baseline", "group", 1e-8)}
 
 
+_OPENRLHF_SOURCES = {
+    "epsilon_low": ("eps_clip_low_high",), "epsilon_high": ("eps_clip_low_high",), "dual_clip": ("dual_clip",),
+    "rollout_min": ("is_correction_threshold",), "rollout_max": ("is_correction_threshold",),
+    "beta": ("init_kl_coef",), "entropy_coef": ("entropy_coef",), "temperature": ("temperature",),
+}
+
+
+@_names_options("openrlhf", _OPENRLHF_SOURCES)
 def openrlhf(
     *,
     policy_loss_type: str = "ppo",
@@ -241,21 +339,22 @@ def openrlhf(
       For ``gspo`` with a correction level OpenRLHF instead measures the ratio against the rollout
       log-probs: pass those as ``old_logprobs``.
     """
-    if policy_loss_type not in ("ppo", "gspo"):
-        raise ValueError(f"policy_loss_type must be 'ppo' or 'gspo', got {policy_loss_type!r}")
-    if kl_estimator not in ("k1", "k2", "k3"):
-        raise ValueError(f"kl_estimator must be one of ('k1', 'k2', 'k3'), got {kl_estimator!r}")
-    if is_correction_level not in ("off", "token", "seq"):
-        raise ValueError(f"is_correction_level must be 'off', 'token' or 'seq', got {is_correction_level!r}")
+    _choice("openrlhf", "policy_loss_type", policy_loss_type, ("ppo", "gspo"))
+    _choice("openrlhf", "kl_estimator", kl_estimator, ("k1", "k2", "k3"))
+    _choice("openrlhf", "is_correction_level", is_correction_level, ("off", "token", "seq"))
+    _choice("openrlhf", "is_correction_mode", is_correction_mode, ("clip", "mask"))
+    _choice("openrlhf", "is_correction_gating", is_correction_gating, ("ratio", "binary_kl", "tv"))
+    for name, value in (("token_level_loss", token_level_loss), ("use_kl_loss", use_kl_loss)):
+        _flag("openrlhf", name, value)
+    low, high = _pair("openrlhf", "eps_clip_low_high", eps_clip_low_high)
+    threshold = _pair("openrlhf", "is_correction_threshold", is_correction_threshold)
     if is_correction_level != "off" and (is_correction_level, is_correction_mode) not in _OPENRLHF_IS:
-        raise ValueError(f"is_correction_mode {is_correction_mode!r} is not supported at level "
-                         f"{is_correction_level!r} (token: clip/mask, seq: mask)")
+        raise ValueError(f"presets.openrlhf: is_correction_mode={is_correction_mode!r} is not supported at "
+                         f"is_correction_level={is_correction_level!r} (token: clip/mask, seq: mask)")
     if is_correction_level != "off" and is_correction_gating != "ratio" and policy_loss_type == "ppo":
-        raise ValueError(f"is_correction_gating={is_correction_gating!r} is not a LossConfig: pass the weights "
-                         "as is_weights")
-    if advantage_estimator not in _OPENRLHF_ADV:
-        raise ValueError(f"advantage_estimator must be one of {tuple(_OPENRLHF_ADV)}, got {advantage_estimator!r}")
-    low, high = eps_clip_low_high
+        raise ValueError(f"presets.openrlhf: is_correction_gating={is_correction_gating!r} is not a LossConfig: "
+                         "pass the weights as is_weights")
+    _choice("openrlhf", "advantage_estimator", advantage_estimator, tuple(_OPENRLHF_ADV))
     gspo = policy_loss_type == "gspo"
     is_mode = None if is_correction_level == "off" or gspo else _OPENRLHF_IS[is_correction_level, is_correction_mode]
     estimator, scale, eps = _OPENRLHF_ADV[advantage_estimator]
@@ -267,8 +366,8 @@ def openrlhf(
         dual_clip=dual_clip,
         log_ratio_clamp=None if gspo else 20.0,
         rollout_correction=is_mode,
-        rollout_min=is_correction_threshold[0] if is_mode else None,
-        rollout_max=is_correction_threshold[1] if is_mode else None,
+        rollout_min=threshold[0] if is_mode else None,
+        rollout_max=threshold[1] if is_mode else None,
         beta=init_kl_coef if use_kl_loss else 0.0,
         kl_estimator=kl_estimator,
         kl_output_clamp=10.0,
