@@ -145,13 +145,26 @@ def grpo_loss_fwd_kernel(
 
 
 @triton.jit
-def scale_grad_kernel(grad_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
-    """grad *= scale in place, skipped on the device when scale == 1 (the usual loss.backward())."""
+def scale_grad_kernel(
+    # pointers
+    grad_ptr, scale_ptr,
+    # shapes
+    T, V,
+    # strides of the leading dims (the last dim is contiguous)
+    stride_b, stride_t,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    """grad *= scale in place over BLOCK elements of one row, skipped on the device when scale == 1 (the usual
+    loss.backward()). Rows are addressed as the loss kernel addresses them, so a view such as logits[:, :-1]
+    (the in-place gradient) is scaled where it lies and nothing around it is touched."""
     scale = tl.load(scale_ptr).to(tl.float32)
     if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        g = tl.load(grad_ptr + offs, mask=offs < numel).to(tl.float32)
-        tl.store(grad_ptr + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=offs < numel)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ptr = grad_ptr + (row // T) * stride_b + (row % T) * stride_t + cols
+        g = tl.load(ptr, mask=cols < V).to(tl.float32)
+        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 SCALE_BLOCK = 4096
@@ -178,5 +191,5 @@ def aot_specializations():
                                **scalars, **flags, **rewards)
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
-        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64"},
-               {"BLOCK": SCALE_BLOCK}, 4)
+        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "T": "i32", "V": "i32",
+                                   "stride_b": "i64", "stride_t": "i64"}, {"BLOCK": SCALE_BLOCK}, 4)

@@ -235,13 +235,16 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logi
   if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -a.w_entropy[r], inv_t);
 }
 
+// grad *= scale over rows of V contiguous elements (blockIdx.x: the row, blockIdx.y: a slice of it), rows
+// addressed as the loss kernels address them: a view such as logits[:, :-1] is scaled where it lies.
 template <typename T>
-__global__ void scale_grad_kernel(T* grad, int64_t numel, const float* scale) {
+__global__ void scale_grad_kernel(T* grad, RowLayout layout, const float* scale) {
   const float s = *scale;
   if (s == 1.f) return;  // the usual loss.backward(): decided on the device, no host sync
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    grad[i] = from_float<T>(to_float(grad[i]) * s);
+  T* row = grad + row_offset(layout, blockIdx.x);
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < layout.V;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x)
+    row[i] = from_float<T>(to_float(row[i]) * s);
 }
 
 __global__ void advantages_kernel(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams p,
@@ -307,12 +310,12 @@ const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const 
   });
 }
 
-const char* scale_grad(DType dtype, void* grad, int64_t numel, const float* scale, void* stream) {
-  if (numel == 0) return nullptr;
-  const int64_t blocks = std::min<int64_t>((numel + 255) / 256, 65535 * 8);
+const char* scale_grad(DType dtype, void* grad, RowLayout l, const float* scale, void* stream) {
+  if (l.rows == 0 || l.V == 0) return nullptr;
+  const dim3 grid(static_cast<unsigned>(l.rows), static_cast<unsigned>(std::min<int64_t>((l.V + 1023) / 1024, 65535)));
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    scale_grad_kernel<T><<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(grad), numel, scale);
+    scale_grad_kernel<T><<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(grad), l, scale);
   });
 }
 
