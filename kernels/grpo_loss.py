@@ -139,8 +139,12 @@ def grpo_loss_fwd_kernel(
     tl.store(dlogp_ptr + row, c)
     tl.store(adv_used_ptr + row, A)
 
-    # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ
+    # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ. In place (the logits, or the linear
+    #    path's z chunk), the row being overwritten is the row step 1 read, the target logit included: the
+    #    barrier makes every warp finish its reads before any warp writes. The reductions of step 1 are not
+    #    relied on for that: a reduction over data that one warp holds may be lowered without a CTA barrier.
     if WRITE_GRAD:
+        tl.debug_barrier()
         write_grad_row(out, base, target, V, m_row, log_s, ent, c, -w_entropy, inv_temperature, HAS_ENTROPY, BLOCK_V)
 
 

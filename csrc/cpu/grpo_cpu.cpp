@@ -88,7 +88,8 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
     m = m_new;
   }
   const float log_s = std::log(s);
-  const float x_target = static_cast<float>(row[target]) * inv_t;  // ids were validated by the caller
+  // ids were validated by the caller; the row is only written (in place) after this sweep, by this thread
+  const float x_target = static_cast<float>(row[target]) * inv_t;
   return {(x_target - m) - log_s, m, log_s, with_entropy ? log_s - a / s : 0.f};
 }
 

@@ -114,14 +114,16 @@ struct RowStats {
   float logprob, max, log_sum, entropy;
 };
 
+// Every thread reads the target logit before the row is streamed: in place (grpo_loss_fused_kernel) the row is
+// overwritten afterwards, and the __syncthreads() of block_lse orders every thread's reads before any write.
 template <typename T>
 __device__ RowStats row_statistics(const T* row, int64_t target, int64_t V, float inv_t) {
+  const bool valid = target >= 0 && target < V;
+  const float x_target = valid ? to_float(row[target]) * inv_t : NAN;
   LSE st{-INFINITY, 0.f, 0.f};
   for_each_in_row(row, V, [&](int64_t, float x) { lse_add(st, x * inv_t); });
   const LSE total = block_lse(st);
   const float log_s = logf(total.s);
-  const bool valid = target >= 0 && target < V;
-  const float x_target = valid ? to_float(row[target]) * inv_t : NAN;
   return {(x_target - total.m) - log_s, total.m, log_s, log_s - total.a / total.s};
 }
 
