@@ -36,7 +36,10 @@ struct TokenResult {
   float ratio;  // ρ
 };
 
-FASTGRPO_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+// fminf/fmaxf return the other operand for a NaN, which would turn a NaN log-prob or advantage into a finite
+// loss. These keep a NaN (as torch.minimum / torch.clamp do), and a clamp to ±inf stays the identity.
+FASTGRPO_HD float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+FASTGRPO_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // Derivative of min(a, b) as torch.minimum defines it: the smaller side's, half of each on a tie.
 FASTGRPO_HD float half_where_tied(float a, float b, float da, float db) {
@@ -53,17 +56,17 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
 
   float P, dP;
   if (p.policy == kPPO) {  // −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
-    const float capped = fminf(rho, p.ratio_cap);
+    const float capped = min_nan(rho, p.ratio_cap);
     const float d_capped = rho <= p.ratio_cap ? d_rho : 0.f;
     const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
     const float clipped = clampf(rho, lo, hi);
     const float d_clipped = (rho >= lo && rho <= hi) ? d_rho : 0.f;
-    P = -fminf(capped * A, clipped * A);
+    P = -min_nan(capped * A, clipped * A);
     dP = -half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A);
     if (A < 0.f) {
       const float floor_ = -p.dual_clip * A;
       dP = half_where_tied(P, floor_, dP, 0.f);
-      P = fminf(P, floor_);
+      P = min_nan(P, floor_);
     }
   } else if (p.policy == kCISPO) {  // −sg[clamp(ρ, lo, hi)]·A·ℓ
     const float w = clampf(rho, p.cispo_low, p.cispo_high);

@@ -40,6 +40,19 @@ def _half_where_tied(a, b, da, db):
     return tl.where(a < b, da, tl.where(b < a, db, 0.5 * (da + db)))
 
 
+# tl.minimum / tl.maximum return the other operand for a NaN (fmin/fmax), which would turn a NaN log-prob or
+# advantage into a finite loss. These selects keep a NaN (as torch.minimum / torch.clamp do), and a clamp to ±inf
+# stays the identity.
+@triton.jit
+def _min(a, b):
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
 @triton.jit
 def grpo_loss_fwd_kernel(
     # pointers: inputs
@@ -87,22 +100,22 @@ def grpo_loss_fwd_kernel(
             adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)
     old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
     log_r_raw = lp - old
-    log_r = tl.minimum(tl.maximum(log_r_raw, -log_ratio_clamp), log_ratio_clamp)
+    log_r = _clamp(log_r_raw, -log_ratio_clamp, log_ratio_clamp)
     rho = tl.exp(log_r)
     d_rho = tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, rho, 0.0)  # ∂ρ/∂ℓ
 
     # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
-    capped = tl.minimum(rho, ratio_cap)
+    capped = _min(rho, ratio_cap)
     d_capped = tl.where(rho <= ratio_cap, d_rho, 0.0)
-    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
     d_clipped = tl.where((rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high), d_rho, 0.0)
-    p_ppo = -tl.minimum(capped * A, clipped * A)
+    p_ppo = -_min(capped * A, clipped * A)
     dp_ppo = -_half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A)
     floor = -dual_clip * A
     dp_ppo = tl.where(A < 0.0, _half_where_tied(p_ppo, floor, dp_ppo, 0.0), dp_ppo)
-    p_ppo = tl.where(A < 0.0, tl.minimum(p_ppo, floor), p_ppo)
+    p_ppo = tl.where(A < 0.0, _min(p_ppo, floor), p_ppo)
     # cispo: −sg[clamp(ρ, lo, hi)]·A·ℓ
-    w_cispo = tl.minimum(tl.maximum(rho, cispo_low), cispo_high)
+    w_cispo = _clamp(rho, cispo_low, cispo_high)
     # sapo: −(4/τ)·σ(τ(ρ − 1))·A
     tau = tl.where(A > 0.0, sapo_tau_pos, sapo_tau_neg)
     gate = tl.sigmoid(tau * (rho - 1.0))
@@ -114,14 +127,14 @@ def grpo_loss_fwd_kernel(
 
     # KL estimate of D = ℓ − ℓ^ref
     d = lp - tl.load(ref_ptr + row)
-    dc = tl.minimum(tl.maximum(d, -kl_input_clamp), kl_input_clamp)
+    dc = _clamp(d, -kl_input_clamp, kl_input_clamp)
     d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
     k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc,
                  tl.exp(-dc) + dc - 1.0)))
     dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
                   tl.where(kl == 3, dc, 1.0 - tl.exp(-dc)))) * d_dc
     dk = tl.where(tl.abs(k) <= kl_output_clamp, dk, 0.0)
-    k = tl.minimum(tl.maximum(k, -kl_output_clamp), kl_output_clamp)
+    k = _clamp(k, -kl_output_clamp, kl_output_clamp)
     dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
     dk = tl.where(kl_ratio_weighted != 0, dk * rho + k * d_rho, dk)
     k = tl.where(kl_ratio_weighted != 0, k * rho, k)

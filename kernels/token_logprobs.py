@@ -40,7 +40,8 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
     Per lane: running max m, s = Σ e^(x − m), a = Σ e^(x − m)·(x − m). Everything stays relative to the max:
     at |logits| ~ 1e4, x − (m + log s) in fp32 would lose 4 digits to the rounding of m + log s. A finite
     sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf). The lanes fold
-    in a fixed order, so the result depends on V and BLOCK_V only (batch invariance).
+    in a fixed order, so the result depends on V and BLOCK_V only (batch invariance). A NaN or +inf logit
+    makes s NaN (x − m_new is NaN), so ℓ and H are NaN, as log_softmax gives.
 
     The target logit is read before the row is streamed, so every read of the row happens here, before any
     write: the in-place loss kernel (gradient written over the logits) puts a CTA barrier between this

@@ -47,18 +47,21 @@ struct RowStats {
   float logprob, max, log_sum, entropy;
 };
 
-// One sweep over a row of V logits: ℓ of `target`, the row max M, log Σ exp(x − M) and the entropy.
+// One sweep over a row of V logits: ℓ of `target`, the row max M, log Σ exp(x − M) and the entropy. A NaN or
+// +inf logit makes all four NaN, as log_softmax gives (exp_u20 clamps its input, so it must not see them).
 template <typename scalar_t>
 RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float inv_t, bool with_entropy,
                         float* buf) {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   float m = kNegInf, s = 0.f, a = 0.f;  // a = Σ e^(x − m)·(x − m), for the entropy
   const Vec vinv(inv_t), floor_(kVeryNegative);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const float* x = as_float(row + c0, buf, n);
-    // τ > 0, so the max of z/τ is the max of z, over τ
+    // τ > 0, so the max of z/τ is the max of z, over τ; at::vec::maximum keeps a NaN
     const float chunk_max =
         at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n) * inv_t;
+    if (std::isnan(chunk_max) || chunk_max == std::numeric_limits<float>::infinity()) return {kNaN, kNaN, kNaN, kNaN};
     const float m_new = std::max(m, chunk_max);
     if (m_new == kNegInf) continue;  // only banned (−inf) logits so far
     const Vec vm(m_new);
@@ -97,6 +100,10 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
 template <typename scalar_t>
 void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                     float g_ent, float inv_t, float* buf) {
+  if (std::isnan(st.log_sum)) {  // a NaN or +inf logit in the row (see row_statistics): its gradient is NaN
+    std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
   const Vec shift(st.max + st.log_sum), floor_(kVeryNegative), vg_lp(-g_lp * inv_t), vg_ent(-g_ent * inv_t),
       vent(st.entropy), vinv(inv_t);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {

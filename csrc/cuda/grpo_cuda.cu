@@ -43,8 +43,10 @@ __device__ __forceinline__ void lse_add(LSE& st, float x) {
       st.s *= scale;
     }
     st.m = x;
-    st.s += 1.f;
-  } else if (x > -INFINITY) {  // banned (−inf) logits add nothing
+  }
+  // A banned (−inf) logit adds nothing. For a NaN or +inf logit x − m is NaN (inf − inf): s turns NaN, and so
+  // do ℓ, H and the gradient row, as log_softmax gives (skipping it would hide it).
+  if (x > -INFINITY || x != x) {
     const float d = x - st.m, e = expf(d);
     st.s += e;
     st.a += e * d;
@@ -128,13 +130,15 @@ __device__ RowStats row_statistics(const T* row, int64_t target, int64_t V, floa
 }
 
 // out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ; `out` may be `row` (each element is read by
-// the thread that then overwrites it).
+// the thread that then overwrites it). log p is floored so that a banned (−inf) logit gives 0·floor, not
+// 0·(−inf); the floor keeps a NaN (fmaxf would drop it: a NaN row must stay NaN).
 template <typename T>
 __device__ void write_grad_row(T* out, const T* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                                float g_ent, float inv_t) {
   constexpr int N = Pack<T>::N;
   auto grad_of = [&](int64_t i, float x) {
-    const float log_p = fmaxf(x * inv_t - st.max - st.log_sum, -1e30f), p = expf(log_p);
+    const float raw = (x * inv_t - st.max) - st.log_sum;
+    const float log_p = raw < -1e30f ? -1e30f : raw, p = expf(log_p);
     float g = -g_lp * p - g_ent * p * (log_p + st.entropy);
     if (i == target) g += g_lp;
     return g * inv_t;

@@ -26,15 +26,21 @@ def _acc(x: Tensor) -> Tensor:
 # Log-probs and entropy (SPEC §1)
 # ----------------------------------------------------------------------------------------------------------
 def token_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False, mask: Optional[Tensor] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable."""
+    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable. Rows where ``mask``
+    is 0 give ℓ = H = 0 and a zero gradient whatever their logits hold (as the kernels, which skip them)."""
     z = _acc(logits) / temperature
+    if mask is not None:  # selected, not multiplied: a NaN logit of a masked row must not reach its gradient
+        z = torch.where(mask.unsqueeze(-1) != 0, z, 0.0)
     logp = torch.log_softmax(z, dim=-1)
     lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     ent = None
     if entropy:  # a banned token (z = −inf) has p = 0 and adds nothing, not 0·(−inf)
         ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
+    if mask is not None:
+        lp = torch.where(mask != 0, lp, 0.0)
+        ent = None if ent is None else torch.where(mask != 0, ent, 0.0)
     return lp, ent
 
 
@@ -242,7 +248,7 @@ def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)
+    return (torch.where(m > 0, x, 0.0) * m).sum() / m.sum().clamp(min=1)  # a NaN where m = 0 is not counted
 
 
 def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
@@ -260,6 +266,10 @@ def _objective(
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar loss of SPEC §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
+    # since the mask's 0 would turn them into NaN, not 0
+    adv = torch.where(m > 0, adv, 0.0)
+    is_w = None if is_w is None else torch.where(m > 0, is_w, 0.0)
     old = lp.detach() if old is None else old
     log_r = lp - old  # §2.1
     if cfg.log_ratio_clamp is not None:
@@ -428,7 +438,7 @@ def grpo_loss(
     """SPEC §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
     safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))  # masked ids may be padding
     lp, ent = token_logprobs(logits, safe_targets, config.temperature,
-                             entropy=return_entropy or config.needs_entropy)
+                             entropy=return_entropy or config.needs_entropy, mask=mask)
     return policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
 
 
