@@ -75,8 +75,10 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   } else if (p.policy == kSAPO) {  // −(4/τ)·σ(τ(ρ − 1))·A
     const float tau = A > 0.f ? p.sapo_tau_pos : p.sapo_tau_neg;
     const float gate = 1.f / (1.f + expf(-tau * (rho - 1.f)));
+    const float d_gate = gate * (1.f - gate);
     P = -(4.f / tau) * gate * A;
-    dP = -4.f * gate * (1.f - gate) * A * d_rho;
+    // where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf at ρ = inf
+    dP = d_gate == 0.f ? 0.f : -4.f * d_gate * A * d_rho;
   } else {  // reinforce
     P = -A * lp;
     dP = -A;
@@ -97,6 +99,7 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
       K = expf(-dc) + dc - 1.f; dK = 1.f - expf(-dc);
     }
     dK *= d_dc;
+    // a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
     dK = fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
     K = clampf(K, -p.kl_output_clamp, p.kl_output_clamp);
     if (p.kl_straight) dK = d;  // straight-through: the gradient of k2 of the raw D

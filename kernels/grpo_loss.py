@@ -104,7 +104,8 @@ def grpo_loss_fwd_kernel(
     rho = tl.exp(log_r)
     d_rho = tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, rho, 0.0)  # ∂ρ/∂ℓ
 
-    # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
+    # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0. At ρ = inf the clipped branch's
+    # derivative is a plain 0 (selected, never multiplied by ρ).
     capped = _min(rho, ratio_cap)
     d_capped = tl.where(rho <= ratio_cap, d_rho, 0.0)
     clipped = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
@@ -116,14 +117,16 @@ def grpo_loss_fwd_kernel(
     p_ppo = tl.where(A < 0.0, _min(p_ppo, floor), p_ppo)
     # cispo: −sg[clamp(ρ, lo, hi)]·A·ℓ
     w_cispo = _clamp(rho, cispo_low, cispo_high)
-    # sapo: −(4/τ)·σ(τ(ρ − 1))·A
+    # sapo: −(4/τ)·σ(τ(ρ − 1))·A; where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf
     tau = tl.where(A > 0.0, sapo_tau_pos, sapo_tau_neg)
     gate = tl.sigmoid(tau * (rho - 1.0))
+    d_gate = gate * (1.0 - gate)
+    dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
     p_term = tl.where(policy == 0, p_ppo, tl.where(policy == 1, -w_cispo * A * lp,
                       tl.where(policy == 2, -(4.0 / tau) * gate * A, -A * lp)))
     dp_term = tl.where(policy == 0, dp_ppo, tl.where(policy == 1, -w_cispo * A,
-                       tl.where(policy == 2, -4.0 * gate * (1.0 - gate) * A * d_rho, -A)))
+                       tl.where(policy == 2, dp_sapo, -A)))
 
     # KL estimate of D = ℓ − ℓ^ref
     d = lp - tl.load(ref_ptr + row)
@@ -133,6 +136,7 @@ def grpo_loss_fwd_kernel(
                  tl.exp(-dc) + dc - 1.0)))
     dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
                   tl.where(kl == 3, dc, 1.0 - tl.exp(-dc)))) * d_dc
+    # a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
     dk = tl.where(tl.abs(k) <= kl_output_clamp, dk, 0.0)
     k = _clamp(k, -kl_output_clamp, kl_output_clamp)
     dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D

@@ -260,6 +260,23 @@ def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
     return torch.where(m.sum() > 0, v, torch.zeros_like(v))
 
 
+class _RatioExp(torch.autograd.Function):
+    """ρ = exp(log r), whose derivative ρ is applied only where a gradient flows in. Past log r ≈ 88 (no clamp)
+    ρ = inf in fp32, and a branch that is flat there (a clipped ratio, SAPO's saturated gate, a dual clip) passes
+    0: the true derivative is then 0, where autograd's 0·inf would give NaN."""
+
+    @staticmethod
+    def forward(ctx, log_r: Tensor) -> Tensor:
+        rho = torch.exp(log_r)
+        ctx.save_for_backward(rho)
+        return rho
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (rho,) = ctx.saved_tensors
+        return torch.where(grad == 0, 0.0, grad * rho)
+
+
 def _objective(
     lp: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer,
     old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
@@ -282,9 +299,9 @@ def _objective(
             log_rho = lp - lp.detach() + log_rho.detach()
         if cfg.seq_log_ratio_max is not None:
             log_rho = log_rho.clamp(max=cfg.seq_log_ratio_max)
-        rho = torch.exp(log_rho)
+        rho = _RatioExp.apply(log_rho)
     else:
-        rho = torch.exp(log_r)
+        rho = _RatioExp.apply(log_r)
 
     # §2.4 weights, all detached
     weight = torch.ones_like(lp)
