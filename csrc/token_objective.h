@@ -95,8 +95,9 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
       K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
     } else if (p.kl == kK2) {
       K = 0.5f * dc * dc; dK = dc;
-    } else {
-      K = expf(-dc) + dc - 1.f; dK = 1.f - expf(-dc);
+    } else {  // k3 = e^(−D) − 1 + D as expm1(−D) + D: the order that loses the least to cancellation
+      const float em1 = expm1f(-dc);
+      K = em1 + dc; dK = -em1;
     }
     dK *= d_dc;
     // a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)

@@ -206,16 +206,36 @@ def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfi
     return (aggregation_weights(m, mode, lay, cfg, normalizer) * x).sum()
 
 
+class _K3(torch.autograd.Function):
+    """k3 = e^(−D) − 1 + D as expm1(−D) + D, with derivative −expm1(−D): the forms that lose the least to
+    cancellation near D = 0 (autograd of expm1 would take 1 − (expm1(−D) + 1) and lose it again)."""
+
+    @staticmethod
+    def forward(ctx, d: Tensor) -> Tensor:
+        ctx.save_for_backward(d)
+        return torch.expm1(-d) + d
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (d,) = ctx.saved_tensors
+        return -grad * torch.expm1(-d)
+
+
 def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = d.clamp(-cfg.kl_input_clamp, cfg.kl_input_clamp)
-    name = cfg.kl_estimator.rstrip("+")
-    k = {"k1": lambda: d, "abs": lambda: d.abs(), "k2": lambda: 0.5 * d * d,
-         "k3": lambda: torch.exp(-d) + d - 1}[name]()
+    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x,
+                "k3": _K3.apply}[cfg.kl_estimator.rstrip("+")]
+    k = estimate(d)
     if cfg.kl_output_clamp is not None:
-        k = k.clamp(-cfg.kl_output_clamp, cfg.kl_output_clamp)
+        # Where the estimate saturates its derivative is 0: selected, with the estimate evaluated there on a
+        # constant, so that k3 = inf (D < −88 without an input clamp: OpenRLHF, which clamps D at −10 for this)
+        # gives 0 and not 0·inf = NaN.
+        c = cfg.kl_output_clamp
+        saturated = k.detach().abs() > c
+        k = torch.where(saturated, k.detach().clamp(-c, c), estimate(torch.where(saturated, 0.0, d)))
     if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
         k = k2 - k2.detach() + k.detach()
