@@ -112,24 +112,33 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   return {w_policy * P + w_kl * K - w_entropy * ent, w_policy * dP + w_kl * dK, rho};
 }
 
-// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std.
+// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std. The std is
+// that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows fp32 from
+// |r − mean| ~ 1e19, and the advantages would all become 0.
 FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
                                   float* mean_out = nullptr, float* std_out = nullptr) {
   const int64_t G = p.group_size, first = (seq / G) * G;
   float total = 0.f;
   for (int64_t j = 0; j < G; ++j) total += rewards[first + j];
   const float mean = total / G;
+  float scale = 0.f;
+  // fmaxf may drop a NaN here: it still reaches the std through the squares (a NaN reward makes the mean NaN)
+  for (int64_t j = 0; j < G; ++j) scale = fmaxf(scale, fabsf(rewards[first + j] - mean));
+  const float inv_scale = scale > 0.f ? 1.f / scale : 0.f;
   float squares = 0.f;
-  for (int64_t j = 0; j < G; ++j) squares += (rewards[first + j] - mean) * (rewards[first + j] - mean);
-  const float std_ = sqrtf(squares / (G > 1 ? G - 1 : 1));
+  for (int64_t j = 0; j < G; ++j) {
+    const float u = (rewards[first + j] - mean) * inv_scale;
+    squares += u * u;
+  }
+  const float std_ = scale * sqrtf(squares / (G > 1 ? G - 1 : 1));
   if (mean_out) *mean_out = mean;
   if (std_out) *std_out = std_;
   const bool single = G == 1, raw = single && p.adv_singleton_raw;
   const float own = rewards[seq];
   const float centered = raw ? own : own - mean;
   if (p.adv_estimator == 0) {
-    const float scale = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
-    return p.adv_divide ? centered / (scale + p.adv_eps) : centered;
+    const float scale_by = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
+    return p.adv_divide ? centered / (scale_by + p.adv_eps) : centered;
   }
   if (p.adv_estimator == 1) return single ? centered : centered * G / (G - 1);
   return centered;

@@ -81,13 +81,19 @@ def advantages(
     metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
-    ``metrics``)."""
+    ``metrics``).
+
+    The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
+    fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
     r = combine_rewards(rewards, reward_weights)
     g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
-    count = torch.zeros(num_groups, device=r.device).index_add_(0, g, torch.ones_like(r))
-    mean = torch.zeros(num_groups, device=r.device).index_add_(0, g, r) / count.clamp(min=1)
-    sq = torch.zeros(num_groups, device=r.device).index_add_(0, g, (r - mean[g]) ** 2)
-    std = (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
+    count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
+    mean = r.new_zeros(num_groups).index_add_(0, g, r) / count.clamp(min=1)
+    deviation = r - mean[g]
+    scale = r.new_zeros(num_groups).scatter_reduce_(0, g, deviation.abs(), "amax")
+    unit = deviation / torch.where(scale > 0, scale, 1.0)[g]
+    sq = r.new_zeros(num_groups).index_add_(0, g, unit * unit)
+    std = scale * (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
     single = (count == 1)[g]
 
     cfg = config
