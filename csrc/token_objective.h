@@ -36,7 +36,10 @@ struct TokenResult {
   float ratio;  // ρ
 };
 
-FASTGRPO_HD float clampf(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+// fminf/fmaxf return the other operand for a NaN, which would turn a NaN log-prob or advantage into a finite
+// loss. These keep a NaN (as torch.minimum / torch.clamp do), and a clamp to ±inf stays the identity.
+FASTGRPO_HD float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+FASTGRPO_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 // Derivative of min(a, b) as torch.minimum defines it: the smaller side's, half of each on a tie.
 FASTGRPO_HD float half_where_tied(float a, float b, float da, float db) {
@@ -53,17 +56,17 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
 
   float P, dP;
   if (p.policy == kPPO) {  // −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
-    const float capped = fminf(rho, p.ratio_cap);
+    const float capped = min_nan(rho, p.ratio_cap);
     const float d_capped = rho <= p.ratio_cap ? d_rho : 0.f;
     const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
     const float clipped = clampf(rho, lo, hi);
     const float d_clipped = (rho >= lo && rho <= hi) ? d_rho : 0.f;
-    P = -fminf(capped * A, clipped * A);
+    P = -min_nan(capped * A, clipped * A);
     dP = -half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A);
     if (A < 0.f) {
       const float floor_ = -p.dual_clip * A;
       dP = half_where_tied(P, floor_, dP, 0.f);
-      P = fminf(P, floor_);
+      P = min_nan(P, floor_);
     }
   } else if (p.policy == kCISPO) {  // −sg[clamp(ρ, lo, hi)]·A·ℓ
     const float w = clampf(rho, p.cispo_low, p.cispo_high);
@@ -72,8 +75,10 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   } else if (p.policy == kSAPO) {  // −(4/τ)·σ(τ(ρ − 1))·A
     const float tau = A > 0.f ? p.sapo_tau_pos : p.sapo_tau_neg;
     const float gate = 1.f / (1.f + expf(-tau * (rho - 1.f)));
+    const float d_gate = gate * (1.f - gate);
     P = -(4.f / tau) * gate * A;
-    dP = -4.f * gate * (1.f - gate) * A * d_rho;
+    // where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf at ρ = inf
+    dP = d_gate == 0.f ? 0.f : -4.f * d_gate * A * d_rho;
   } else {  // reinforce
     P = -A * lp;
     dP = -A;
@@ -90,10 +95,12 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
       K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
     } else if (p.kl == kK2) {
       K = 0.5f * dc * dc; dK = dc;
-    } else {
-      K = expf(-dc) + dc - 1.f; dK = 1.f - expf(-dc);
+    } else {  // k3 = e^(−D) − 1 + D as expm1(−D) + D: the order that loses the least to cancellation
+      const float em1 = expm1f(-dc);
+      K = em1 + dc; dK = -em1;
     }
     dK *= d_dc;
+    // a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
     dK = fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
     K = clampf(K, -p.kl_output_clamp, p.kl_output_clamp);
     if (p.kl_straight) dK = d;  // straight-through: the gradient of k2 of the raw D
@@ -105,24 +112,33 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   return {w_policy * P + w_kl * K - w_entropy * ent, w_policy * dP + w_kl * dK, rho};
 }
 
-// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std.
+// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std. The std is
+// that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows fp32 from
+// |r − mean| ~ 1e19, and the advantages would all become 0.
 FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
                                   float* mean_out = nullptr, float* std_out = nullptr) {
   const int64_t G = p.group_size, first = (seq / G) * G;
   float total = 0.f;
   for (int64_t j = 0; j < G; ++j) total += rewards[first + j];
   const float mean = total / G;
+  float scale = 0.f;
+  // fmaxf may drop a NaN here: it still reaches the std through the squares (a NaN reward makes the mean NaN)
+  for (int64_t j = 0; j < G; ++j) scale = fmaxf(scale, fabsf(rewards[first + j] - mean));
+  const float inv_scale = scale > 0.f ? 1.f / scale : 0.f;
   float squares = 0.f;
-  for (int64_t j = 0; j < G; ++j) squares += (rewards[first + j] - mean) * (rewards[first + j] - mean);
-  const float std_ = sqrtf(squares / (G > 1 ? G - 1 : 1));
+  for (int64_t j = 0; j < G; ++j) {
+    const float u = (rewards[first + j] - mean) * inv_scale;
+    squares += u * u;
+  }
+  const float std_ = scale * sqrtf(squares / (G > 1 ? G - 1 : 1));
   if (mean_out) *mean_out = mean;
   if (std_out) *std_out = std_;
   const bool single = G == 1, raw = single && p.adv_singleton_raw;
   const float own = rewards[seq];
   const float centered = raw ? own : own - mean;
   if (p.adv_estimator == 0) {
-    const float scale = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
-    return p.adv_divide ? centered / (scale + p.adv_eps) : centered;
+    const float scale_by = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
+    return p.adv_divide ? centered / (scale_by + p.adv_eps) : centered;
   }
   if (p.adv_estimator == 1) return single ? centered : centered * G / (G - 1);
   return centered;

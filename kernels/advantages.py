@@ -27,11 +27,20 @@ def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_b
     for j in range(0, G, BLOCK):
         total += tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
     mean = tl.sum(total, axis=0) / G
+    # The std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows fp32
+    # from |r − mean| ~ 1e19, and the advantages would all become 0.
+    deviation = tl.zeros([BLOCK], tl.float32)
+    for j in range(0, G, BLOCK):
+        r = tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
+        deviation = tl.maximum(deviation, tl.where(j + offs < G, tl.abs(r - mean), 0.0))
+    scale = tl.max(deviation, axis=0)  # may drop a NaN: a NaN reward still reaches the std through the mean
+    inv_scale = tl.where(scale > 0.0, 1.0 / scale, 0.0)
     squares = tl.zeros([BLOCK], tl.float32)
     for j in range(0, G, BLOCK):
         r = tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
-        squares += tl.where(j + offs < G, (r - mean) * (r - mean), 0.0)
-    std = tl.sqrt(tl.sum(squares, axis=0) / tl.maximum(G - 1, 1))
+        u = (r - mean) * inv_scale
+        squares += tl.where(j + offs < G, u * u, 0.0)
+    std = scale * tl.sqrt(tl.sum(squares, axis=0) / tl.maximum(G - 1, 1))
     own = tl.load(rewards_ptr + seq).to(tl.float32)
     single = G == 1
     raw = single & (singleton_raw != 0)

@@ -40,6 +40,35 @@ def _half_where_tied(a, b, da, db):
     return tl.where(a < b, da, tl.where(b < a, db, 0.5 * (da + db)))
 
 
+# tl.minimum / tl.maximum return the other operand for a NaN (fmin/fmax), which would turn a NaN log-prob or
+# advantage into a finite loss. These selects keep a NaN (as torch.minimum / torch.clamp do), and a clamp to ±inf
+# stays the identity.
+@triton.jit
+def _min(a, b):
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _clamp(x, lo, hi):
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def _expm1(x):
+    """e^x − 1 to fp32 accuracy near 0, where exp(x) − 1 cancels (Triton has no portable expm1): Taylor to x⁹
+    for |x| < 0.5 (truncation < 1e-9 relative), exp(x) − 1 beyond (error ≤ 2.5× that of exp)."""
+    p = 1.0 / 362880.0
+    p = p * x + 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    p = p * x + 1.0
+    return tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+
+
 @triton.jit
 def grpo_loss_fwd_kernel(
     # pointers: inputs
@@ -87,41 +116,45 @@ def grpo_loss_fwd_kernel(
             adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)
     old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
     log_r_raw = lp - old
-    log_r = tl.minimum(tl.maximum(log_r_raw, -log_ratio_clamp), log_ratio_clamp)
+    log_r = _clamp(log_r_raw, -log_ratio_clamp, log_ratio_clamp)
     rho = tl.exp(log_r)
     d_rho = tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, rho, 0.0)  # ∂ρ/∂ℓ
 
-    # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0
-    capped = tl.minimum(rho, ratio_cap)
+    # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0. At ρ = inf the clipped branch's
+    # derivative is a plain 0 (selected, never multiplied by ρ).
+    capped = _min(rho, ratio_cap)
     d_capped = tl.where(rho <= ratio_cap, d_rho, 0.0)
-    clipped = tl.minimum(tl.maximum(rho, 1.0 - eps_low), 1.0 + eps_high)
+    clipped = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
     d_clipped = tl.where((rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high), d_rho, 0.0)
-    p_ppo = -tl.minimum(capped * A, clipped * A)
+    p_ppo = -_min(capped * A, clipped * A)
     dp_ppo = -_half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A)
     floor = -dual_clip * A
     dp_ppo = tl.where(A < 0.0, _half_where_tied(p_ppo, floor, dp_ppo, 0.0), dp_ppo)
-    p_ppo = tl.where(A < 0.0, tl.minimum(p_ppo, floor), p_ppo)
+    p_ppo = tl.where(A < 0.0, _min(p_ppo, floor), p_ppo)
     # cispo: −sg[clamp(ρ, lo, hi)]·A·ℓ
-    w_cispo = tl.minimum(tl.maximum(rho, cispo_low), cispo_high)
-    # sapo: −(4/τ)·σ(τ(ρ − 1))·A
+    w_cispo = _clamp(rho, cispo_low, cispo_high)
+    # sapo: −(4/τ)·σ(τ(ρ − 1))·A; where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf
     tau = tl.where(A > 0.0, sapo_tau_pos, sapo_tau_neg)
     gate = tl.sigmoid(tau * (rho - 1.0))
+    d_gate = gate * (1.0 - gate)
+    dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
     p_term = tl.where(policy == 0, p_ppo, tl.where(policy == 1, -w_cispo * A * lp,
                       tl.where(policy == 2, -(4.0 / tau) * gate * A, -A * lp)))
     dp_term = tl.where(policy == 0, dp_ppo, tl.where(policy == 1, -w_cispo * A,
-                       tl.where(policy == 2, -4.0 * gate * (1.0 - gate) * A * d_rho, -A)))
+                       tl.where(policy == 2, dp_sapo, -A)))
 
-    # KL estimate of D = ℓ − ℓ^ref
+    # KL estimate of D = ℓ − ℓ^ref; k3 = e^(−D) − 1 + D as expm1(−D) + D, which loses the least to cancellation
     d = lp - tl.load(ref_ptr + row)
-    dc = tl.minimum(tl.maximum(d, -kl_input_clamp), kl_input_clamp)
+    dc = _clamp(d, -kl_input_clamp, kl_input_clamp)
     d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
-    k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc,
-                 tl.exp(-dc) + dc - 1.0)))
+    em1 = _expm1(-dc)
+    k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc, em1 + dc)))
     dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
-                  tl.where(kl == 3, dc, 1.0 - tl.exp(-dc)))) * d_dc
+                  tl.where(kl == 3, dc, -em1))) * d_dc
+    # a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
     dk = tl.where(tl.abs(k) <= kl_output_clamp, dk, 0.0)
-    k = tl.minimum(tl.maximum(k, -kl_output_clamp), kl_output_clamp)
+    k = _clamp(k, -kl_output_clamp, kl_output_clamp)
     dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
     dk = tl.where(kl_ratio_weighted != 0, dk * rho + k * d_rho, dk)
     k = tl.where(kl_ratio_weighted != 0, k * rho, k)
@@ -139,19 +172,36 @@ def grpo_loss_fwd_kernel(
     tl.store(dlogp_ptr + row, c)
     tl.store(adv_used_ptr + row, A)
 
-    # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ
+    # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ. In place (the logits, or the linear
+    #    path's z chunk), the row being overwritten is the row step 1 read, the target logit included: the
+    #    barrier makes every warp finish its reads before any warp writes. The reductions of step 1 are not
+    #    relied on for that: a reduction over data that one warp holds may be lowered without a CTA barrier.
     if WRITE_GRAD:
+        tl.debug_barrier()
         write_grad_row(out, base, target, V, m_row, log_s, ent, c, -w_entropy, inv_temperature, HAS_ENTROPY, BLOCK_V)
 
 
 @triton.jit
-def scale_grad_kernel(grad_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
-    """grad *= scale in place, skipped on the device when scale == 1 (the usual loss.backward())."""
+def scale_grad_kernel(
+    # pointers
+    grad_ptr, scale_ptr,
+    # shapes
+    T, V,
+    # strides of the leading dims (the last dim is contiguous)
+    stride_b, stride_t,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    """grad *= scale in place over BLOCK elements of one row, skipped on the device when scale == 1 (the usual
+    loss.backward()). Rows are addressed as the loss kernel addresses them, so a view such as logits[:, :-1]
+    (the in-place gradient) is scaled where it lies and nothing around it is touched."""
     scale = tl.load(scale_ptr).to(tl.float32)
     if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        g = tl.load(grad_ptr + offs, mask=offs < numel).to(tl.float32)
-        tl.store(grad_ptr + offs, (g * scale).to(grad_ptr.dtype.element_ty), mask=offs < numel)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ptr = grad_ptr + (row // T) * stride_b + (row % T) * stride_t + cols
+        g = tl.load(ptr, mask=cols < V).to(tl.float32)
+        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 SCALE_BLOCK = 4096
@@ -178,5 +228,5 @@ def aot_specializations():
                                **scalars, **flags, **rewards)
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
-        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "numel": "i64"},
-               {"BLOCK": SCALE_BLOCK}, 4)
+        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "T": "i32", "V": "i32",
+                                   "stride_b": "i64", "stride_t": "i64"}, {"BLOCK": SCALE_BLOCK}, 4)

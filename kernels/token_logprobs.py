@@ -40,8 +40,15 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
     Per lane: running max m, s = Σ e^(x − m), a = Σ e^(x − m)·(x − m). Everything stays relative to the max:
     at |logits| ~ 1e4, x − (m + log s) in fp32 would lose 4 digits to the rounding of m + log s. A finite
     sentinel keeps exp(m_old − m_new) defined on lanes that only ever see padding (−inf). The lanes fold
-    in a fixed order, so the result depends on V and BLOCK_V only (batch invariance).
+    in a fixed order, so the result depends on V and BLOCK_V only (batch invariance). A NaN or +inf logit
+    makes s NaN (x − m_new is NaN), so ℓ and H are NaN, as log_softmax gives.
+
+    The target logit is read before the row is streamed, so every read of the row happens here, before any
+    write: the in-place loss kernel (gradient written over the logits) puts a CTA barrier between this
+    function and its first store.
     """
+    valid = (target >= 0) & (target < V)
+    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], -1e30, tl.float32)
     s = tl.zeros([BLOCK_V], tl.float32)
@@ -60,8 +67,6 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
     lane = tl.exp(m - m_row)
     s_row = tl.sum(s * lane, axis=0)
     log_s = tl.log(s_row)
-    valid = (target >= 0) & (target < V)
-    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
     ent = 0.0
     if HAS_ENTROPY:  # H = log s − Σ e^(x − M)(x − M) / s, lanes re-centered on the row max M
         ent = log_s - tl.sum(lane * (a + (m - m_row) * s), axis=0) / s_row

@@ -47,18 +47,21 @@ struct RowStats {
   float logprob, max, log_sum, entropy;
 };
 
-// One sweep over a row of V logits: ℓ of `target`, the row max M, log Σ exp(x − M) and the entropy.
+// One sweep over a row of V logits: ℓ of `target`, the row max M, log Σ exp(x − M) and the entropy. A NaN or
+// +inf logit makes all four NaN, as log_softmax gives (exp_u20 clamps its input, so it must not see them).
 template <typename scalar_t>
 RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float inv_t, bool with_entropy,
                         float* buf) {
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
   float m = kNegInf, s = 0.f, a = 0.f;  // a = Σ e^(x − m)·(x − m), for the entropy
   const Vec vinv(inv_t), floor_(kVeryNegative);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
     const float* x = as_float(row + c0, buf, n);
-    // τ > 0, so the max of z/τ is the max of z, over τ
+    // τ > 0, so the max of z/τ is the max of z, over τ; at::vec::maximum keeps a NaN
     const float chunk_max =
         at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, n) * inv_t;
+    if (std::isnan(chunk_max) || chunk_max == std::numeric_limits<float>::infinity()) return {kNaN, kNaN, kNaN, kNaN};
     const float m_new = std::max(m, chunk_max);
     if (m_new == kNegInf) continue;  // only banned (−inf) logits so far
     const Vec vm(m_new);
@@ -88,15 +91,22 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
     m = m_new;
   }
   const float log_s = std::log(s);
-  const float x_target = static_cast<float>(row[target]) * inv_t;  // ids were validated by the caller
+  // ids were validated by the caller; the row is only written (in place) after this sweep, by this thread
+  const float x_target = static_cast<float>(row[target]) * inv_t;
   return {(x_target - m) - log_s, m, log_s, with_entropy ? log_s - a / s : 0.f};
 }
 
 // out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ, reading the row once more. `out` may be `row`.
+// log p = (x/τ − M) − log Σ, relative to the max as in row_statistics: x/τ − (M + log Σ) would lose the digits
+// of log Σ to the rounding of M + log Σ (2.8e-3 relative at logits ~1e6; a tie at the bf16 maximum got p = 1).
 template <typename scalar_t>
 void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                     float g_ent, float inv_t, float* buf) {
-  const Vec shift(st.max + st.log_sum), floor_(kVeryNegative), vg_lp(-g_lp * inv_t), vg_ent(-g_ent * inv_t),
+  if (std::isnan(st.log_sum)) {  // a NaN or +inf logit in the row (see row_statistics): its gradient is NaN
+    std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  const Vec vmax(st.max), vlog_s(st.log_sum), floor_(kVeryNegative), vg_lp(-g_lp * inv_t), vg_ent(-g_ent * inv_t),
       vent(st.entropy), vinv(inv_t);
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = std::min(kChunk, V - c0);
@@ -104,7 +114,7 @@ void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t 
     float* g_out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out + c0) : buf;
     int64_t i = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec log_p = at::vec::maximum(at::vec::fmsub(Vec::loadu(x + i), vinv, shift), floor_);
+      const Vec log_p = at::vec::maximum(at::vec::fmsub(Vec::loadu(x + i), vinv, vmax) - vlog_s, floor_);
       const Vec p = log_p.exp_u20();
       Vec g = vg_lp * p;
       if (g_ent != 0.f) g = at::vec::fmadd(vg_ent * p, log_p + vent, g);

@@ -43,8 +43,10 @@ __device__ __forceinline__ void lse_add(LSE& st, float x) {
       st.s *= scale;
     }
     st.m = x;
-    st.s += 1.f;
-  } else if (x > -INFINITY) {  // banned (−inf) logits add nothing
+  }
+  // A banned (−inf) logit adds nothing. For a NaN or +inf logit x − m is NaN (inf − inf): s turns NaN, and so
+  // do ℓ, H and the gradient row, as log_softmax gives (skipping it would hide it).
+  if (x > -INFINITY || x != x) {
     const float d = x - st.m, e = expf(d);
     st.s += e;
     st.a += e * d;
@@ -114,25 +116,29 @@ struct RowStats {
   float logprob, max, log_sum, entropy;
 };
 
+// Every thread reads the target logit before the row is streamed: in place (grpo_loss_fused_kernel) the row is
+// overwritten afterwards, and the __syncthreads() of block_lse orders every thread's reads before any write.
 template <typename T>
 __device__ RowStats row_statistics(const T* row, int64_t target, int64_t V, float inv_t) {
+  const bool valid = target >= 0 && target < V;
+  const float x_target = valid ? to_float(row[target]) * inv_t : NAN;
   LSE st{-INFINITY, 0.f, 0.f};
   for_each_in_row(row, V, [&](int64_t, float x) { lse_add(st, x * inv_t); });
   const LSE total = block_lse(st);
   const float log_s = logf(total.s);
-  const bool valid = target >= 0 && target < V;
-  const float x_target = valid ? to_float(row[target]) * inv_t : NAN;
   return {(x_target - total.m) - log_s, total.m, log_s, log_s - total.a / total.s};
 }
 
 // out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ; `out` may be `row` (each element is read by
-// the thread that then overwrites it).
+// the thread that then overwrites it). log p is floored so that a banned (−inf) logit gives 0·floor, not
+// 0·(−inf); the floor keeps a NaN (fmaxf would drop it: a NaN row must stay NaN).
 template <typename T>
 __device__ void write_grad_row(T* out, const T* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                                float g_ent, float inv_t) {
   constexpr int N = Pack<T>::N;
   auto grad_of = [&](int64_t i, float x) {
-    const float log_p = fmaxf(x * inv_t - st.max - st.log_sum, -1e30f), p = expf(log_p);
+    const float raw = (x * inv_t - st.max) - st.log_sum;
+    const float log_p = raw < -1e30f ? -1e30f : raw, p = expf(log_p);
     float g = -g_lp * p - g_ent * p * (log_p + st.entropy);
     if (i == target) g += g_lp;
     return g * inv_t;
@@ -235,13 +241,16 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logi
   if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -a.w_entropy[r], inv_t);
 }
 
+// grad *= scale over rows of V contiguous elements (blockIdx.x: the row, blockIdx.y: a slice of it), rows
+// addressed as the loss kernels address them: a view such as logits[:, :-1] is scaled where it lies.
 template <typename T>
-__global__ void scale_grad_kernel(T* grad, int64_t numel, const float* scale) {
+__global__ void scale_grad_kernel(T* grad, RowLayout layout, const float* scale) {
   const float s = *scale;
   if (s == 1.f) return;  // the usual loss.backward(): decided on the device, no host sync
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    grad[i] = from_float<T>(to_float(grad[i]) * s);
+  T* row = grad + row_offset(layout, blockIdx.x);
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < layout.V;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.x)
+    row[i] = from_float<T>(to_float(row[i]) * s);
 }
 
 __global__ void advantages_kernel(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams p,
@@ -307,12 +316,12 @@ const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const 
   });
 }
 
-const char* scale_grad(DType dtype, void* grad, int64_t numel, const float* scale, void* stream) {
-  if (numel == 0) return nullptr;
-  const int64_t blocks = std::min<int64_t>((numel + 255) / 256, 65535 * 8);
+const char* scale_grad(DType dtype, void* grad, RowLayout l, const float* scale, void* stream) {
+  if (l.rows == 0 || l.V == 0) return nullptr;
+  const dim3 grid(static_cast<unsigned>(l.rows), static_cast<unsigned>(std::min<int64_t>((l.V + 1023) / 1024, 65535)));
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
-    scale_grad_kernel<T><<<blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(grad), numel, scale);
+    scale_grad_kernel<T><<<grid, 256, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<T*>(grad), l, scale);
   });
 }
 

@@ -150,11 +150,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
-  TORCH_CHECK(grad.is_contiguous(), "grad must be contiguous");
+  if (grad.numel() == 0) return;
   c10::DeviceGuard guard(grad.device());
   const auto s = rows_float(scale);
-  check_launch(cuda::scale_grad(dtype_of(grad), grad.mutable_data_ptr(), grad.numel(), s.const_data_ptr<float>(),
-                                current_stream(grad)),
+  // Logits-shaped gradients ([B, T, V] / [N, V], maybe the in-place view of a larger buffer) keep their strides;
+  // the others (hidden, weight, bias of the linear path) are contiguous: one row per leading index.
+  const bool rows_as_given = (grad.dim() == 2 || grad.dim() == 3) && (grad.size(-1) <= 1 || grad.stride(-1) == 1);
+  TORCH_CHECK(rows_as_given || grad.is_contiguous(),
+              "grad must be contiguous, or a [B, T, V] / [N, V] view contiguous in its last dim, got strides ",
+              grad.strides());
+  const at::Tensor rows = rows_as_given ? grad : grad.view({-1, grad.dim() ? grad.size(-1) : 1});
+  check_launch(cuda::scale_grad(dtype_of(grad), grad.mutable_data_ptr(), layout_of(rows, rows.numel() / rows.size(-1)),
+                                s.const_data_ptr<float>(), current_stream(grad)),
                "scale_grad_");
 }
 

@@ -38,7 +38,8 @@ struct FusedLossArgs {
 const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout layout, const FusedLossArgs& args,
                             float inv_temperature, ObjectiveParams params, bool with_entropy, void* stream);
 
-const char* scale_grad(DType dtype, void* grad, int64_t numel, const float* scale, void* stream);
+// grad *= *scale over the rows of `layout` (nothing when *scale == 1, decided on the device).
+const char* scale_grad(DType dtype, void* grad, RowLayout layout, const float* scale, void* stream);
 
 const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params,
                        float* advantages, float* group_mean, float* group_std, void* stream);

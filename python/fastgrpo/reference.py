@@ -26,15 +26,21 @@ def _acc(x: Tensor) -> Tensor:
 # Log-probs and entropy (SPEC §1)
 # ----------------------------------------------------------------------------------------------------------
 def token_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False, mask: Optional[Tensor] = None
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable."""
+    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable. Rows where ``mask``
+    is 0 give ℓ = H = 0 and a zero gradient whatever their logits hold (as the kernels, which skip them)."""
     z = _acc(logits) / temperature
+    if mask is not None:  # selected, not multiplied: a NaN logit of a masked row must not reach its gradient
+        z = torch.where(mask.unsqueeze(-1) != 0, z, 0.0)
     logp = torch.log_softmax(z, dim=-1)
     lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     ent = None
     if entropy:  # a banned token (z = −inf) has p = 0 and adds nothing, not 0·(−inf)
         ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
+    if mask is not None:
+        lp = torch.where(mask != 0, lp, 0.0)
+        ent = None if ent is None else torch.where(mask != 0, ent, 0.0)
     return lp, ent
 
 
@@ -75,13 +81,19 @@ def advantages(
     metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
-    ``metrics``)."""
+    ``metrics``).
+
+    The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
+    fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
     r = combine_rewards(rewards, reward_weights)
     g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
-    count = torch.zeros(num_groups, device=r.device).index_add_(0, g, torch.ones_like(r))
-    mean = torch.zeros(num_groups, device=r.device).index_add_(0, g, r) / count.clamp(min=1)
-    sq = torch.zeros(num_groups, device=r.device).index_add_(0, g, (r - mean[g]) ** 2)
-    std = (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
+    count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
+    mean = r.new_zeros(num_groups).index_add_(0, g, r) / count.clamp(min=1)
+    deviation = r - mean[g]
+    scale = r.new_zeros(num_groups).scatter_reduce_(0, g, deviation.abs(), "amax")
+    unit = deviation / torch.where(scale > 0, scale, 1.0)[g]
+    sq = r.new_zeros(num_groups).index_add_(0, g, unit * unit)
+    std = scale * (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
     single = (count == 1)[g]
 
     cfg = config
@@ -200,16 +212,36 @@ def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfi
     return (aggregation_weights(m, mode, lay, cfg, normalizer) * x).sum()
 
 
+class _K3(torch.autograd.Function):
+    """k3 = e^(−D) − 1 + D as expm1(−D) + D, with derivative −expm1(−D): the forms that lose the least to
+    cancellation near D = 0 (autograd of expm1 would take 1 − (expm1(−D) + 1) and lose it again)."""
+
+    @staticmethod
+    def forward(ctx, d: Tensor) -> Tensor:
+        ctx.save_for_backward(d)
+        return torch.expm1(-d) + d
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (d,) = ctx.saved_tensors
+        return -grad * torch.expm1(-d)
+
+
 def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = d.clamp(-cfg.kl_input_clamp, cfg.kl_input_clamp)
-    name = cfg.kl_estimator.rstrip("+")
-    k = {"k1": lambda: d, "abs": lambda: d.abs(), "k2": lambda: 0.5 * d * d,
-         "k3": lambda: torch.exp(-d) + d - 1}[name]()
+    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x,
+                "k3": _K3.apply}[cfg.kl_estimator.rstrip("+")]
+    k = estimate(d)
     if cfg.kl_output_clamp is not None:
-        k = k.clamp(-cfg.kl_output_clamp, cfg.kl_output_clamp)
+        # Where the estimate saturates its derivative is 0: selected, with the estimate evaluated there on a
+        # constant, so that k3 = inf (D < −88 without an input clamp: OpenRLHF, which clamps D at −10 for this)
+        # gives 0 and not 0·inf = NaN.
+        c = cfg.kl_output_clamp
+        saturated = k.detach().abs() > c
+        k = torch.where(saturated, k.detach().clamp(-c, c), estimate(torch.where(saturated, 0.0, d)))
     if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
         k = k2 - k2.detach() + k.detach()
@@ -242,7 +274,7 @@ def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
 
 
 def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (x * m).sum() / m.sum().clamp(min=1)
+    return (torch.where(m > 0, x, 0.0) * m).sum() / m.sum().clamp(min=1)  # a NaN where m = 0 is not counted
 
 
 def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
@@ -254,12 +286,33 @@ def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
     return torch.where(m.sum() > 0, v, torch.zeros_like(v))
 
 
+class _RatioExp(torch.autograd.Function):
+    """ρ = exp(log r), whose derivative ρ is applied only where a gradient flows in. Past log r ≈ 88 (no clamp)
+    ρ = inf in fp32, and a branch that is flat there (a clipped ratio, SAPO's saturated gate, a dual clip) passes
+    0: the true derivative is then 0, where autograd's 0·inf would give NaN."""
+
+    @staticmethod
+    def forward(ctx, log_r: Tensor) -> Tensor:
+        rho = torch.exp(log_r)
+        ctx.save_for_backward(rho)
+        return rho
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (rho,) = ctx.saved_tensors
+        return torch.where(grad == 0, 0.0, grad * rho)
+
+
 def _objective(
     lp: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer,
     old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar loss of SPEC §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
+    # since the mask's 0 would turn them into NaN, not 0
+    adv = torch.where(m > 0, adv, 0.0)
+    is_w = None if is_w is None else torch.where(m > 0, is_w, 0.0)
     old = lp.detach() if old is None else old
     log_r = lp - old  # §2.1
     if cfg.log_ratio_clamp is not None:
@@ -272,9 +325,9 @@ def _objective(
             log_rho = lp - lp.detach() + log_rho.detach()
         if cfg.seq_log_ratio_max is not None:
             log_rho = log_rho.clamp(max=cfg.seq_log_ratio_max)
-        rho = torch.exp(log_rho)
+        rho = _RatioExp.apply(log_rho)
     else:
-        rho = torch.exp(log_r)
+        rho = _RatioExp.apply(log_r)
 
     # §2.4 weights, all detached
     weight = torch.ones_like(lp)
@@ -428,7 +481,7 @@ def grpo_loss(
     """SPEC §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
     safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))  # masked ids may be padding
     lp, ent = token_logprobs(logits, safe_targets, config.temperature,
-                             entropy=return_entropy or config.needs_entropy)
+                             entropy=return_entropy or config.needs_entropy, mask=mask)
     return policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 from torch.library import wrap_triton
 
@@ -65,5 +66,11 @@ def grpo_loss_fused_inplace_op(
 @register_op("fastgrpo::triton_scale_grad_", mutates_args=("grad",))
 def scale_grad_op(grad: Tensor, scale: Tensor) -> None:
     if grad.numel() > 0:
-        wrap_triton(K.scale_grad_kernel)[(-(-grad.numel() // K.SCALE_BLOCK),)](
-            grad, scale.reshape(1).float(), grad.numel(), BLOCK=K.SCALE_BLOCK)
+        # logits-shaped gradients ([B, T, V] / [N, V], maybe the in-place view of a larger buffer) keep their
+        # strides; the others (hidden, weight, bias of the linear path) are contiguous: one row per leading index
+        rows2d = (grad if grad.dim() in (2, 3) and grad.stride(-1) == 1
+                  else grad.view(-1, grad.shape[-1]) if grad.dim() else grad.view(1, 1))
+        t, stride_b, stride_t = row_addressing(rows2d)
+        vocab = rows2d.shape[-1]
+        wrap_triton(K.scale_grad_kernel)[(grad.numel() // vocab, triton.cdiv(vocab, K.SCALE_BLOCK))](
+            grad, scale.reshape(1).float(), t, vocab, stride_b, stride_t, BLOCK=K.SCALE_BLOCK)
