@@ -76,18 +76,35 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
 @triton.jit
 def write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature,
                    HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
-    """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it)."""
+    """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it).
+
+    When g_ℓ itself is beyond fp32 (the loss is ±inf, e.g. an unclipped ratio e^100 with A < 0), the row is
+    ±inf where 1[v = y] − p_v is non-zero and 0 where it is (p_v underflowed), never 0·inf = NaN; a scalar
+    branch per row, so the usual rows run the loop without the extra select."""
+    if (g_lp == float("inf")) | (g_lp == float("-inf")):
+        _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY,
+                        True, BLOCK_V)
+    else:
+        _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY,
+                        False, BLOCK_V)
+
+
+@triton.jit
+def _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature,
+                    HAS_GRAD_ENTROPY: tl.constexpr, SATURATED: tl.constexpr, BLOCK_V: tl.constexpr):
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         x = tl.load(base + idx, mask=idx < V, other=0.0).to(tl.float32) * inv_temperature
         log_p = (x - m_row) - log_s
         p = tl.exp(log_p)
-        g = -g_lp * p
+        coef = tl.where(idx == target, 1.0, 0.0) - p
+        g = g_lp * coef
+        if SATURATED:
+            g = tl.where(coef != 0.0, g, 0.0)
         if HAS_GRAD_ENTROPY:
             g -= g_ent * tl.where(p > 0.0, p * (log_p + ent), 0.0)  # banned (−inf) logits: 0·(−inf)
-        g = tl.where(idx == target, g + g_lp, g) * inv_temperature
-        tl.store(out + idx, g.to(out.dtype.element_ty), mask=idx < V)
+        tl.store(out + idx, (g * inv_temperature).to(out.dtype.element_ty), mask=idx < V)
 
 
 @triton.jit

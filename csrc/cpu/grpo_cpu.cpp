@@ -99,11 +99,33 @@ RowStats row_statistics(const scalar_t* row, int64_t target, int64_t V, float in
 // out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ, reading the row once more. `out` may be `row`.
 // log p = (x/τ − M) − log Σ, relative to the max as in row_statistics: x/τ − (M + log Σ) would lose the digits
 // of log Σ to the rounding of M + log Σ (2.8e-3 relative at logits ~1e6; a tie at the bf16 maximum got p = 1).
+// The gradient row when g_ℓ = ±inf: ±inf where 1[v = y] − p_v is non-zero, 0 where it is (p_v underflowed),
+// never 0·inf = NaN.
+template <typename scalar_t>
+void write_saturated_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st,
+                              float g_lp, float g_ent, float inv_t, float* buf) {
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = std::min(kChunk, V - c0);
+    const float* x = as_float(row + c0, buf, n);
+    float* g_out = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(out + c0) : buf;
+    for (int64_t i = 0; i < n; ++i) {
+      const float log_p = std::max((x[i] * inv_t - st.max) - st.log_sum, kVeryNegative), p = std::exp(log_p);
+      const float coef = (c0 + i == target ? 1.f : 0.f) - p;
+      g_out[i] = ((coef == 0.f ? 0.f : g_lp * coef) - g_ent * p * (log_p + st.entropy)) * inv_t;
+    }
+    if (!std::is_same_v<scalar_t, float>) at::vec::convert(buf, out + c0, n);
+  }
+}
+
 template <typename scalar_t>
 void write_grad_row(scalar_t* out, const scalar_t* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                     float g_ent, float inv_t, float* buf) {
   if (std::isnan(st.log_sum)) {  // a NaN or +inf logit in the row (see row_statistics): its gradient is NaN
     std::fill(out, out + V, static_cast<scalar_t>(std::numeric_limits<float>::quiet_NaN()));
+    return;
+  }
+  if (std::isinf(g_lp)) {  // ∂L/∂ℓ beyond fp32 (the loss is ±inf): the rare rows, scalar code
+    write_saturated_grad_row(out, row, target, V, st, g_lp, g_ent, inv_t, buf);
     return;
   }
   const Vec vmax(st.max), vlog_s(st.log_sum), floor_(kVeryNegative), vg_lp(-g_lp * inv_t), vg_ent(-g_ent * inv_t),

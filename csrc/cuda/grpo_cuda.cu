@@ -136,11 +136,15 @@ template <typename T>
 __device__ void write_grad_row(T* out, const T* row, int64_t target, int64_t V, const RowStats& st, float g_lp,
                                float g_ent, float inv_t) {
   constexpr int N = Pack<T>::N;
+  // ∂L/∂ℓ beyond fp32 (the loss is ±inf): ±inf where the coefficient 1[v = y] − p_v is non-zero, 0 where it is
+  // (p_v underflowed), never 0·inf. Uniform over the block, so the branch costs nothing.
+  const bool saturated = isinf(g_lp);
   auto grad_of = [&](int64_t i, float x) {
     const float raw = (x * inv_t - st.max) - st.log_sum;
     const float log_p = raw < -1e30f ? -1e30f : raw, p = expf(log_p);
-    float g = -g_lp * p - g_ent * p * (log_p + st.entropy);
-    if (i == target) g += g_lp;
+    const float coef = (i == target ? 1.f : 0.f) - p;
+    float g = saturated && coef == 0.f ? 0.f : g_lp * coef;
+    g -= g_ent * p * (log_p + st.entropy);
     return g * inv_t;
   };
   int64_t start = 0;

@@ -33,15 +33,33 @@ def token_logprobs(
     z = _acc(logits) / temperature
     if mask is not None:  # selected, not multiplied: a NaN logit of a masked row must not reach its gradient
         z = torch.where(mask.unsqueeze(-1) != 0, z, 0.0)
-    logp = torch.log_softmax(z, dim=-1)
-    lp = logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    lp = _TargetLogprob.apply(z, targets.long())
     ent = None
     if entropy:  # a banned token (z = −inf) has p = 0 and adds nothing, not 0·(−inf)
+        logp = torch.log_softmax(z, dim=-1)
         ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
     if mask is not None:
         lp = torch.where(mask != 0, lp, 0.0)
         ent = None if ent is None else torch.where(mask != 0, ent, 0.0)
     return lp, ent
+
+
+class _TargetLogprob(torch.autograd.Function):
+    """ℓ = log_softmax(z)[y], with ∂ℓ/∂z_v = 1[v = y] − p_v applied as g·(1[v = y] − p_v) and 0 where that
+    coefficient is 0. Autograd's own g − p·Σg is the same value, except when g is ±inf (the loss itself beyond
+    fp32, e.g. an unclipped ratio e^100 with A < 0): then inf − inf = NaN at the target and 0·inf where p
+    underflowed, where the true values are ±inf and 0."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, targets: Tensor) -> Tensor:
+        ctx.save_for_backward(z, targets)
+        return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        z, targets = ctx.saved_tensors
+        coef = (-torch.softmax(z, dim=-1)).scatter_add(-1, targets.unsqueeze(-1), torch.ones_like(z[..., :1]))
+        return torch.where(coef == 0, 0.0, grad.unsqueeze(-1) * coef), None
 
 
 def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
@@ -250,7 +268,8 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
 
 def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
     """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
-    log_w = (old - samp) * m
+    # the mask selects tokens (a fractional mask weights the loss, not the ratio, as in TRL and OpenRLHF)
+    log_w = torch.where(m > 0, old - samp, 0.0)
     mode = cfg.rollout_correction
     lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
     hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
@@ -366,7 +385,8 @@ def _objective(
             if cfg.dual_clip is not None:
                 p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
         elif cfg.policy_loss == "cispo":
-            p = -rho.clamp(cfg.cispo_low, cfg.cispo_high).detach() * adv * lp
+            unbounded = cfg.cispo_low is None and cfg.cispo_high is None  # clamp() needs at least one bound
+            p = -(rho if unbounded else rho.clamp(cfg.cispo_low, cfg.cispo_high)).detach() * adv * lp
         elif cfg.policy_loss == "sapo":
             tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
             p = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
