@@ -268,16 +268,18 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
 
 def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
     """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
-    # the mask selects tokens (a fractional mask weights the loss, not the ratio, as in TRL and OpenRLHF)
+    # A token's weight is its own ratio (a fractional mask weights the loss, not the ratio, as in TRL and
+    # OpenRLHF); sequence statistics are the trainers' masked sums Σ m·log w. Masked tokens are selected away.
     log_w = torch.where(m > 0, old - samp, 0.0)
+    seq_log_w = lay.seg_sum(m * log_w)
     mode = cfg.rollout_correction
     lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
     hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
     if mode == "sequence_geomean_mask":
-        geo = torch.exp(lay.seg_sum(log_w) / lay.seg_sum(m).clamp(min=1))
+        geo = torch.exp(seq_log_w / lay.seg_sum(m).clamp(min=1))
         keep = (geo >= lo) & (geo <= hi)
         return torch.exp(log_w) * keep[lay.seq]
-    w = torch.exp(lay.seg_sum(log_w))[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
+    w = torch.exp(seq_log_w)[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
     if mode.endswith("truncate"):
         return w.clamp(min=cfg.rollout_min, max=cfg.rollout_max)
     return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
