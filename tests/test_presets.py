@@ -12,6 +12,11 @@ from trainer_losses import (openrlhf_actor_loss, trl_importance_sampling_ratio, 
 B, T = 4, 6
 
 
+def far(scale: float) -> torch.Tensor:
+    """A seeded [B, T] spread of log-probs ``scale`` wide (reaching the trainers' clamps), the same every run."""
+    return scale * torch.randn(B, T, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(1)
@@ -110,7 +115,7 @@ def test_verl_kl_types(data, kl_loss_type):
     d = data
     opts = dict(loss_mode="vanilla", loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.3,
                 kl_loss_type=kl_loss_type)
-    d["ref"] = d["lp"].detach() + 25.0 * torch.randn(B, T, dtype=torch.float64)  # reach the k3 clamps
+    d["ref"] = d["lp"].detach() + far(25.0)  # reach the k3 clamps
     expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
                                d["entropy"], **opts)
     compare(expected, ours(d, presets.verl(**opts)), d)
@@ -148,7 +153,7 @@ OPENRLHF_CASES = [
 @pytest.mark.parametrize("opts", OPENRLHF_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 def test_openrlhf(data, opts):
     d = data
-    d["ref"] = d["lp"].detach() + 15.0 * torch.randn(B, T, dtype=torch.float64)  # reach the ±10 KL clamp
+    d["ref"] = d["lp"].detach() + far(15.0)  # reach the ±10 KL clamp
     trainer = {k: v for k, v in opts.items() if k != "eps_clip_low_high"}
     low, high = opts.get("eps_clip_low_high", (0.2, 0.2))
     expected = openrlhf_actor_loss(d["lp"], d["old"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
@@ -184,7 +189,7 @@ def test_preset_rejects_unknown_options():
 def test_log_ratio_clamps_at_20(data):
     """verl vanilla/sapo/cispo and OpenRLHF ppo clamp log r to ±20; GSPO and GMPO do not."""
     d = data
-    d["old"] = d["lp"].detach() + 30.0 * torch.randn(B, T, dtype=torch.float64)
+    d["old"] = d["lp"].detach() + far(30.0)
     adv = d["adv"][:, None].expand(B, T)
     for mode in ("vanilla", "sapo", "cispo"):
         opts = dict(loss_mode=mode, loss_agg_mode="token-mean")
