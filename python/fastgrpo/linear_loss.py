@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import reference
 from .config import LossConfig, LossOutput, Rewards
-from .kernel_ops import is_token_local
+from .kernel_ops import is_token_local, precomputed_gradients
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
 # dW += dZᵀ·X runs with K = chunk rows; at N = 4096, H = 1024, V = 32000, fp32, 2 cores, fwd+bwd took
@@ -122,22 +122,18 @@ def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tens
 
 
 class _PrecomputedGrads(torch.autograd.Function):
-    """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them, in place
-    (the backend's scale op does nothing when the incoming gradient is 1), and hands the buffers over."""
+    """Attaches gradients computed in the forward to (hidden, weight, bias); backward scales them by the incoming
+    gradient and hands them over (see ``kernel_ops.precomputed_gradients``: in place and without a copy when the
+    backward frees the graph, scaled copies when it keeps it, so a retained graph can be backpropagated again)."""
 
     @staticmethod
     def forward(ctx, loss, grads, scale_, hidden, weight, bias):
-        ctx.grads, ctx.scale_ = grads, scale_
+        ctx.grads, ctx.scale_ = list(grads), scale_
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = ctx.grads
-        del ctx.grads
-        for g in grads:
-            if g is not None:
-                ctx.scale_(g, grad_loss)
-        return (None, None, None, *grads)
+        return (None, None, None, *precomputed_gradients(ctx, grad_loss, ctx.scale_, "linear_grpo_loss"))
 
 
 def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
