@@ -4,7 +4,7 @@ autograd: ``kernel_ops``)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence  # Sequence, not list[...]: torch 2.6 infers no op schema from list[float]
 
 import torch
 from torch import Tensor
@@ -41,8 +41,8 @@ def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_pol
 def grpo_loss_fused_op(
     logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor], w_policy: Tensor, w_kl: Tensor, w_entropy: Tensor, rewards: Optional[Tensor],
-    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: list[float],
-    codes: list[int], with_entropy: bool, write_grad: bool,
+    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: Sequence[float],
+    codes: Sequence[int], with_entropy: bool, write_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad = torch.empty(logits.shape if write_grad else (0,), device=logits.device, dtype=logits.dtype)
     outs = _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
@@ -55,8 +55,8 @@ def grpo_loss_fused_op(
 def grpo_loss_fused_inplace_op(
     logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor], w_policy: Tensor, w_kl: Tensor, w_entropy: Tensor, rewards: Optional[Tensor],
-    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: list[float],
-    codes: list[int], with_entropy: bool,
+    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: Sequence[float],
+    codes: Sequence[int], with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
                    rewards, batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits)
