@@ -260,3 +260,34 @@ def test_auto_never_picks_the_cuda_backend(monkeypatch):
     monkeypatch.setattr(backends, "_selected", {})
     assert backends.select("auto", device) is triton_backend
     assert backends.available(device) == ["triton", "reference", "cuda"]
+
+
+# ------------------------------------------------------------------------------------ linear path: vocab slices
+@pytest.mark.parametrize("offset", [1e4, 1e6])
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_linear_vocab_sliced_gradient_at_large_logits(backend_name, offset, monkeypatch):
+    """The vocabulary-sliced gradient pass keeps log p relative to the row max, (z/τ − M) − log Σ, as the kernels
+    do: M + log Σ rounded at the logits' magnitude (an ulp of 1e4 is 1e-3, of 1e6 is 0.06) would shift every p.
+    Hidden and weight are multiples of 1/4 and the bias an integer, so every fp32 logit is exact and the fp64
+    reference sees the same logits; REINFORCE makes ∂loss/∂ℓ independent of ℓ's own rounding."""
+    kernel_backend(backend_name)
+    monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, DEVICE, 0)
+    monkeypatch.setitem(linear_loss.SLICE_BYTES, DEVICE, 16 * 8 * 4)  # 37 = 16 + 16 + 5 rows
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randint(-4, 5, (2, 3, 8), generator=g) / 4
+    weight = torch.randint(-4, 5, (37, 8), generator=g) / 4
+    bias = torch.full((37,), offset)
+    targets = torch.randint(0, 37, (2, 3), generator=g)
+    kw = dict(advantages=torch.tensor([1.0, -0.5]), config=LossConfig(policy_loss="reinforce"))
+    params = [x.to(DEVICE) for x in (hidden, weight, bias)]
+
+    def grads(dtype, backend):
+        leaves = [x.to(dtype).requires_grad_() for x in params]
+        loss = fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets.to(DEVICE), bias=leaves[2], backend=backend,
+                                         **kw).loss
+        return torch.autograd.grad(loss, leaves)
+
+    for name, ours, truth in zip(("hidden", "weight", "bias"), grads(torch.float32, backend_name),
+                                 grads(torch.float64, "reference")):
+        err = ((ours.double() - truth).abs().max() / truth.abs().max()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"

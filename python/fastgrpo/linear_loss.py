@@ -145,13 +145,14 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
     vocab, hid = weight.shape
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     step_v = max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
-    lse = stats[:, 0] + stats[:, 1]
     for v0 in range(0, vocab, step_v):
         v1 = min(v0 + step_v, vocab)
         sl = _Gemm(weight.detach()[v0:v1], None if bias is None else bias.detach()[v0:v1], gemm.scale, gemm.softcap)
         dw = torch.zeros(v1 - v0, hid, device=weight.device, dtype=torch.float32)
         for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
-            logp = sl.logits(h[r]).mul_(inv_t).sub_(lse[r, None])  # log p over the slice
+            # log p over the slice relative to the row max, (z/τ − M) − log Σ, as the kernels keep it: M + log Σ
+            # would round at the logits' magnitude (an ulp of 1e4 is 1e-3) and shift every p of the row
+            logp = sl.logits(h[r]).mul_(inv_t).sub_(stats[r, 0:1]).sub_(stats[r, 1:2])
             p = logp.exp()
             # two tile buffers in all: the coefficient overwrites log p, ∂/∂u overwrites p
             coef = g_lp[r, None] if g_ent is None else logp.add_(ent[r, None]).mul_(g_ent[r, None]).add_(g_lp[r, None])
