@@ -291,3 +291,65 @@ def test_linear_vocab_sliced_gradient_at_large_logits(backend_name, offset, monk
                                  grads(torch.float64, "reference")):
         err = ((ours.double() - truth).abs().max() / truth.abs().max()).item()
         assert err < 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def no_out_dtype(monkeypatch):
+    """torch < 2.8 has no torch.mm(out_dtype=): the GEMMs then run on fp32 copies of the weight (CPU always)."""
+    monkeypatch.setattr(linear_loss, "_has_out_dtype", lambda: False)
+
+
+@pytest.mark.parametrize("cfg", [FUSED, TWO_PHASE], ids=["fused", "two_phase"])
+def test_linear_fp32_weight_slices_match_the_reference(backend, cfg, weight_grad_order, monkeypatch):
+    """A bf16 weight converted to fp32 one vocabulary slice at a time (slices of 16 rows of 37) gives the
+    gradients of the reference evaluated in fp64 on the same bf16 values."""
+    if backend == "reference":
+        pytest.skip("the reference materializes the logits")
+    no_out_dtype(monkeypatch)
+    monkeypatch.setitem(linear_loss.SLICE_BYTES, DEVICE, 16 * 8 * 4)
+    params, targets, kw = linear_inputs()
+    params = [x.bfloat16() for x in params]
+
+    def grads(dtype, backend):
+        leaves = [x.to(dtype).requires_grad_() for x in params]
+        loss = fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets, bias=leaves[2], config=cfg, backend=backend,
+                                         chunk_tokens=2, **(fp64(kw) if dtype == torch.float64 else kw)).loss
+        return torch.autograd.grad(loss, leaves)
+
+    for ours, truth in zip(grads(torch.bfloat16, backend), grads(torch.float64, "reference")):
+        torch.testing.assert_close(ours.double(), truth, rtol=1e-2, atol=1e-3)  # one bf16 rounding of each output
+    with torch.no_grad():
+        lp = fastgrpo.linear_token_logprobs(params[0], params[1], targets, bias=params[2], backend=backend)
+    truth = fastgrpo.reference.linear_token_logprobs(*(x.double() for x in params[:2]), targets, params[2].double())[0]
+    torch.testing.assert_close(lp.double(), truth, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="measures the process's CPU memory")
+def test_linear_path_never_copies_the_whole_weight_to_fp32(monkeypatch):
+    """bf16 weight [32768, 1024] (64 MiB) without out_dtype: a full fp32 copy would be 128 MiB above the inputs.
+    Converted in slices of 8 MiB, the peak above the inputs and the returned gradients stays a few slices and
+    chunks, in the forward + backward (vocabulary-sliced dW) and in the no-grad log-probs."""
+    from test_kernel_linear_loss import _peak_rss_during
+
+    backend = "cpu" if "cpu" in backends.available(torch.device("cpu")) else pytest.skip("no C++ build")
+    no_out_dtype(monkeypatch)
+    monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, "cpu", 0)
+    monkeypatch.setitem(linear_loss.SLICE_BYTES, "cpu", 8 << 20)
+    v, hid, n = 32768, 1024, 128
+    weight = (0.02 * torch.randn(v, hid)).bfloat16().requires_grad_()
+    hidden = torch.randn(1, n, hid, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, v, (1, n))
+    fp32_copy = v * hid * 4
+
+    def train_step():
+        fastgrpo.linear_grpo_loss(hidden, weight, targets, torch.ones(1), backend=backend,
+                                  chunk_tokens=32).loss.backward()
+
+    def logprobs():
+        with torch.no_grad():
+            fastgrpo.linear_token_logprobs(hidden, weight, targets, backend=backend)
+
+    for step, returned in ((train_step, (hidden.numel() + weight.numel()) * 2), (logprobs, 0)):
+        step()  # warm-up
+        hidden.grad = weight.grad = None
+        extra = _peak_rss_during(step) - returned
+        assert extra < fp32_copy / 2, f"{step.__name__}: {extra / 2**20:.0f} MiB above the inputs"
