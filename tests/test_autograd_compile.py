@@ -354,3 +354,18 @@ def test_linear_path_never_copies_the_whole_weight_to_fp32(monkeypatch):
         hidden.grad = weight.grad = None
         extra = _peak_rss_during(step) - returned
         assert extra < fp32_copy / 2, f"{step.__name__}: {extra / 2**20:.0f} MiB above the inputs"
+
+
+@pytest.mark.parametrize("cfg", [FUSED, TWO_PHASE], ids=["fused", "two_phase"])
+def test_create_graph_is_refused_by_the_kernel_backends(backend, cfg):
+    """The kernels' gradient is not differentiable: a higher-order gradient through it must fail, not count it
+    as a constant (the reference differentiates twice)."""
+    logits, targets, kw = inputs()
+    z = logits.clone().requires_grad_()
+    loss = fastgrpo.grpo_loss(z, targets, config=cfg, backend=backend, **kw).loss
+    if backend == "reference":
+        (g,) = torch.autograd.grad(loss, z, create_graph=True)
+        assert g.requires_grad
+        return
+    with pytest.raises(RuntimeError, match="create_graph=True: fastgrpo's kernel backends compute first-order"):
+        torch.autograd.grad(loss, z, create_graph=True)

@@ -144,6 +144,8 @@ def register(prefix: str, ops: Ops) -> None:
             grad_logprobs = torch.zeros(targets.shape, device=stats.device, dtype=stats.dtype)
         if grad_entropy is not None and grad_entropy.numel() == 0:
             grad_entropy = None
+        if not _traced(logits):
+            first_order_only()
         grad = ops.token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
                                            ctx.inv_temperature)
         return grad, None, None, None, None
@@ -175,13 +177,14 @@ def precomputed_gradients(ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tens
 
     A backward that frees the graph (the usual one) scales the buffers in place and hands them over: autograd
     adopts a buffer nobody else holds as ``.grad`` without a copy. A backward that keeps the graph
-    (``retain_graph=True``, ``create_graph=True``) returns scaled copies and keeps the buffers for the next
-    one; that is what a retained graph costs: its gradient buffers stay alive with it, and each such backward
-    writes one more copy. AOTAutograd asks the engine the same question
-    (``_get_current_graph_task_keep_graph``, present in every supported torch). Traced by torch.compile, the
-    buffers are saved activations: scaled out of place, with the scale op's rounding (fp32 product)."""
+    (``retain_graph=True``) returns scaled copies and keeps the buffers for the next one; that is what a
+    retained graph costs: its gradient buffers stay alive with it, and each such backward writes one more copy.
+    AOTAutograd asks the engine the same question (``_get_current_graph_task_keep_graph``, present in every
+    supported torch). Traced by torch.compile, the buffers are saved activations: scaled out of place, with the
+    scale op's rounding (fp32 product)."""
     if torch.compiler.is_compiling():
         return [None if g is None else (g.float() * grad_loss).to(g.dtype) for g in ctx.grads]
+    first_order_only()
     grads = ctx.grads
     if grads is None:
         raise RuntimeError(
@@ -195,6 +198,14 @@ def precomputed_gradients(ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tens
         if g is not None:
             scale_(g, grad_loss)
     return grads
+
+
+def first_order_only() -> None:
+    """The kernels' gradients are not differentiable: under ``create_graph=True`` (the only way grad mode is on
+    inside an eager backward) they would silently count as constants in a higher-order gradient, so refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("create_graph=True: fastgrpo's kernel backends compute first-order gradients only; "
+                           "use backend='reference' to differentiate a gradient")
 
 
 def inplace_grad_function(ops: Ops) -> type:
