@@ -369,3 +369,17 @@ def test_create_graph_is_refused_by_the_kernel_backends(backend, cfg):
         return
     with pytest.raises(RuntimeError, match="create_graph=True: fastgrpo's kernel backends compute first-order"):
         torch.autograd.grad(loss, z, create_graph=True)
+
+
+def test_op_signatures_infer_a_schema_on_torch_2_6():
+    """torch 2.6 infers a custom-op schema from typing.Sequence[float] but not from list[float]: such an
+    annotation made importing the Triton backend fail there (CI's torch is newer, so check the source)."""
+    import ast
+    import pathlib
+
+    for path in pathlib.Path(fastgrpo.__file__).parent.glob("triton_*.py"):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, ast.FunctionDef) and any("register_op" in ast.unparse(d) for d in fn.decorator_list):
+                for arg in fn.args.args:
+                    assert not ast.unparse(arg.annotation).startswith(("list[", "dict[", "tuple[")), \
+                        f"{path.name}: {fn.name}({arg.arg}: {ast.unparse(arg.annotation)})"
