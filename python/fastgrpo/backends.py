@@ -5,14 +5,20 @@ fails clearly when it is not available. Backends are imported on first use, neve
 The Triton and CUDA backends run on CUDA tensors, the C++ ``cpu`` backend on CPU tensors; Triton also runs on
 CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is
 how CI tests it. A backend whose compiled part is missing (no triton, extension not built) is skipped by
-``auto`` with a warning.
+``auto`` with a warning. ``auto`` never picks the CUDA backend: its kernels have not yet run on a GPU, so it
+runs only when named (``backend="cuda"``).
+
+A selection is resolved once per (backend, device type) and cached, so that under ``torch.compile`` a call
+costs a dictionary lookup that Dynamo traces (and guards on) instead of an import. A first selection inside
+a compiled region is traced too: backend modules are loaded by ``import`` statements, which Dynamo executes
+at trace time.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -20,34 +26,31 @@ from . import reference
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
-# Preference of ``auto`` per device type: fused kernels first, the reference as the last resort.
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+# Preference of ``auto`` per device type: fused kernels first, the reference as the last resort. The CUDA
+# backend is left out until a GPU run validates its kernels.
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+_NAMED_ONLY = ("cuda",)  # available to backend="cuda", never to auto
 
-
-# backend name → (module, attribute): imported on first use
-_IMPLS = {"triton": ("fastgrpo.triton_backend", "BACKEND"), "cpu": ("fastgrpo.cpp_backend", "CPU"),
-          "cuda": ("fastgrpo.cpp_backend", "CUDA")}
 _warned: set[str] = set()
+_selected: dict[tuple[str, str], Any] = {}  # (backend, device type) → the object implementing it
 
 
 def _load(name: str):
     """The object implementing a backend, or None when it is not part of this build."""
     if name == "reference":
         return reference
-    if name not in _IMPLS:
-        return None
-    module_name, attr = _IMPLS[name]
     try:
-        module = importlib.import_module(module_name)
+        if name == "triton":
+            from . import triton_backend
+            return triton_backend.BACKEND
+        from . import cpp_backend
     except ImportError as exc:  # triton not installed (macOS, Windows), or the extension was not built
         if name not in _warned and name != "cuda":
             _warned.add(name)
             warnings.warn(f"fastgrpo: backend {name!r} unavailable ({exc}); falling back to the next backend",
                           stacklevel=3)
         return None
-    if name in ("cpu", "cuda") and not module.has_kernels(name):
-        return None  # e.g. built without a CUDA toolkit
-    return getattr(module, attr)
+    return cpp_backend.CPU if name == "cpu" else cpp_backend.CUDA  # None when built without those kernels
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
@@ -57,16 +60,18 @@ def _runs_on(name: str, device: torch.device) -> bool:
 
 
 def available(device: torch.device) -> list[str]:
-    """Names of the backends that can run on ``device``, in ``auto``'s order of preference."""
-    return [name for name in _AUTO_ORDER.get(device.type, ("reference",))
-            if _runs_on(name, device) and _load(name) is not None]
+    """Names of the backends that can run on ``device``: ``auto``'s order of preference, then the backends
+    that run only when named."""
+    order = _AUTO_ORDER.get(device.type, ("reference",))
+    return [name for name in order + _NAMED_ONLY if _runs_on(name, device) and _load(name) is not None]
 
 
-def select(backend: str, device: torch.device):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _resolve(backend: str, device: torch.device):
     if backend == "auto":
-        return _load(available(device)[0])
+        for name in _AUTO_ORDER.get(device.type, ("reference",)):  # ends with the reference: always found
+            impl = _load(name) if _runs_on(name, device) else None
+            if impl is not None:
+                return impl
     if not _runs_on(backend, device):
         raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors" + (
             " (on CPU Triton runs only under the interpreter, TRITON_INTERPRET=1)" if backend == "triton" else "")
@@ -77,3 +82,13 @@ def select(backend: str, device: torch.device):
             f"backend={backend!r} is not available in this build of fastgrpo "
             f"(available on {device.type}: {available(device)}); use backend='auto' or 'reference'")
     return module
+
+
+def select(backend: str, device: torch.device):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    key = (backend, device.type)
+    impl = _selected.get(key)
+    if impl is None:
+        impl = _selected[key] = _resolve(backend, device)
+    return impl

@@ -26,8 +26,6 @@ _ops = torch.ops.fastgrpo
 OPS = kernel_ops.Ops(_ops.token_logprobs, _ops.token_logprobs_backward, _ops.grpo_loss_fused,
                      _ops.grpo_loss_fused_inplace_, _ops.scale_grad_, _ops.advantages)
 kernel_ops.register("", OPS)
-CPU = KernelBackend("cpu", OPS)
-CUDA = KernelBackend("cuda", OPS)
 OP_NAMES = ("token_logprobs", "token_logprobs_backward", "grpo_loss_fused", "grpo_loss_fused_inplace_",
             "scale_grad_", "advantages")
 
@@ -36,3 +34,9 @@ def has_kernels(device_type: str) -> bool:
     """Whether every op has an implementation for ``device_type`` ("cpu" or "cuda") in this build."""
     key = "CPU" if device_type == "cpu" else "CUDA"
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgrpo::{op}", key) for op in OP_NAMES)
+
+
+# None where this build lacks the kernels (e.g. no CUDA toolkit): decided here, at import, because the dispatcher
+# query is opaque to torch.compile and backend selection may first run inside a compiled region
+CPU = KernelBackend("cpu", OPS) if has_kernels("cpu") else None
+CUDA = KernelBackend("cuda", OPS) if has_kernels("cuda") else None

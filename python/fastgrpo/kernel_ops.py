@@ -12,10 +12,12 @@ fake (meta) implementations and their autograd, registered once per op family he
         -> (advantages, group mean, group std)
 
 ``stats`` holds per row the max M of z/τ and log Σ exp(z/τ − M). The fused loss computes ∂loss/∂logits in the
-forward (the loss is a scalar); its backward only scales that gradient by the incoming one, in place, and the
-scale op does nothing when the scale is 1, deciding on the device. ``retain_graph`` double backward therefore
-sees the scaled buffer. Under torch.compile the scaling is an out-of-place multiply (a saved output cannot be
-mutated there). ``scalars``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
+forward (the loss is a scalar); its backward only scales that gradient by the incoming one (see
+``precomputed_gradients``): in place and handed to autograd without a copy when the backward frees the graph
+(the usual ``loss.backward()``; the scale op does nothing when the scale is 1, deciding on the device), as a
+scaled copy when it keeps the graph (``retain_graph=True``), so that every later backward sees the forward's
+gradient again. Under torch.compile the scaling is an out-of-place multiply (a saved output cannot be mutated
+there). ``scalars``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ def register(prefix: str, ops: Ops) -> None:
             grad_logprobs = torch.zeros(targets.shape, device=stats.device, dtype=stats.dtype)
         if grad_entropy is not None and grad_entropy.numel() == 0:
             grad_entropy = None
+        if not _traced(logits):
+            first_order_only()
         grad = ops.token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
                                            ctx.inv_temperature)
         return grad, None, None, None, None
@@ -154,39 +158,73 @@ def register(prefix: str, ops: Ops) -> None:
         if _traced(output[-1]):
             ctx.save_for_backward(output[-1])
         else:  # held on ctx, not saved: backward drops the last reference, so autograd can adopt the buffer
-            ctx.grad = output[-1]  # as .grad instead of copying it (it has no grad_fn: no reference cycle)
+            ctx.grads = [output[-1]]  # as .grad instead of copying it (it has no grad_fn: no reference cycle)
 
     def loss_backward(ctx, grad_loss, *_):
-        if hasattr(ctx, "grad"):  # eager: in place, nothing at all when grad_loss == 1
-            grad = ctx.grad
-            del ctx.grad
-            ops.scale_grad_(grad, grad_loss)
-        else:
+        if hasattr(ctx, "grads"):  # eager: in place, nothing at all when grad_loss == 1
+            (grad,) = precomputed_gradients(ctx, grad_loss, ops.scale_grad_, "grpo_loss")
+        else:  # the same rounding as the scale op: an fp32 product, rounded once to the gradient's dtype
             (grad,) = ctx.saved_tensors
-            grad = grad * grad_loss.to(grad.dtype)
+            grad = (grad.float() * grad_loss).to(grad.dtype)
         return (grad,) + (None,) * 16
 
     torch.library.register_autograd(name("grpo_loss_fused"), loss_backward, setup_context=loss_setup)
 
 
+def precomputed_gradients(ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tensor], None],
+                          what: str) -> list[Optional[Tensor]]:
+    """``ctx.grads`` (gradients of a scalar loss computed in its forward) times ``grad_loss``.
+
+    A backward that frees the graph (the usual one) scales the buffers in place and hands them over: autograd
+    adopts a buffer nobody else holds as ``.grad`` without a copy. A backward that keeps the graph
+    (``retain_graph=True``) returns scaled copies and keeps the buffers for the next one; that is what a
+    retained graph costs: its gradient buffers stay alive with it, and each such backward writes one more copy.
+    AOTAutograd asks the engine the same question (``_get_current_graph_task_keep_graph``, present in every
+    supported torch). Traced by torch.compile, the buffers are saved activations: scaled out of place, with the
+    scale op's rounding (fp32 product)."""
+    if torch.compiler.is_compiling():
+        return [None if g is None else (g.float() * grad_loss).to(g.dtype) for g in ctx.grads]
+    first_order_only()
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(
+            f"Trying to backward through the {what} graph a second time: its gradient buffers were handed to the "
+            "first backward. Specify retain_graph=True on every backward but the last.")
+    if torch._C._autograd._get_current_graph_task_keep_graph():
+        grads = [None if g is None else g.clone() for g in grads]
+    else:
+        ctx.grads = None
+    for g in grads:
+        if g is not None:
+            scale_(g, grad_loss)
+    return grads
+
+
+def first_order_only() -> None:
+    """The kernels' gradients are not differentiable: under ``create_graph=True`` (the only way grad mode is on
+    inside an eager backward) they would silently count as constants in a higher-order gradient, so refuse."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("create_graph=True: fastgrpo's kernel backends compute first-order gradients only; "
+                           "use backend='reference' to differentiate a gradient")
+
+
 def inplace_grad_function(ops: Ops) -> type:
     """Autograd for ``inplace_grad``: after the forward the logits buffer *is* the gradient. Held on ctx (not
-    saved for backward) because its version changed by design; eager only."""
+    saved for backward) because its version changed by design; eager only. A backward that keeps the graph
+    leaves the buffer holding the unscaled gradient (see ``precomputed_gradients``)."""
 
     class InplaceGrad(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, *args):
             outs = ops.grpo_loss_fused_inplace_(logits, *args)
             ctx.set_materialize_grads(False)
-            ctx.grad = logits
+            ctx.grads = [logits]
             ctx.mark_non_differentiable(*outs[1:])
             return outs
 
         @staticmethod
         def backward(ctx, grad_loss, *_):
-            grad = ctx.grad
-            del ctx.grad
-            ops.scale_grad_(grad, grad_loss)
+            (grad,) = precomputed_gradients(ctx, grad_loss, ops.scale_grad_, "grpo_loss(inplace_grad=True)")
             return (grad,) + (None,) * 15
 
     return InplaceGrad

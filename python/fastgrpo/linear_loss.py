@@ -16,19 +16,20 @@ weight's dtype) once complete. Extra memory is then one slice and dX (N·H·4), 
 8·N·V·H FLOPs for every config.
 Logit scale and soft-capping (z = c·tanh(scale·(X·Wᵀ + b)/c)) are applied per chunk and chained into dZ.
 GEMMs read bf16/fp16 operands with fp32 outputs on CUDA (``torch.mm(..., out_dtype=float32)`` where this
-torch has it), never rounding a product to bf16 before the log-sum-exp; elsewhere they run on fp32 copies.
+torch has it), never rounding a product to bf16 before the log-sum-exp; elsewhere they run on fp32 copies of
+one vocabulary slice of the weight at a time (``_Gemm``).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import reference
 from .config import LossConfig, LossOutput, Rewards
-from .kernel_ops import is_token_local
+from .kernel_ops import is_token_local, precomputed_gradients
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
 # dW += dZᵀ·X runs with K = chunk rows; at N = 4096, H = 1024, V = 32000, fp32, 2 cores, fwd+bwd took
@@ -50,14 +51,28 @@ def default_chunk_tokens(vocab: int, device: torch.device) -> int:
 
 
 class _Gemm:
-    """The chunk GEMMs with fp32 outputs, and the logit transform z = softcap(scale·(X·Wᵀ + b))."""
+    """The chunk GEMMs with fp32 outputs, and the logit transform z = softcap(scale·(X·Wᵀ + b)).
+
+    The weight is read as is where the GEMM can: fp32, or bf16/fp16 on CUDA with ``out_dtype``. Elsewhere (CPU,
+    torch < 2.8) the GEMMs need fp32 operands, and the weight is converted one vocabulary slice of
+    ``SLICE_BYTES`` at a time, for each chunk: a whole fp32 copy would be V·H·4 bytes (2.2 GB for a 7B model's
+    LM head) for the call's lifetime. A weight that fits in one slice is converted once."""
 
     def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float]) -> None:
         self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _has_out_dtype()
-        self.weight = weight if self.low_precision else weight.float()
+        as_is = self.low_precision or weight.dtype == torch.float32
+        vocab, hid = weight.shape
+        self.step = vocab if as_is else max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
+        self.weight = weight.float() if not as_is and vocab <= self.step else weight
         self.bias = None if bias is None else bias.float()
         self.scale, self.softcap = scale, softcap
         self._tanh: Optional[Tensor] = None
+
+    def _slices(self) -> Iterator[tuple[slice, Tensor]]:
+        """(vocabulary rows, those rows of the weight as a GEMM operand)."""
+        for v0 in range(0, self.weight.shape[0], self.step):
+            rows = slice(v0, v0 + self.step)
+            yield rows, self.weight[rows].float()  # a no-op unless the weight is converted per slice
 
     def _mm(self, a: Tensor, b: Tensor) -> Tensor:
         if self.low_precision:
@@ -65,7 +80,13 @@ class _Gemm:
         return a.float() @ b.float()
 
     def logits(self, h: Tensor) -> Tensor:
-        z = self._mm(h, self.weight.t())
+        if self.step >= self.weight.shape[0]:
+            z = self._mm(h, self.weight.t())
+        else:
+            h = h.float()
+            z = h.new_empty(h.shape[0], self.weight.shape[0])
+            for rows, w in self._slices():
+                z[:, rows] = h @ w.t()
         if self.bias is not None:
             z += self.bias
         if self.scale != 1.0:
@@ -86,7 +107,13 @@ class _Gemm:
         """d_hidden[rows] += dZ·W and d_weight += dZᵀ·X for one tile, in fp32 (the latter without a temporary
         [V, H] product where the GEMM can accumulate in place). Token-outer, each row is added once to zeros;
         vocabulary-sliced, once per slice."""
-        d_hidden.index_add_(0, rows, self._mm(dz, self.weight))
+        if self.step >= self.weight.shape[0]:
+            dh = self._mm(dz, self.weight)
+        else:
+            dh = dz.new_zeros(dz.shape[0], self.weight.shape[1])
+            for v, w in self._slices():
+                dh.addmm_(dz[:, v], w)
+        d_hidden.index_add_(0, rows, dh)
         if self.low_precision:
             d_weight.add_(self._mm(dz.t(), h))
         else:
@@ -122,22 +149,18 @@ def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tens
 
 
 class _PrecomputedGrads(torch.autograd.Function):
-    """Attaches gradients computed in the forward to (hidden, weight, bias); backward only scales them, in place
-    (the backend's scale op does nothing when the incoming gradient is 1), and hands the buffers over."""
+    """Attaches gradients computed in the forward to (hidden, weight, bias); backward scales them by the incoming
+    gradient and hands them over (see ``kernel_ops.precomputed_gradients``: in place and without a copy when the
+    backward frees the graph, scaled copies when it keeps it, so a retained graph can be backpropagated again)."""
 
     @staticmethod
     def forward(ctx, loss, grads, scale_, hidden, weight, bias):
-        ctx.grads, ctx.scale_ = grads, scale_
+        ctx.grads, ctx.scale_ = list(grads), scale_
         return loss.clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = ctx.grads
-        del ctx.grads
-        for g in grads:
-            if g is not None:
-                ctx.scale_(g, grad_loss)
-        return (None, None, None, *grads)
+        return (None, None, None, *precomputed_gradients(ctx, grad_loss, ctx.scale_, "linear_grpo_loss"))
 
 
 def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
@@ -149,13 +172,14 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
     vocab, hid = weight.shape
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     step_v = max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
-    lse = stats[:, 0] + stats[:, 1]
     for v0 in range(0, vocab, step_v):
         v1 = min(v0 + step_v, vocab)
         sl = _Gemm(weight.detach()[v0:v1], None if bias is None else bias.detach()[v0:v1], gemm.scale, gemm.softcap)
         dw = torch.zeros(v1 - v0, hid, device=weight.device, dtype=torch.float32)
         for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
-            logp = sl.logits(h[r]).mul_(inv_t).sub_(lse[r, None])  # log p over the slice
+            # log p over the slice relative to the row max, (z/τ − M) − log Σ, as the kernels keep it: M + log Σ
+            # would round at the logits' magnitude (an ulp of 1e4 is 1e-3) and shift every p of the row
+            logp = sl.logits(h[r]).mul_(inv_t).sub_(stats[r, 0:1]).sub_(stats[r, 1:2])
             p = logp.exp()
             # two tile buffers in all: the coefficient overwrites log p, ∂/∂u overwrites p
             coef = g_lp[r, None] if g_ent is None else logp.add_(ent[r, None]).mul_(g_ent[r, None]).add_(g_lp[r, None])

@@ -483,13 +483,10 @@ def policy_loss(
     ent = flat(entropy)
     loss, values = _objective(lp, *args, ent)
 
-    # grad_active_fraction needs ∂L/∂ℓ: a second, detached evaluation keeps the oracle plain.
-    with torch.enable_grad():
-        leaf = lp.detach().requires_grad_(True)
-        probe, _ = _objective(leaf, *args, None if ent is None else ent.detach())
-        (grad_lp,) = torch.autograd.grad(probe, leaf, allow_unused=True)
-    if grad_lp is None:
-        grad_lp = torch.zeros_like(lp)
+    # grad_active_fraction needs ∂L/∂ℓ: autodiff of a second, detached evaluation keeps the oracle plain.
+    # torch.func.grad, not torch.autograd.grad: torch.compile traces the former into the graph.
+    ent_probe = None if ent is None else ent.detach()
+    grad_lp = torch.func.grad(lambda leaf: _objective(leaf, *args, ent_probe)[0])(lp.detach())
     weights_used = is_weights is not None or config.rollout_correction is not None
     metrics = loss_metrics(values, grad_lp, adv, m, ent, config, weights_used)
     return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
