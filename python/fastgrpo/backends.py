@@ -78,8 +78,12 @@ def _resolve(backend: str, device: torch.device):
             + "; use backend='auto' or 'reference'")
     module = _load(backend)
     if module is None:
+        why = ""
+        if backend == "cuda":  # e.g. its CUDA runtime cannot be loaded in this process: say the loader's reason
+            from . import cpp_backend
+            why = f": {cpp_backend.CUDA_UNAVAILABLE}" if cpp_backend.CUDA_UNAVAILABLE else ""
         raise RuntimeError(
-            f"backend={backend!r} is not available in this build of fastgrpo "
+            f"backend={backend!r} is not available in this build of fastgrpo{why} "
             f"(available on {device.type}: {available(device)}); use backend='auto' or 'reference'")
     return module
 

@@ -51,9 +51,12 @@ class _TargetLogprob(torch.autograd.Function):
     underflowed, where the true values are ±inf and 0."""
 
     @staticmethod
-    def forward(ctx, z: Tensor, targets: Tensor) -> Tensor:
-        ctx.save_for_backward(z, targets)
+    def forward(z: Tensor, targets: Tensor) -> Tensor:
         return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # (not in forward: torch.func transforms need it apart)
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -235,9 +238,12 @@ class _K3(torch.autograd.Function):
     cancellation near D = 0 (autograd of expm1 would take 1 − (expm1(−D) + 1) and lose it again)."""
 
     @staticmethod
-    def forward(ctx, d: Tensor) -> Tensor:
-        ctx.save_for_backward(d)
+    def forward(d: Tensor) -> Tensor:
         return torch.expm1(-d) + d
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -313,10 +319,12 @@ class _RatioExp(torch.autograd.Function):
     0: the true derivative is then 0, where autograd's 0·inf would give NaN."""
 
     @staticmethod
-    def forward(ctx, log_r: Tensor) -> Tensor:
-        rho = torch.exp(log_r)
-        ctx.save_for_backward(rho)
-        return rho
+    def forward(log_r: Tensor) -> Tensor:
+        return torch.exp(log_r)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
