@@ -147,12 +147,7 @@ def compiled_equals_eager(fn, *args):
     torch.testing.assert_close(compiled, run(fn))
 
 
-@pytest.mark.parametrize("cfg_name", [
-    *[name for name in CONFIGS if name != "sapo"],
-    pytest.param("sapo", marks=pytest.mark.xfail(
-        strict=True, reason="top_entropy_quantile: reference._entropy_mask selects the masked entropies with a "
-                            "boolean index (a data-dependent shape)")),
-])
+@pytest.mark.parametrize("cfg_name", list(CONFIGS))
 def test_grpo_loss_compiles_fullgraph(backend, cfg_name, monkeypatch):
     monkeypatch.setattr(backends, "_selected", {})  # the first selection is traced too
     logits, targets, kw = inputs()
@@ -383,3 +378,4 @@ def test_op_signatures_infer_a_schema_on_torch_2_6():
                 for arg in fn.args.args:
                     assert not ast.unparse(arg.annotation).startswith(("list[", "dict[", "tuple[")), \
                         f"{path.name}: {fn.name}({arg.arg}: {ast.unparse(arg.annotation)})"
+
