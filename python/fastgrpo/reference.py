@@ -295,6 +295,8 @@ def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
     """TRL's top-entropy mask: tokens with H ≥ the (1 − q) quantile of the masked entropies. Masked tokens enter
     the quantile as NaN, which nanquantile skips (no data-dependent shape: it compiles without a graph break); with
     no unmasked token the threshold is NaN and no token is kept."""
+    if ent.numel() == 0:  # (a static shape: no graph break)
+        return torch.zeros_like(m)
     threshold = torch.nanquantile(torch.where(m > 0, ent, float("nan")), 1.0 - q)
     return ((ent >= threshold) & (m > 0)).float()
 
