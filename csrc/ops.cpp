@@ -12,8 +12,8 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Float hyper-parameters come as fp32 tensors on the logits' device (`inv_temperature`: 1 value; `params`:
-// [1/τ, eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
+// Float hyper-parameters come as fp32 tensors on the device of the op's inputs (`inv_temperature`, `eps`: 1 value;
+// `params`: [1/τ, eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
 // sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps], see token_objective.h), not as `float` arguments:
 // torch.compile specializes a float argument, recompiling for every new value. The int `codes` select variants.
 TORCH_LIBRARY(fastgrpo, m) {
@@ -37,5 +37,5 @@ TORCH_LIBRARY(fastgrpo, m) {
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // (advantages [B], group mean, group std) for fp32 rewards in contiguous groups.
   m.def("advantages(Tensor rewards, Tensor batch_std, int group_size, int estimator, bool divide,"
-        " bool use_batch_std, bool singleton_raw, float eps) -> (Tensor, Tensor, Tensor)");
+        " bool use_batch_std, bool singleton_raw, Tensor eps) -> (Tensor, Tensor, Tensor)");
 }

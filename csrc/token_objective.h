@@ -147,16 +147,16 @@ FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t
   return centered;
 }
 
-// The parameters of the standalone advantages op (the rest of ObjectiveParams unused).
-inline ObjectiveParams advantage_params(int64_t group_size, int64_t estimator, bool divide, bool use_batch_std,
-                                        bool singleton_raw, double eps) {
+// The codes of the standalone advantages op (the rest of ObjectiveParams unused; adv_eps comes from its `eps`
+// tensor).
+inline ObjectiveParams advantage_codes(int64_t group_size, int64_t estimator, bool divide, bool use_batch_std,
+                                       bool singleton_raw) {
   ObjectiveParams p{};
   p.group_size = static_cast<int32_t>(group_size);
   p.adv_estimator = static_cast<int32_t>(estimator);
   p.adv_divide = divide;
   p.adv_use_batch_std = use_batch_std;
   p.adv_singleton_raw = singleton_raw;
-  p.adv_eps = static_cast<float>(eps);
   return p;
 }
 

@@ -198,11 +198,11 @@ def test_public_functions_compile_fullgraph(backend, monkeypatch):
 def no_recompilation_after_warmup(f, args, values, fullgraph=True):
     """Compiles ``f(*args, value)`` and calls it with each of ``values`` (configs, or floats). The second value makes
     Dynamo recompile once with the changed float as a symbol (automatic dynamic); any later recompilation is an
-    error. The loss and its gradients w.r.t. ``args`` match eager throughout."""
+    error. The loss and its gradients w.r.t. ``args`` (where it has any) match eager throughout."""
     def run(fn, value):
         leaves = [x.clone().requires_grad_() for x in args]
         loss = fn(*leaves, value)
-        return loss, torch.autograd.grad(loss, leaves)
+        return loss, torch.autograd.grad(loss, leaves) if loss.requires_grad else ()
 
     torch._dynamo.reset()
     compiled = torch.compile(f, fullgraph=fullgraph, backend=COMPILE_BACKEND)
@@ -254,6 +254,16 @@ def test_no_recompilation_when_the_advantage_eps_changes(backend):
 
     configs = [LossConfig(advantage=AdvantageConfig(eps=eps)) for eps in (1e-4, 1e-3, 1e-2, 1e-1)]
     no_recompilation_after_warmup(f, [logits], configs)
+
+
+def test_advantages_no_recompilation_when_eps_changes(backend):
+    """The standalone advantages op takes eps as a tensor too."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0], device=DEVICE)
+
+    def f(r, cfg):
+        return fastgrpo.advantages(r, group_size=2, config=cfg, backend=backend).sum()
+
+    no_recompilation_after_warmup(f, [rewards], [AdvantageConfig(eps=eps) for eps in (1e-4, 1e-3, 1e-2, 1e-1)])
 
 
 def test_token_logprobs_no_recompilation_when_temperature_changes(backend):

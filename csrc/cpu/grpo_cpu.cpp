@@ -344,13 +344,15 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& rewards, const at::Tensor& batch_std,
                                                               int64_t group_size, int64_t estimator, bool divide,
-                                                              bool use_batch_std, bool singleton_raw, double eps) {
+                                                              bool use_batch_std, bool singleton_raw,
+                                                              const at::Tensor& eps) {
   TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
               ") must divide the number of rewards (", rewards.numel(), ")");
   const auto r = rows_float(rewards);
   const int64_t n = r.numel(), groups = n / group_size;
   auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
-  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
+  ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
+  p.adv_eps = *float_params(eps, rewards, 1, "eps").const_data_ptr<float>();
   const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
   const float* rp = r.const_data_ptr<float>();
   float *ap = adv.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *sp = std_.mutable_data_ptr<float>();

@@ -264,10 +264,11 @@ __global__ void scale_grad_kernel(T* grad, RowLayout layout, const float* scale)
     row[i] = from_float<T>(to_float(row[i]) * s);
 }
 
-__global__ void advantages_kernel(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams p,
-                                  float* adv, float* mean, float* std_) {
+__global__ void advantages_kernel(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                                  ObjectiveParams p, float* adv, float* mean, float* std_) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
+  p.adv_eps = *eps;
   float gm, gs;
   adv[i] = group_advantage(rewards, *batch_std, i, p, &gm, &gs);
   if (i % p.group_size == 0) {
@@ -336,11 +337,11 @@ const char* scale_grad(DType dtype, void* grad, RowLayout l, const float* scale,
   });
 }
 
-const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params, float* adv,
-                       float* mean, float* std_, void* stream) {
+const char* advantages(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                       ObjectiveParams codes, float* adv, float* mean, float* std_, void* stream) {
   if (n == 0) return nullptr;
-  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, n, params,
-                                                                                    adv, mean, std_);
+  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, eps, n,
+                                                                                    codes, adv, mean, std_);
   return last_error();
 }
 

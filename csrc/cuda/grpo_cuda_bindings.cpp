@@ -169,7 +169,8 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor& rewards, const at::Tensor& batch_std,
                                                                int64_t group_size, int64_t estimator, bool divide,
-                                                               bool use_batch_std, bool singleton_raw, double eps) {
+                                                               bool use_batch_std, bool singleton_raw,
+                                                               const at::Tensor& eps) {
   TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
               ") must divide the number of rewards (", rewards.numel(), ")");
   c10::DeviceGuard guard(rewards.device());
@@ -177,8 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor&
   const int64_t n = r.numel();
   auto adv = at::empty({n}, r.options()), mean = at::empty({n / group_size}, r.options()),
        std_ = at::empty({n / group_size}, r.options());
-  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
-  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(), n, p,
+  const auto eps_value = float_params(eps, rewards, 1, "eps");  // read by the kernel, never here
+  const ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
+  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(),
+                                eps_value.const_data_ptr<float>(), n, p,
                                 adv.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
                                 std_.mutable_data_ptr<float>(), current_stream(rewards)),
                "advantages");

@@ -1,7 +1,7 @@
 // Launchers of the CUDA kernels with plain parameters (pointers, sizes, the stream as void*), so that the .cu
 // files need no PyTorch headers: a CPU-only PyTorch has no c10/cuda build headers, and CI compiles them there.
 // Each returns nullptr on success or the CUDA error string of the launch. Float hyper-parameters are device
-// pointers (`inv_temperature`: 1 value, `params`: kNumParams, see token_objective.h) that the kernels read
+// pointers (`inv_temperature`, `eps`: 1 value, `params`: kNumParams, see token_objective.h) that the kernels read
 // themselves: the host never reads them (no sync), and torch.compile does not specialize on their values.
 #pragma once
 
@@ -44,8 +44,9 @@ const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout layout, c
 // grad *= *scale over the rows of `layout` (nothing when *scale == 1, decided on the device).
 const char* scale_grad(DType dtype, void* grad, RowLayout layout, const float* scale, void* stream);
 
-const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params,
-                       float* advantages, float* group_mean, float* group_std, void* stream);
+// `codes`: the advantage codes (adv_eps unset: the kernel loads it from `eps`).
+const char* advantages(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                       ObjectiveParams codes, float* advantages, float* group_mean, float* group_std, void* stream);
 
 }  // namespace cuda
 }  // namespace fastgrpo

@@ -71,7 +71,8 @@ class KernelBackend:
         r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
         batch, std_b = self._batch_std(r, config)
         estimator, divide, singleton_raw, eps = advantage_args(config)
-        adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw, eps)
+        adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw,
+                                             params_tensor([eps], r.device))
         if batch and r.numel() <= 1:
             adv = torch.zeros_like(r)
         if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch

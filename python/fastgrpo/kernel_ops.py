@@ -19,7 +19,7 @@ scaled copy when it keeps the graph (``retain_graph=True``), so that every later
 gradient again. Under torch.compile the scaling is an out-of-place multiply (a saved output cannot be mutated
 there). ``params``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
 
-Float hyper-parameters are fp32 tensors on the logits' device (``inv_temperature``: 1 value, ``params``:
+Float hyper-parameters are fp32 tensors on the inputs' device (``inv_temperature``, ``eps``: 1 value, ``params``:
 [1/τ, 12 scalars]), never ``float`` arguments: torch.compile specializes a float argument of an op (a SymFloat
 included), so every new clip bound or temperature would recompile. ``params_tensor`` builds them without a host
 sync. The int ``codes`` select variants: a recompile for a new variant is expected.
@@ -62,7 +62,7 @@ def is_token_local(config: LossConfig, has_old: bool, has_is_weights: bool) -> b
 
 
 def advantage_args(config: AdvantageConfig) -> tuple[int, bool, bool, float]:
-    """(estimator code, divide, singleton_raw, eps) as the kernels take them."""
+    """(estimator code, divide, singleton_raw, eps); the op takes eps as ``params_tensor([eps], device)``."""
     return _ESTIMATOR[config.estimator], config.scale != "none", config.singleton == "raw", config.eps
 
 

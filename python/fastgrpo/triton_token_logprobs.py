@@ -33,11 +33,12 @@ def rows(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.reshape(-1).to(dtype or x.dtype).contiguous()
 
 
-def float_params(x: Tensor, logits: Tensor, numel: int, name: str) -> Tensor:
-    """A float hyper-parameter tensor (``params``, ``inv_temperature``) as the kernels read it: dense fp32 on the
-    logits' device (the kernel loads it: a short or misplaced buffer would be read out of bounds)."""
-    if x.numel() != numel or x.device != logits.device:
-        raise ValueError(f"{name} must hold {numel} value(s) on the logits' device ({logits.device}), got "
+def float_params(x: Tensor, like: Tensor, numel: int, name: str) -> Tensor:
+    """A float hyper-parameter tensor (``params``, ``inv_temperature``, ``eps``) as the kernels read it: dense fp32
+    on the device of the op's inputs ``like`` (the kernel loads it: a short or misplaced buffer would be read out
+    of bounds)."""
+    if x.numel() != numel or x.device != like.device:
+        raise ValueError(f"{name} must hold {numel} value(s) on the device of the op's inputs ({like.device}), got "
                          f"{x.numel()} on {x.device}")
     return rows(x, torch.float32)
 
