@@ -31,6 +31,16 @@ inline RowAddress row_address(const at::Tensor& x) {
 inline at::Tensor rows_long(const at::Tensor& x) { return x.reshape(-1).to(at::kLong).contiguous(); }
 inline at::Tensor rows_float(const at::Tensor& x) { return x.reshape(-1).to(at::kFloat).contiguous(); }
 
+// The float hyper-parameters an op takes as a tensor (`params`, `inv_temperature`, `eps`), as dense fp32 on the
+// device of the op's inputs (`like`): the CPU kernels read them on the host, the CUDA kernels through the pointer
+// (never a host read).
+inline at::Tensor float_params(const at::Tensor& x, const at::Tensor& like, int64_t numel, const char* name) {
+  TORCH_CHECK(x.numel() == numel, name, " must hold ", numel, " value(s), got ", x.numel());
+  TORCH_CHECK(x.device() == like.device(), name, " must be on the device of the op's inputs (", like.device(),
+              "), got ", x.device());
+  return rows_float(x);
+}
+
 inline at::Tensor stats_like(const at::Tensor& targets) {
   auto sizes = targets.sizes().vec();
   sizes.push_back(2);

@@ -17,18 +17,21 @@ namespace fastgrpo {
 enum Policy : int32_t { kPPO = 0, kCISPO = 1, kSAPO = 2, kREINFORCE = 3 };
 enum KL : int32_t { kKLNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4 };
 
-// Runtime parameters of the fused loss, in the order of the ops' `codes` and `scalars` lists.
+// Runtime parameters of the fused loss: the ops' `codes` (ints, passed by value: they select variants) and the
+// float hyper-parameters, which the ops take as one fp32 tensor `params` = [1/τ, the scalars below in order] on
+// the logits' device, so that torch.compile never specializes (recompiles) on their values.
 struct ObjectiveParams {
   // codes
   int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old;
   int32_t adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw;
-  // scalars; unused bounds are ±inf (a clamp to ±inf is the identity)
+  // scalars (params[1:]); unused bounds are ±inf (a clamp to ±inf is the identity)
   float eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
       sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps;
 };
 
 constexpr int kNumCodes = 11;
 constexpr int kNumScalars = 12;
+constexpr int kNumParams = 1 + kNumScalars;  // params[0] = 1/τ
 
 struct TokenResult {
   float loss;   // w_policy·P + w_kl·K − w_entropy·H
@@ -144,30 +147,36 @@ FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t
   return centered;
 }
 
-// The parameters of the standalone advantages op (the rest of ObjectiveParams unused).
-inline ObjectiveParams advantage_params(int64_t group_size, int64_t estimator, bool divide, bool use_batch_std,
-                                        bool singleton_raw, double eps) {
+// The codes of the standalone advantages op (the rest of ObjectiveParams unused; adv_eps comes from its `eps`
+// tensor).
+inline ObjectiveParams advantage_codes(int64_t group_size, int64_t estimator, bool divide, bool use_batch_std,
+                                       bool singleton_raw) {
   ObjectiveParams p{};
   p.group_size = static_cast<int32_t>(group_size);
   p.adv_estimator = static_cast<int32_t>(estimator);
   p.adv_divide = divide;
   p.adv_use_batch_std = use_batch_std;
   p.adv_singleton_raw = singleton_raw;
-  p.adv_eps = static_cast<float>(eps);
   return p;
 }
 
-// Unpacks the ops' `codes` (int) and `scalars` (float) lists.
-template <typename Ints, typename Floats>
-ObjectiveParams unpack_params(const Ints& c, const Floats& s) {
-  ObjectiveParams p;
+// Unpacks the ops' `codes`; the scalars come from `params` (load_scalars).
+template <typename Ints>
+ObjectiveParams unpack_codes(const Ints& c) {
+  ObjectiveParams p{};
   p.policy = c[0]; p.kl = c[1]; p.kl_straight = c[2]; p.kl_ratio_weighted = c[3]; p.has_old = c[4];
   p.adv_from_rewards = c[5]; p.group_size = c[6]; p.adv_estimator = c[7]; p.adv_divide = c[8];
   p.adv_use_batch_std = c[9]; p.adv_singleton_raw = c[10];
+  return p;
+}
+
+// Fills the scalars from the ops' `params` (1/τ at params[0] is not part of them): on the host from the CPU
+// tensor, on the device from the kernel's pointer.
+FASTGRPO_HD void load_scalars(ObjectiveParams& p, const float* params) {
+  const float* s = params + 1;
   p.eps_low = s[0]; p.eps_high = s[1]; p.ratio_cap = s[2]; p.dual_clip = s[3]; p.log_ratio_clamp = s[4];
   p.cispo_low = s[5]; p.cispo_high = s[6]; p.sapo_tau_pos = s[7]; p.sapo_tau_neg = s[8];
   p.kl_input_clamp = s[9]; p.kl_output_clamp = s[10]; p.adv_eps = s[11];
-  return p;
 }
 
 }  // namespace fastgrpo

@@ -53,18 +53,18 @@ def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_b
 
 @triton.jit
 def advantages_kernel(
-    # pointers
-    rewards_ptr, batch_std_ptr, advantages_ptr, group_mean_ptr, group_std_ptr,
+    # pointers (eps_ptr: one fp32, loaded per program: torch.compile would specialize a float argument)
+    rewards_ptr, batch_std_ptr, eps_ptr, advantages_ptr, group_mean_ptr, group_std_ptr,
     # shapes
     G,
-    # scalars
-    estimator, divide, use_batch_std, singleton_raw, eps,
+    # variant codes
+    estimator, divide, use_batch_std, singleton_raw,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     adv, mean, std = group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_batch_std,
-                                     singleton_raw, eps, BLOCK)
+                                     singleton_raw, tl.load(eps_ptr), BLOCK)
     tl.store(advantages_ptr + seq, adv)
     if seq % G == 0:
         tl.store(group_mean_ptr + seq // G, mean)
@@ -73,7 +73,7 @@ def advantages_kernel(
 
 def aot_specializations():
     """Every (kernel, signature, constexprs, num_warps) the launcher can produce (see tests/aot_compile.py)."""
-    sig = {"rewards_ptr": "*fp32", "batch_std_ptr": "*fp32", "advantages_ptr": "*fp32", "group_mean_ptr": "*fp32",
-           "group_std_ptr": "*fp32", "G": "i32", "estimator": "i32", "divide": "i32", "use_batch_std": "i32",
-           "singleton_raw": "i32", "eps": "fp32"}
+    sig = {"rewards_ptr": "*fp32", "batch_std_ptr": "*fp32", "eps_ptr": "*fp32", "advantages_ptr": "*fp32",
+           "group_mean_ptr": "*fp32", "group_std_ptr": "*fp32", "G": "i32", "estimator": "i32", "divide": "i32",
+           "use_batch_std": "i32", "singleton_raw": "i32"}
     yield advantages_kernel, sig, {"BLOCK": GROUP_BLOCK}, 1

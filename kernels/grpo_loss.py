@@ -16,7 +16,10 @@ in the kernel by ``group_advantage`` (SPEC §3). Aggregation, rollout importance
 coefficient and ``loss_scale`` arrive folded into three per-token weights (w_policy, w_kl, w_entropy) computed
 from the mask beforehand, so the loss is
 Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
-executed once per row, so they cost nothing and need no recompilation. Unused bounds are ±inf.
+executed once per row, so they cost nothing and need no recompilation. The float hyper-parameters (1/τ, clip
+bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as ``PARAMS``), loaded once per
+program: a few scalar loads of the same cached words, nothing per element, and torch.compile sees a tensor
+where a float argument would be specialized (a recompile per value). Unused bounds are ±inf.
 Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
 """
 
@@ -32,6 +35,9 @@ from .token_logprobs import block_v  # noqa: F401  (the launch table, re-exporte
 # Runtime codes of the per-token objective.
 PPO, CISPO, SAPO, REINFORCE = 0, 1, 2, 3
 KL_NONE, KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3, 4
+# The float hyper-parameters at params_ptr, in this order (the ops' `params`; csrc/token_objective.h).
+PARAMS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
+          "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp", "adv_eps")
 
 
 @triton.jit
@@ -71,9 +77,9 @@ def _expm1(x):
 
 @triton.jit
 def grpo_loss_fwd_kernel(
-    # pointers: inputs
+    # pointers: inputs (params_ptr: the float hyper-parameters, see PARAMS)
     logits_ptr, targets_ptr, mask_ptr, advantages_ptr, old_ptr, ref_ptr,
-    w_policy_ptr, w_kl_ptr, w_entropy_ptr, rewards_ptr, batch_std_ptr, seq_ptr,
+    w_policy_ptr, w_kl_ptr, w_entropy_ptr, rewards_ptr, batch_std_ptr, seq_ptr, params_ptr,
     # pointers: outputs
     logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, adv_used_ptr, grad_logits_ptr,
     # shapes
@@ -81,11 +87,9 @@ def grpo_loss_fwd_kernel(
     # strides of the leading dims (the vocabulary dims are contiguous); grad_logits may be the logits
     # buffer itself (inplace_grad): each element is read before the same program overwrites it
     stride_b, stride_t, grad_stride_b, grad_stride_t,
-    # scalars
-    inv_temperature, policy, kl, kl_straight, kl_ratio_weighted, has_old,
+    # variant codes
+    policy, kl, kl_straight, kl_ratio_weighted, has_old,
     adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
-    eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos, sapo_tau_neg,
-    kl_input_clamp, kl_output_clamp, adv_eps,
     # meta-parameters
     HAS_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -102,6 +106,19 @@ def grpo_loss_fwd_kernel(
             write_zero_row(out, V, BLOCK_V)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+    inv_temperature = tl.load(params_ptr)
+    eps_low = tl.load(params_ptr + 1)
+    eps_high = tl.load(params_ptr + 2)
+    ratio_cap = tl.load(params_ptr + 3)
+    dual_clip = tl.load(params_ptr + 4)
+    log_ratio_clamp = tl.load(params_ptr + 5)
+    cispo_low = tl.load(params_ptr + 6)
+    cispo_high = tl.load(params_ptr + 7)
+    sapo_tau_pos = tl.load(params_ptr + 8)
+    sapo_tau_neg = tl.load(params_ptr + 9)
+    kl_input_clamp = tl.load(params_ptr + 10)
+    kl_output_clamp = tl.load(params_ptr + 11)
+    adv_eps = tl.load(params_ptr + 12)
 
     # 1. one pass over the row
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -209,12 +226,9 @@ SCALE_BLOCK = 4096
 
 def aot_specializations():
     """Every (kernel, signature, constexprs, num_warps) the launchers can produce (see tests/aot_compile.py)."""
-    scalars = {name: "fp32" for name in (
-        "inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
-        "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")}
     flags = {name: "i32" for name in ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old")}
     rewards = {"adv_from_rewards": "i32", "group_size": "i32", "adv_estimator": "i32", "adv_divide": "i32",
-               "adv_use_batch_std": "i32", "adv_singleton_raw": "i32", "adv_eps": "fp32"}
+               "adv_use_batch_std": "i32", "adv_singleton_raw": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
         per_row = {name: "*fp32" for name in (
             "advantages_ptr", "old_ptr", "ref_ptr", "w_policy_ptr", "w_kl_ptr", "w_entropy_ptr", "rewards_ptr",
@@ -223,9 +237,8 @@ def aot_specializations():
             for has_entropy in (False, True):
                 for write_grad in (False, True):
                     sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", seq_ptr="*i64", **per_row,
-                               grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64", stride_t="i64",
-                               grad_stride_b="i64", grad_stride_t="i64",
-                               **scalars, **flags, **rewards)
+                               params_ptr="*fp32", grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64",
+                               stride_t="i64", grad_stride_b="i64", grad_stride_t="i64", **flags, **rewards)
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
         yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "T": "i32", "V": "i32",

@@ -9,6 +9,9 @@ in any batch (batch invariance). Writes ℓ, the row statistics (max M, log Σ e
 Backward: one program per row reads the logits once more and writes
     ∂/∂z_v = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ,   log p_v = (z_v/τ − M) − log Σ.
 
+1/τ comes as a one-element fp32 tensor, loaded once per program (nothing per element): torch.compile
+specializes a float argument, recompiling for every new temperature.
+
 Rows with mask 0 (HAS_MASK) do no exp work: the forward writes zeros, the backward writes a zero row.
 Leading dims are addressed through real strides (row r of a [B, T, V] view is (r // T, r % T)), so views
 such as logits[:, :-1][:, -T:] are never copied; offsets are 64-bit.
@@ -117,14 +120,12 @@ def write_zero_row(out, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def token_logprobs_fwd_kernel(
-    # pointers
-    logits_ptr, targets_ptr, mask_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
+    # pointers (inv_temperature_ptr: 1/τ, one fp32 loaded per program)
+    logits_ptr, targets_ptr, mask_ptr, inv_temperature_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
     # shapes
     T, V,
     # strides (of logits' leading dims; the vocabulary dim is contiguous)
     stride_b, stride_t,
-    # scalars
-    inv_temperature,
     # meta-parameters
     HAS_MASK: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -139,7 +140,7 @@ def token_logprobs_fwd_kernel(
             return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     target = tl.load(targets_ptr + row).to(tl.int64)
-    lp, m_row, log_s, ent = row_statistics(base, target, V, inv_temperature, HAS_ENTROPY, BLOCK_V)
+    lp, m_row, log_s, ent = row_statistics(base, target, V, tl.load(inv_temperature_ptr), HAS_ENTROPY, BLOCK_V)
     tl.store(logprobs_ptr + row, lp)
     tl.store(stats_ptr + 2 * row, m_row)
     tl.store(stats_ptr + 2 * row + 1, log_s)
@@ -149,14 +150,13 @@ def token_logprobs_fwd_kernel(
 
 @triton.jit
 def token_logprobs_bwd_kernel(
-    # pointers
+    # pointers (inv_temperature_ptr: 1/τ, one fp32 loaded per program)
     grad_logits_ptr, logits_ptr, targets_ptr, mask_ptr, stats_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+    inv_temperature_ptr,
     # shapes
     T, V,
     # strides (logits' leading dims; grad_logits is contiguous [rows, V])
     stride_b, stride_t,
-    # scalars
-    inv_temperature,
     # meta-parameters
     HAS_MASK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -179,7 +179,7 @@ def token_logprobs_bwd_kernel(
         base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
         target = tl.load(targets_ptr + row).to(tl.int64)
         write_grad_row(out, base, target, V, tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1), ent,
-                       g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, BLOCK_V)
+                       g_lp, g_ent, tl.load(inv_temperature_ptr), HAS_GRAD_ENTROPY, BLOCK_V)
 
 
 def aot_specializations():
@@ -192,13 +192,13 @@ def aot_specializations():
                 for has_entropy in (False, True):
                     yield (token_logprobs_fwd_kernel,
                            {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
-                            "logprobs_ptr": "*fp32", "stats_ptr": "*fp32", "entropy_ptr": "*fp32", "T": "i32",
-                            "V": "i32", "stride_b": "i64", "stride_t": "i64", "inv_temperature": "fp32"},
+                            "inv_temperature_ptr": "*fp32", "logprobs_ptr": "*fp32", "stats_ptr": "*fp32",
+                            "entropy_ptr": "*fp32", "T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64"},
                            {"HAS_MASK": has_mask, "HAS_ENTROPY": has_entropy, "BLOCK_V": block}, num_warps(block))
                     yield (token_logprobs_bwd_kernel,
                            {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "targets_ptr": "*i64",
                             "mask_ptr": "*u8" if has_mask else "*fp32", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
-                            "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "T": "i32", "V": "i32",
-                            "stride_b": "i64", "stride_t": "i64", "inv_temperature": "fp32"},
+                            "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "inv_temperature_ptr": "*fp32",
+                            "T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64"},
                            {"HAS_MASK": has_mask, "HAS_GRAD_ENTROPY": has_entropy, "BLOCK_V": block},
                            num_warps(block))

@@ -3,12 +3,14 @@ CPU; C++ CPU): backward twice, ``torch.compile(fullgraph=True)`` without recompi
 change, ``auto`` backend selection, and the linear path's vocabulary slices (numerics at large logits, memory
 when the weight is converted to fp32). Gradients are judged against the reference evaluated in fp64."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import fastgrpo
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
-from fastgrpo import LossConfig, backends, linear_loss, presets
+from fastgrpo import AdvantageConfig, LossConfig, backends, linear_loss, presets
 from test_reference_levels import CONFIGS
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
@@ -188,21 +190,31 @@ def test_public_functions_compile_fullgraph(backend, monkeypatch):
     compiled_equals_eager(advantages, torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, -1.0], device=DEVICE))
 
 
-def recompiles_after_warmup(backend, field, values):
-    """Compiles grpo_loss with a config argument and calls it with ``field`` taking each of ``values``. The second
-    value makes Dynamo recompile once with the float as a symbol (automatic dynamic); any later recompilation is
-    an error. Results match eager throughout."""
+def no_recompilation_after_warmup(f, args, values, fullgraph=True):
+    """Compiles ``f(*args, value)`` and calls it with each of ``values`` (configs, or floats). The second value makes
+    Dynamo recompile once with the changed float as a symbol (automatic dynamic); any later recompilation is an
+    error. The loss and its gradients w.r.t. ``args`` (where it has any) match eager throughout."""
+    def run(fn, value):
+        leaves = [x.clone().requires_grad_() for x in args]
+        loss = fn(*leaves, value)
+        return loss, torch.autograd.grad(loss, leaves) if loss.requires_grad else ()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=fullgraph, backend=COMPILE_BACKEND)
+    for i, value in enumerate(values):
+        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
+            torch.testing.assert_close(run(compiled, value), run(f, value))
+
+
+def recompiles_after_warmup(backend, field, values, **base):
+    """grpo_loss compiled with its config as an argument, ``field`` taking each of ``values``."""
     logits, targets, kw = inputs()
 
     def f(z, cfg):
         return fastgrpo.grpo_loss(z, targets, config=cfg, backend=backend, **kw).loss
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend=COMPILE_BACKEND)
-    for i, value in enumerate(values):
-        cfg = LossConfig(**{"beta": 0.1, "entropy_coef": 0.01, field: value})
-        with torch._dynamo.config.patch(error_on_recompile=i >= 2):
-            torch.testing.assert_close(compiled(logits, cfg), f(logits, cfg))
+    configs = [LossConfig(**{"beta": 0.1, "entropy_coef": 0.01, **base, field: value}) for value in values]
+    no_recompilation_after_warmup(f, [logits], configs)
 
 
 @pytest.mark.parametrize("field", ["beta", "entropy_coef", "loss_scale"])
@@ -210,15 +222,87 @@ def test_no_recompilation_when_weights_change(backend, field):
     recompiles_after_warmup(backend, field, [0.1, 0.05, 0.2, 0.3])
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.RecompileError,
-                   reason="epsilon and temperature reach the kernel ops as by-value float arguments, which "
-                          "torch.compile specializes: every new value recompiles (fix: pass them in a tensor)")
-@pytest.mark.parametrize("field", ["epsilon_high", "temperature"])
-@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
-def test_no_recompilation_when_clip_or_temperature_change(backend_name, field):
-    kernel_backend(backend_name)
-    recompiles_after_warmup(backend_name, field, [0.3, 0.25, 0.35, 0.4] if field == "epsilon_high"
-                            else [1.0, 0.7, 0.9, 1.2])
+EPS = [0.3, 0.25, 0.35, 0.4]
+
+
+@pytest.mark.parametrize("field, values, base", [
+    ("epsilon_low", EPS, {}), ("epsilon_high", EPS, {}), ("ratio_cap", [4.0, 3.0, 5.0, 6.0], {}),
+    ("dual_clip", [4.0, 3.0, 5.0, 6.0], {}), ("log_ratio_clamp", EPS, {}), ("kl_input_clamp", EPS, {}),
+    ("kl_output_clamp", EPS, {}), ("temperature", [1.0, 0.7, 0.9, 1.2], {}),
+    ("cispo_high", [1.2, 1.1, 1.3, 1.4], {"policy_loss": "cispo", "cispo_low": 0.8}),
+    ("sapo_tau_neg", [1.05, 1.1, 1.2, 1.3], {"policy_loss": "sapo"}),
+], ids=lambda x: x if isinstance(x, str) else "")
+def test_no_recompilation_when_clip_or_temperature_change(backend, field, values, base):
+    """The kernel ops take these in one device tensor (a float argument of an op is specialized: a recompile per
+    value); the reference passes its clamp bounds as tensors for the same reason."""
+    recompiles_after_warmup(backend, field, values, **base)
+
+
+def test_no_recompilation_when_the_advantage_eps_changes(backend):
+    """Rewards normalized inside the fused kernel: eps is one of its float parameters."""
+    logits, targets, kw = inputs()
+    kw.pop("advantages")
+    rewards = torch.tensor([1.0, 0.5], device=DEVICE)
+
+    def f(z, cfg):
+        return fastgrpo.grpo_loss(z, targets, rewards=rewards, group_size=2, config=cfg, backend=backend, **kw).loss
+
+    configs = [LossConfig(advantage=AdvantageConfig(eps=eps)) for eps in (1e-4, 1e-3, 1e-2, 1e-1)]
+    no_recompilation_after_warmup(f, [logits], configs)
+
+
+def test_advantages_no_recompilation_when_eps_changes(backend):
+    """The standalone advantages op takes eps as a tensor too."""
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0], device=DEVICE)
+
+    def f(r, cfg):
+        return fastgrpo.advantages(r, group_size=2, config=cfg, backend=backend).sum()
+
+    no_recompilation_after_warmup(f, [rewards], [AdvantageConfig(eps=eps) for eps in (1e-4, 1e-3, 1e-2, 1e-1)])
+
+
+def test_token_logprobs_no_recompilation_when_temperature_changes(backend):
+    logits, targets, _ = inputs()
+
+    def f(z, temperature):
+        lp, ent = fastgrpo.token_logprobs(z, targets, temperature=temperature, entropy=True, backend=backend)
+        return lp.sum() + ent.sum()
+
+    no_recompilation_after_warmup(f, [logits], [1.0, 0.7, 0.9, 1.2])
+
+
+def test_no_recompilation_when_a_float_normalizer_changes(backend):
+    """A global token count passed as a Python number changes every step."""
+    logits, targets, kw = inputs()
+
+    def f(z, normalizer):
+        return fastgrpo.grpo_loss(z, targets, normalizer=normalizer, config=FUSED, backend=backend, **kw).loss
+
+    no_recompilation_after_warmup(f, [logits], [10.0, 12.0, 7.0, 9.5])
+
+
+def test_policy_loss_no_recompilation_when_clip_changes(backend):
+    logits, targets, kw = inputs()
+    lp = fastgrpo.reference.token_logprobs(logits, targets)[0]
+
+    def f(lp, cfg):
+        return fastgrpo.policy_loss(lp, config=cfg, backend=backend, **kw).loss
+
+    no_recompilation_after_warmup(f, [lp], [LossConfig(epsilon_high=e, beta=0.1) for e in EPS])
+
+
+@pytest.mark.parametrize("cfg", [FUSED, TWO_PHASE], ids=["fused", "two_phase"])
+@pytest.mark.parametrize("field, values", [("epsilon_high", EPS), ("temperature", [1.0, 0.7, 0.9, 1.2])])
+def test_linear_grpo_loss_no_recompilation(backend, cfg, field, values, weight_grad_order):
+    """Not fullgraph (the masked-token compaction is a host sync), but no frame recompiles after the warm-up."""
+    params, targets, kw = linear_inputs()
+
+    def f(hidden, weight, bias, cfg):
+        return fastgrpo.linear_grpo_loss(hidden, weight, targets, bias=bias, config=cfg, backend=backend,
+                                         chunk_tokens=2, **kw).loss
+
+    configs = [dataclasses.replace(cfg, **{field: value}) for value in values]
+    no_recompilation_after_warmup(f, list(params), configs, fullgraph=False)
 
 
 def test_linear_grpo_loss_graph_breaks_do_not_grow_with_chunks(backend):

@@ -211,13 +211,35 @@ def test_fused_opcheck(backend):
     w = torch.full((n,), 1.0 / n, device=DEVICE)
     args = (logits.requires_grad_(), targets, kw["mask"].reshape(-1).float(), torch.randn(n, device=DEVICE),
             kw["old_logprobs"].reshape(-1), kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0.01 * w, None, None, None,
-            1.0, *kernel_ops.loss_params(cfg, True), True, True)
+            *kernel_ops.loss_params(cfg, True, logits.device), True, True)
     # AOT dispatch is left to test_fused_torch_compile_fullgraph: eager backward scales the gradient output in
     # place (so loss.backward() costs nothing more), which opcheck's eager-vs-traced comparison reads as a
     # changed output; under tracing the scaling is out of place.
     torch.library.opcheck(ops.grpo_loss_fused, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(ops.scale_grad_, (torch.randn(3, 5, device=DEVICE), torch.tensor(2.0, device=DEVICE)))
+
+
+def test_float_hyper_parameters_come_as_one_checked_tensor(backend):
+    """[1/τ, the 12 scalars of csrc/token_objective.h] as one fp32 tensor on the logits' device (a float argument
+    would make torch.compile recompile for every value; unused bounds are ±inf); a short one is refused by name,
+    never read out of bounds."""
+    ops = kernel_backend(backend).ops
+    logits, targets, kw = inputs((2, 3), 40, torch.float32)
+    cfg = LossConfig(temperature=0.8, epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0, kl_output_clamp=10.0)
+    params, codes = kernel_ops.loss_params(cfg, True, logits.device)
+    inf = float("inf")
+    expected = [1 / 0.8, 0.2, 0.28, inf, 3.0, inf, -inf, inf, cfg.sapo_tau_pos, cfg.sapo_tau_neg, inf, 10.0,
+                cfg.advantage.eps]
+    assert torch.equal(params, torch.tensor(expected, device=logits.device))
+    n = targets.numel()
+    w = torch.full((n,), 1.0 / n, device=DEVICE)
+    rest = (targets, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE), kw["old_logprobs"].reshape(-1),
+            None, w, w, w, None, None, None)
+    with pytest.raises((RuntimeError, ValueError), match="params must hold 13 value"):
+        ops.grpo_loss_fused(logits, *rest, params[:12], codes, False, False)
+    with pytest.raises((RuntimeError, ValueError), match="inv_temperature must hold 1 value"):
+        ops.token_logprobs(logits, targets, None, params[:2], False)
 
 
 def test_fused_torch_compile_fullgraph(backend):
@@ -230,8 +252,8 @@ def test_fused_torch_compile_fullgraph(backend):
 
     def f(z):
         loss, *_ = ops.grpo_loss_fused(z, targets, m, adv, kw["old_logprobs"].reshape(-1),
-                                       kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None, 1.0,
-                                       *kernel_ops.loss_params(cfg, True), False, True)
+                                       kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None,
+                                       *kernel_ops.loss_params(cfg, True, z.device), False, True)
         return loss
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")

@@ -141,7 +141,9 @@ def test_opcheck(backend):
     op = kernel_backend(backend).ops.token_logprobs
     logits, targets = make((2, 3), 77, torch.float32)
     mask = torch.ones(2, 3, device=DEVICE)
-    for args in [(logits.requires_grad_(), targets, None, 1.0, True), (logits, targets, mask, 0.5, False)]:
+    inv_t = lambda v: torch.tensor(v, device=DEVICE)  # noqa: E731  (1/τ: one value, [1] or 0-d)
+    for args in [(logits.requires_grad_(), targets, None, inv_t([1.0]), True),
+                 (logits, targets, mask, inv_t(0.5), False)]:
         torch.library.opcheck(op, args)
 
 

@@ -177,8 +177,10 @@ float* chunk_buffer() {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                                   const std::optional<at::Tensor>& mask,
-                                                                  double inv_temperature, bool with_entropy) {
+                                                                  const at::Tensor& inv_temperature,
+                                                                  bool with_entropy) {
   check_logits(logits, targets);
+  const float inv_t = *float_params(inv_temperature, logits, 1, "inv_temperature").const_data_ptr<float>();
   const int64_t rows = targets.numel(), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
   auto logprobs = at::empty(targets.sizes(), f32);
@@ -187,7 +189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
   const auto ids = rows_long(targets);
   const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
   const RowAddress addr = row_address(logits);
-  const float inv_t = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const int64_t* y = ids.const_data_ptr<int64_t>();
@@ -212,8 +213,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cpu(const at::Tens
 at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
                                        const at::Tensor& logits, const at::Tensor& targets,
                                        const std::optional<at::Tensor>& mask, const at::Tensor& stats,
-                                       const at::Tensor& entropy, double inv_temperature) {
+                                       const at::Tensor& entropy, const at::Tensor& inv_temperature) {
   check_logits(logits, targets);
+  const float inv_t = *float_params(inv_temperature, logits, 1, "inv_temperature").const_data_ptr<float>();
   const int64_t rows = targets.numel(), V = logits.size(-1);
   auto grad = empty_gradient(logits);
   const auto g_lp = rows_float(grad_logprobs);
@@ -223,7 +225,6 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const st
   const auto st = stats.reshape(-1).contiguous();
   const auto ent = grad_entropy ? rows_float(entropy) : at::Tensor();
   const RowAddress addr = row_address(logits);
-  const float inv_t = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_backward_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* out = grad.mutable_data_ptr<scalar_t>();
@@ -252,12 +253,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy, const at::Tensor& grad /* undefined: none */) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
+    const at::Tensor& grad /* undefined: none */) {
   check_logits(logits, targets);
-  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes && static_cast<int>(scalars.size()) == kNumScalars,
-              "codes must hold ", kNumCodes, " ints and scalars ", kNumScalars, " floats");
-  const ObjectiveParams p = unpack_params(codes, scalars);
+  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes, "codes must hold ", kNumCodes, " ints, got ", codes.size());
+  const auto values = float_params(params, logits, kNumParams, "params");
+  ObjectiveParams p = unpack_codes(codes);
+  load_scalars(p, values.const_data_ptr<float>());
+  const float inv_t = values.const_data_ptr<float>()[0];
   const int64_t rows = targets.numel(), V = logits.size(-1);
   const auto f32 = logits.options().dtype(at::kFloat);
   auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
@@ -272,7 +275,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float bstd = p.adv_from_rewards && p.adv_use_batch_std ? batch_std->item<float>() : 1.f;
   const RowAddress addr = row_address(logits);
   const RowAddress gaddr = grad.defined() ? row_address(grad) : addr;
-  const float inv_t = static_cast<float>(inv_temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "grpo_loss_fused_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* out = grad.defined() ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
@@ -316,12 +318,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
+    bool write_grad) {
   auto grad = write_grad ? empty_gradient(logits) : at::empty({0}, logits.options());
   auto [loss, lp, ent, rho, dl, au] =
       fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-                 batch_std, seq, inv_temperature, scalars, codes, with_entropy, write_grad ? grad : at::Tensor());
+                 batch_std, seq, params, codes, with_entropy, write_grad ? grad : at::Tensor());
   return {loss, lp, ent, rho, dl, au, grad};
 }
 
@@ -330,10 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy) {
   return fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-                    batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits);
+                    batch_std, seq, params, codes, with_entropy, logits);
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
@@ -343,13 +344,15 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& rewards, const at::Tensor& batch_std,
                                                               int64_t group_size, int64_t estimator, bool divide,
-                                                              bool use_batch_std, bool singleton_raw, double eps) {
+                                                              bool use_batch_std, bool singleton_raw,
+                                                              const at::Tensor& eps) {
   TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
               ") must divide the number of rewards (", rewards.numel(), ")");
   const auto r = rows_float(rewards);
   const int64_t n = r.numel(), groups = n / group_size;
   auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
-  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
+  ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
+  p.adv_eps = *float_params(eps, rewards, 1, "eps").const_data_ptr<float>();
   const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
   const float* rp = r.const_data_ptr<float>();
   float *ap = adv.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *sp = std_.mutable_data_ptr<float>();

@@ -5,6 +5,9 @@
 // token's results never depend on the rest of the batch); thread 0 evaluates the per-token objective
 // (token_objective.h, shared with the CPU kernel); the block then streams the row again, usually from L2,
 // and writes the gradient with 128-bit stores. 64-bit offsets throughout. Only CUDA headers are included.
+// The float hyper-parameters (1/τ, the objective's scalars) are read from device memory once per block (1/τ by
+// every thread, the scalars by the thread that evaluates the objective): the same few words for every block,
+// served from cache, nothing per element.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -174,8 +177,8 @@ __device__ __forceinline__ int64_t row_offset(const RowLayout& l, int64_t r) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const T* logits, RowLayout layout,
                                                                   const int64_t* targets, const float* mask,
-                                                                  float inv_t, bool with_entropy, float* logprobs,
-                                                                  float* stats, float* entropy) {
+                                                                  const float* inv_temperature, bool with_entropy,
+                                                                  float* logprobs, float* stats, float* entropy) {
   const int64_t r = blockIdx.x;
   if (mask != nullptr && mask[r] == 0.f) {
     if (threadIdx.x == 0) {
@@ -184,7 +187,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const T* logit
     }
     return;
   }
-  const RowStats st = row_statistics(logits + row_offset(layout, r), targets[r], layout.V, inv_t);
+  const RowStats st = row_statistics(logits + row_offset(layout, r), targets[r], layout.V, *inv_temperature);
   if (threadIdx.x == 0) {
     logprobs[r] = st.logprob;
     stats[2 * r] = st.max;
@@ -196,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const T* logit
 template <typename T>
 __global__ void __launch_bounds__(kThreads) token_logprobs_backward_kernel(
     T* grad, const T* logits, RowLayout layout, const int64_t* targets, const float* mask, const float* stats,
-    const float* entropy, const float* grad_logprobs, const float* grad_entropy, float inv_t) {
+    const float* entropy, const float* grad_logprobs, const float* grad_entropy, const float* inv_temperature) {
   const int64_t r = blockIdx.x;
   T* out = grad + r * layout.V;
   const float g_lp = grad_logprobs[r], g_ent = grad_entropy ? grad_entropy[r] : 0.f;
@@ -205,13 +208,15 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_backward_kernel(
     return;
   }
   const RowStats st{0.f, stats[2 * r], stats[2 * r + 1], grad_entropy ? entropy[r] : 0.f};
-  write_grad_row(out, logits + row_offset(layout, r), targets[r], layout.V, st, g_lp, g_ent, inv_t);
+  write_grad_row(out, logits + row_offset(layout, r), targets[r], layout.V, st, g_lp, g_ent, *inv_temperature);
 }
 
+// `p` holds the variant codes; every thread loads 1/τ from `params`, thread 0 (which evaluates the objective)
+// the scalars.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logits, RowLayout layout,
-                                                                   FusedLossArgs a, float inv_t, ObjectiveParams p,
-                                                                   bool with_entropy) {
+                                                                   FusedLossArgs a, const float* params,
+                                                                   ObjectiveParams p, bool with_entropy) {
   const int64_t r = blockIdx.x;
   T* out = a.grad ? static_cast<T*>(a.grad) + (r / layout.T) * a.grad_stride_b + (r % layout.T) * a.grad_stride_t
                   : nullptr;
@@ -222,12 +227,14 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logi
     if (out) write_zero_row(out, layout.V);
     return;
   }
+  const float inv_t = params[0];
   const T* row = logits + row_offset(layout, r);
   const int64_t target = a.targets[r];
   RowStats st = row_statistics(row, target, layout.V, inv_t);
   if (!with_entropy) st.entropy = 0.f;
   __shared__ float shared_dlogp;
   if (threadIdx.x == 0) {
+    load_scalars(p, params);
     float A = a.advantages[r];
     if (p.adv_from_rewards) A = group_advantage(a.rewards, *a.batch_std, a.seq[r], p);
     const TokenResult t = token_objective(st.logprob, st.entropy, A, a.old_logprobs ? a.old_logprobs[r] : 0.f,
@@ -257,10 +264,11 @@ __global__ void scale_grad_kernel(T* grad, RowLayout layout, const float* scale)
     row[i] = from_float<T>(to_float(row[i]) * s);
 }
 
-__global__ void advantages_kernel(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams p,
-                                  float* adv, float* mean, float* std_) {
+__global__ void advantages_kernel(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                                  ObjectiveParams p, float* adv, float* mean, float* std_) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
+  p.adv_eps = *eps;
   float gm, gs;
   adv[i] = group_advantage(rewards, *batch_std, i, p, &gm, &gs);
   if (i % p.group_size == 0) {
@@ -287,7 +295,7 @@ const char* dispatch(DType dtype, F f) {
 }  // namespace
 
 const char* token_logprobs(DType dtype, const void* logits, RowLayout l, const int64_t* targets, const float* mask,
-                           float inv_t, bool with_entropy, float* logprobs, float* stats, float* entropy,
+                           const float* inv_t, bool with_entropy, float* logprobs, float* stats, float* entropy,
                            void* stream) {
   if (l.rows == 0) return nullptr;
   return dispatch(dtype, [&](auto t) {
@@ -299,7 +307,7 @@ const char* token_logprobs(DType dtype, const void* logits, RowLayout l, const i
 
 const char* token_logprobs_backward(DType dtype, void* grad, const void* logits, RowLayout l, const int64_t* targets,
                                     const float* mask, const float* stats, const float* entropy,
-                                    const float* grad_logprobs, const float* grad_entropy, float inv_t,
+                                    const float* grad_logprobs, const float* grad_entropy, const float* inv_t,
                                     void* stream) {
   if (l.rows == 0) return nullptr;
   return dispatch(dtype, [&](auto t) {
@@ -310,13 +318,13 @@ const char* token_logprobs_backward(DType dtype, void* grad, const void* logits,
   });
 }
 
-const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const FusedLossArgs& args, float inv_t,
-                            ObjectiveParams params, bool with_entropy, void* stream) {
+const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const FusedLossArgs& args,
+                            const float* params, ObjectiveParams codes, bool with_entropy, void* stream) {
   if (l.rows == 0) return nullptr;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     grpo_loss_fused_kernel<T><<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(logits), l, args, inv_t, params, with_entropy);
+        static_cast<const T*>(logits), l, args, params, codes, with_entropy);
   });
 }
 
@@ -329,11 +337,11 @@ const char* scale_grad(DType dtype, void* grad, RowLayout l, const float* scale,
   });
 }
 
-const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params, float* adv,
-                       float* mean, float* std_, void* stream) {
+const char* advantages(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                       ObjectiveParams codes, float* adv, float* mean, float* std_, void* stream) {
   if (n == 0) return nullptr;
-  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, n, params,
-                                                                                    adv, mean, std_);
+  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, eps, n,
+                                                                                    codes, adv, mean, std_);
   return last_error();
 }
 

@@ -46,9 +46,11 @@ const T* opt_ptr(const at::Tensor& x) { return x.defined() ? x.const_data_ptr<T>
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                                    const std::optional<at::Tensor>& mask,
-                                                                   double inv_temperature, bool with_entropy) {
+                                                                   const at::Tensor& inv_temperature,
+                                                                   bool with_entropy) {
   check_logits(logits, targets);
   c10::DeviceGuard guard(logits.device());
+  const auto inv_t = float_params(inv_temperature, logits, 1, "inv_temperature");
   const auto f32 = logits.options().dtype(at::kFloat);
   auto logprobs = at::empty(targets.sizes(), f32);
   auto stats = stats_like(logprobs);
@@ -57,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
   const auto row_mask = mask ? rows_float(*mask) : at::Tensor();
   check_launch(cuda::token_logprobs(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, targets.numel()),
                                     ids.const_data_ptr<int64_t>(), opt_ptr<float>(row_mask),
-                                    static_cast<float>(inv_temperature), with_entropy, logprobs.mutable_data_ptr<float>(),
+                                    inv_t.const_data_ptr<float>(), with_entropy, logprobs.mutable_data_ptr<float>(),
                                     stats.mutable_data_ptr<float>(), with_entropy ? entropy.mutable_data_ptr<float>() : nullptr,
                                     current_stream(logits)),
                "token_logprobs");
@@ -67,9 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_cuda(const at::Ten
 at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs, const std::optional<at::Tensor>& grad_entropy,
                                         const at::Tensor& logits, const at::Tensor& targets,
                                         const std::optional<at::Tensor>& mask, const at::Tensor& stats,
-                                        const at::Tensor& entropy, double inv_temperature) {
+                                        const at::Tensor& entropy, const at::Tensor& inv_temperature) {
   check_logits(logits, targets);
   c10::DeviceGuard guard(logits.device());
+  const auto inv_t = float_params(inv_temperature, logits, 1, "inv_temperature");
   auto grad = at::empty(logits.sizes(), logits.options());
   const auto g_lp = rows_float(grad_logprobs);
   const auto g_ent = grad_entropy ? rows_float(*grad_entropy) : at::Tensor();
@@ -81,7 +84,7 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs, const s
                                              layout_of(logits, targets.numel()), ids.const_data_ptr<int64_t>(),
                                              opt_ptr<float>(row_mask), st.const_data_ptr<float>(), opt_ptr<float>(ent),
                                              g_lp.const_data_ptr<float>(), opt_ptr<float>(g_ent),
-                                             static_cast<float>(inv_temperature), current_stream(logits)),
+                                             inv_t.const_data_ptr<float>(), current_stream(logits)),
                "token_logprobs_backward");
   return grad;
 }
@@ -91,13 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy, const at::Tensor& grad) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
+    const at::Tensor& grad) {
   check_logits(logits, targets);
-  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes && static_cast<int>(scalars.size()) == kNumScalars,
-              "codes must hold ", kNumCodes, " ints and scalars ", kNumScalars, " floats");
+  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes, "codes must hold ", kNumCodes, " ints, got ", codes.size());
   c10::DeviceGuard guard(logits.device());
-  const ObjectiveParams p = unpack_params(codes, scalars);
+  const auto values = float_params(params, logits, kNumParams, "params");  // read by the kernel, never here
+  const ObjectiveParams p = unpack_codes(codes);
   const int64_t rows = targets.numel();
   const auto f32 = logits.options().dtype(at::kFloat);
   auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
@@ -119,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                         adv_used.mutable_data_ptr<float>(), grad.defined() ? grad.data_ptr() : nullptr, ga.stride_b,
                         ga.stride_t};
   check_launch(cuda::grpo_loss_fused(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, rows), a,
-                                     static_cast<float>(inv_temperature), p, with_entropy, current_stream(logits)),
+                                     values.const_data_ptr<float>(), p, with_entropy, current_stream(logits)),
                "grpo_loss_fused");
   return {loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used};
 }
@@ -129,12 +132,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
+    bool write_grad) {
   auto grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
   auto [loss, lp, ent, rho, dl, au] = fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy,
-                                            w_kl, w_entropy, rewards, batch_std, seq, inv_temperature, scalars, codes,
-                                            with_entropy, write_grad ? grad : at::Tensor());
+                                            w_kl, w_entropy, rewards, batch_std, seq, params, codes, with_entropy,
+                                            write_grad ? grad : at::Tensor());
   return {loss, lp, ent, rho, dl, au, grad};
 }
 
@@ -143,10 +146,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
     const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, double inv_temperature, at::ArrayRef<double> scalars,
-    at::ArrayRef<int64_t> codes, bool with_entropy) {
+    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy) {
   return fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-               batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits);
+               batch_std, seq, params, codes, with_entropy, logits);
 }
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
@@ -167,7 +169,8 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor& rewards, const at::Tensor& batch_std,
                                                                int64_t group_size, int64_t estimator, bool divide,
-                                                               bool use_batch_std, bool singleton_raw, double eps) {
+                                                               bool use_batch_std, bool singleton_raw,
+                                                               const at::Tensor& eps) {
   TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
               ") must divide the number of rewards (", rewards.numel(), ")");
   c10::DeviceGuard guard(rewards.device());
@@ -175,8 +178,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor&
   const int64_t n = r.numel();
   auto adv = at::empty({n}, r.options()), mean = at::empty({n / group_size}, r.options()),
        std_ = at::empty({n / group_size}, r.options());
-  const ObjectiveParams p = advantage_params(group_size, estimator, divide, use_batch_std, singleton_raw, eps);
-  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(), n, p,
+  const auto eps_value = float_params(eps, rewards, 1, "eps");  // read by the kernel, never here
+  const ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
+  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(),
+                                eps_value.const_data_ptr<float>(), n, p,
                                 adv.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
                                 std_.mutable_data_ptr<float>(), current_stream(rewards)),
                "advantages");

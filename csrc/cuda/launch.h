@@ -1,6 +1,8 @@
 // Launchers of the CUDA kernels with plain parameters (pointers, sizes, the stream as void*), so that the .cu
 // files need no PyTorch headers: a CPU-only PyTorch has no c10/cuda build headers, and CI compiles them there.
-// Each returns nullptr on success or the CUDA error string of the launch.
+// Each returns nullptr on success or the CUDA error string of the launch. Float hyper-parameters are device
+// pointers (`inv_temperature`, `eps`: 1 value, `params`: kNumParams, see token_objective.h) that the kernels read
+// themselves: the host never reads them (no sync), and torch.compile does not specialize on their values.
 #pragma once
 
 #include <cstdint>
@@ -18,13 +20,13 @@ struct RowLayout {
 };
 
 const char* token_logprobs(DType dtype, const void* logits, RowLayout layout, const int64_t* targets,
-                           const float* mask, float inv_temperature, bool with_entropy, float* logprobs, float* stats,
-                           float* entropy, void* stream);
+                           const float* mask, const float* inv_temperature, bool with_entropy, float* logprobs,
+                           float* stats, float* entropy, void* stream);
 
 const char* token_logprobs_backward(DType dtype, void* grad, const void* logits, RowLayout layout,
                                     const int64_t* targets, const float* mask, const float* stats,
                                     const float* entropy, const float* grad_logprobs, const float* grad_entropy,
-                                    float inv_temperature, void* stream);
+                                    const float* inv_temperature, void* stream);
 
 struct FusedLossArgs {
   const int64_t* targets;
@@ -35,14 +37,16 @@ struct FusedLossArgs {
   int64_t grad_stride_b, grad_stride_t;
 };
 
+// `codes`: the variant codes (its scalars are unset: the kernel loads them from `params`).
 const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout layout, const FusedLossArgs& args,
-                            float inv_temperature, ObjectiveParams params, bool with_entropy, void* stream);
+                            const float* params, ObjectiveParams codes, bool with_entropy, void* stream);
 
 // grad *= *scale over the rows of `layout` (nothing when *scale == 1, decided on the device).
 const char* scale_grad(DType dtype, void* grad, RowLayout layout, const float* scale, void* stream);
 
-const char* advantages(const float* rewards, const float* batch_std, int64_t n, ObjectiveParams params,
-                       float* advantages, float* group_mean, float* group_std, void* stream);
+// `codes`: the advantage codes (adv_eps unset: the kernel loads it from `eps`).
+const char* advantages(const float* rewards, const float* batch_std, const float* eps, int64_t n,
+                       ObjectiveParams codes, float* advantages, float* group_mean, float* group_std, void* stream);
 
 }  // namespace cuda
 }  // namespace fastgrpo

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import linear_loss, reference
 from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
-from .kernel_ops import Ops, advantage_args, inplace_grad_function, is_token_local, loss_params
+from .kernel_ops import Ops, advantage_args, inplace_grad_function, is_token_local, loss_params, params_tensor
 
 
 class KernelBackend:
@@ -38,7 +38,8 @@ class KernelBackend:
     # ------------------------------------------------------------------------------------------ log-probs
     def token_logprobs(self, logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False,
                        mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
-        logprobs, _, ent = self.ops.token_logprobs(logits, targets, mask, 1.0 / temperature, entropy)
+        inv_temperature = params_tensor([1.0 / temperature], logits.device)
+        logprobs, _, ent = self.ops.token_logprobs(logits, targets, mask, inv_temperature, entropy)
         return logprobs, ent if entropy else None
 
     def linear_token_logprobs(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
@@ -70,7 +71,8 @@ class KernelBackend:
         r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
         batch, std_b = self._batch_std(r, config)
         estimator, divide, singleton_raw, eps = advantage_args(config)
-        adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw, eps)
+        adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw,
+                                             params_tensor([eps], r.device))
         if batch and r.numel() <= 1:
             adv = torch.zeros_like(r)
         if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch
@@ -138,14 +140,14 @@ class KernelBackend:
         elif cfg.rollout_correction is not None:
             weight = reference.rollout_weights(old, samp, m, lay, cfg)
         agg = lambda mode: reference.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
-        scalars, codes = loss_params(cfg, old is not None, group_size, batch)
+        params, codes = loss_params(cfg, old is not None, device, group_size, batch)
         return FusedInputs(
             shape=shape, mask=m, advantages=adv.float().contiguous(), old=old, ref=ref,
             w_policy=(agg(cfg.aggregation) * weight).float().contiguous(),
             w_kl=(agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta).float().contiguous(),
             w_entropy=(agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef).float().contiguous(),
-            rewards=rewards, batch_std=batch_std, seq=lay.seq.contiguous(), inv_temperature=1.0 / cfg.temperature,
-            scalars=scalars, codes=codes, with_entropy=return_entropy or cfg.entropy_coef != 0.0,
+            rewards=rewards, batch_std=batch_std, seq=lay.seq.contiguous(), params=params, codes=codes,
+            with_entropy=return_entropy or cfg.entropy_coef != 0.0,
             is_weight=weight, used_weights=is_weights is not None or cfg.rollout_correction is not None)
 
     @staticmethod
@@ -190,8 +192,7 @@ class FusedInputs:
     rewards: Optional[Tensor]  # [B]: normalized in the kernel (then `seq`, int64 [N], maps tokens to rewards)
     batch_std: Optional[Tensor]
     seq: Tensor
-    inv_temperature: float
-    scalars: list
+    params: Tensor  # [1/τ, the objective's float scalars] on the logits' device (see kernel_ops.loss_params)
     codes: list
     with_entropy: bool
     is_weight: Tensor
@@ -203,5 +204,5 @@ class FusedInputs:
         mask = self.mask if rows is None else torch.ones(len(rows), device=self.mask.device)
         seq = self.seq if self.rewards is not None else None
         return (mask, pick(self.advantages), pick(self.old), pick(self.ref), pick(self.w_policy), pick(self.w_kl),
-                pick(self.w_entropy), self.rewards, self.batch_std, pick(seq), self.inv_temperature, self.scalars,
-                self.codes, self.with_entropy)
+                pick(self.w_entropy), self.rewards, self.batch_std, pick(seq), self.params, self.codes,
+                self.with_entropy)

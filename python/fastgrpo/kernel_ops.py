@@ -4,7 +4,7 @@ fake (meta) implementations and their autograd, registered once per op family he
     token_logprobs(logits, targets, mask?, inv_temperature, with_entropy) -> (ℓ, stats, H)
     token_logprobs_backward(g_ℓ, g_H?, logits, targets, mask?, stats, H, inv_temperature) -> ∂/∂logits
     grpo_loss_fused(logits, targets, mask, advantages, old?, ref?, w_policy, w_kl, w_entropy, rewards?,
-                    batch_std?, seq?, inv_temperature, scalars, codes, with_entropy, write_grad)
+                    batch_std?, seq?, params, codes, with_entropy, write_grad)
         -> (loss, ℓ, H, ρ, ∂loss/∂ℓ, advantage used, ∂loss/∂logits)
     grpo_loss_fused_inplace_(logits!, …same…, with_entropy) -> (loss, ℓ, H, ρ, ∂loss/∂ℓ, advantage used)
     scale_grad_(grad!, scale) -> ()
@@ -17,14 +17,19 @@ forward (the loss is a scalar); its backward only scales that gradient by the in
 (the usual ``loss.backward()``; the scale op does nothing when the scale is 1, deciding on the device), as a
 scaled copy when it keeps the graph (``retain_graph=True``), so that every later backward sees the forward's
 gradient again. Under torch.compile the scaling is an out-of-place multiply (a saved output cannot be mutated
-there). ``scalars``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
+there). ``params``/``codes`` carry the config (see ``loss_params``; csrc/token_objective.h).
+
+Float hyper-parameters are fp32 tensors on the inputs' device (``inv_temperature``, ``eps``: 1 value, ``params``:
+[1/τ, 12 scalars]), never ``float`` arguments: torch.compile specializes a float argument of an op (a SymFloat
+included), so every new clip bound or temperature would recompile. ``params_tensor`` builds them without a host
+sync. The int ``codes`` select variants: a recompile for a new variant is expected.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -57,25 +62,44 @@ def is_token_local(config: LossConfig, has_old: bool, has_is_weights: bool) -> b
 
 
 def advantage_args(config: AdvantageConfig) -> tuple[int, bool, bool, float]:
-    """(estimator code, divide, singleton_raw, eps) as the kernels take them."""
+    """(estimator code, divide, singleton_raw, eps); the op takes eps as ``params_tensor([eps], device)``."""
     return _ESTIMATOR[config.estimator], config.scale != "none", config.singleton == "raw", config.eps
 
 
-def loss_params(cfg: LossConfig, has_old: bool, group_size: Optional[int] = None,
-                batch: bool = False) -> tuple[list[float], list[int]]:
-    """The fused op's ``scalars`` (unused bounds as ±inf: a clamp to ±inf is the identity) and ``codes``
-    (``group_size`` set: the kernel normalizes rewards itself; ``batch``: by the batch std)."""
-    opt = lambda v, default: default if v is None else float(v)  # noqa: E731
-    scalars = [cfg.epsilon_low, cfg.epsilon_high, opt(cfg.ratio_cap, _INF), opt(cfg.dual_clip, _INF),
-               opt(cfg.log_ratio_clamp, _INF), opt(cfg.cispo_low, -_INF), opt(cfg.cispo_high, _INF),
-               cfg.sapo_tau_pos, cfg.sapo_tau_neg, opt(cfg.kl_input_clamp, _INF), opt(cfg.kl_output_clamp, _INF),
-               cfg.advantage.eps]
+def params_tensor(values: Sequence[float], device: torch.device) -> Tensor:
+    """``values`` as the fp32 tensor on ``device`` that the ops take for their float hyper-parameters, with no host
+    sync: on CUDA staged in pinned memory and copied asynchronously (a pageable source makes the copy wait for
+    it); on the host a plain tensor. While compiling, the values may be symbolic floats (Dynamo makes a config
+    float that changed between calls a SymFloat): ``torch.tensor``/``torch.full`` of a SymFloat specialize it
+    again (a recompile per value), while a tensor op taking it as a scalar operand keeps it a graph input."""
+    if torch.compiler.is_compiling():
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        return torch.stack([(zero + v).to(torch.float32) for v in values])
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a captured CUDA graph would replay the copy from a pinned buffer freed (and reused) after capture:
+        # fills on the device instead, with the values baked into the graph (as float arguments were)
+        return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in values])
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=torch.float32, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def loss_params(cfg: LossConfig, has_old: bool, device: torch.device, group_size: Optional[int] = None,
+                batch: bool = False) -> tuple[Tensor, list[int]]:
+    """The fused op's ``params`` on ``device`` ([1/τ, then the scalars of csrc/token_objective.h]; unused bounds as
+    ±inf: a clamp to ±inf is the identity) and ``codes`` (``group_size`` set: the kernel normalizes rewards
+    itself; ``batch``: by the batch std). Values go in as given: ``float()`` of a SymFloat would specialize it."""
+    opt = lambda v, default: default if v is None else v  # noqa: E731
+    values = [1.0 / cfg.temperature, cfg.epsilon_low, cfg.epsilon_high, opt(cfg.ratio_cap, _INF),
+              opt(cfg.dual_clip, _INF), opt(cfg.log_ratio_clamp, _INF), opt(cfg.cispo_low, -_INF),
+              opt(cfg.cispo_high, _INF), cfg.sapo_tau_pos, cfg.sapo_tau_neg, opt(cfg.kl_input_clamp, _INF),
+              opt(cfg.kl_output_clamp, _INF), cfg.advantage.eps]
     kl = 0 if cfg.beta == 0.0 else _KL[cfg.kl_estimator.rstrip("+")]
     estimator, divide, singleton_raw, _ = advantage_args(cfg.advantage)
     codes = [_POLICY[cfg.policy_loss], kl, int(cfg.kl_estimator.endswith("+")), int(cfg.kl_ratio_weighted),
              int(has_old), int(group_size is not None), group_size or 1, estimator, int(divide), int(batch),
              int(singleton_raw)]
-    return scalars, codes
+    return params_tensor(values, device), codes
 
 
 # ------------------------------------------------------------------------------------------ fake shapes
@@ -134,12 +158,11 @@ def register(prefix: str, ops: Ops) -> None:
 
     def logprobs_setup(ctx, inputs, output):
         logits, targets, mask, inv_temperature, _ = inputs
-        ctx.save_for_backward(logits, targets, mask, output[1], output[2])
-        ctx.inv_temperature = inv_temperature
+        ctx.save_for_backward(logits, targets, mask, output[1], output[2], inv_temperature)
         ctx.set_materialize_grads(False)
 
     def logprobs_backward(ctx, grad_logprobs, _grad_stats, grad_entropy):
-        logits, targets, mask, stats, entropy = ctx.saved_tensors
+        logits, targets, mask, stats, entropy, inv_temperature = ctx.saved_tensors
         if grad_logprobs is None:
             grad_logprobs = torch.zeros(targets.shape, device=stats.device, dtype=stats.dtype)
         if grad_entropy is not None and grad_entropy.numel() == 0:
@@ -147,7 +170,7 @@ def register(prefix: str, ops: Ops) -> None:
         if not _traced(logits):
             first_order_only()
         grad = ops.token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
-                                           ctx.inv_temperature)
+                                           inv_temperature)
         return grad, None, None, None, None
 
     torch.library.register_autograd(name("token_logprobs"), logprobs_backward, setup_context=logprobs_setup)
@@ -166,7 +189,7 @@ def register(prefix: str, ops: Ops) -> None:
         else:  # the same rounding as the scale op: an fp32 product, rounded once to the gradient's dtype
             (grad,) = ctx.saved_tensors
             grad = (grad.float() * grad_loss).to(grad.dtype)
-        return (grad,) + (None,) * 16
+        return (grad,) + (None,) * 15
 
     torch.library.register_autograd(name("grpo_loss_fused"), loss_backward, setup_context=loss_setup)
 
@@ -225,6 +248,6 @@ def inplace_grad_function(ops: Ops) -> type:
         @staticmethod
         def backward(ctx, grad_loss, *_):
             (grad,) = precomputed_gradients(ctx, grad_loss, ops.scale_grad_, "grpo_loss(inplace_grad=True)")
-            return (grad,) + (None,) * 15
+            return (grad,) + (None,) * 14
 
     return InplaceGrad

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 from .config import LossConfig, LossOutput, Rewards
-from .kernel_ops import is_token_local, precomputed_gradients
+from .kernel_ops import is_token_local, params_tensor, precomputed_gradients
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
 # dW += dZᵀ·X runs with K = chunk rows; at N = 4096, H = 1024, V = 32000, fp32, 2 cores, fwd+bwd took
@@ -138,10 +138,11 @@ def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tens
     gemm = _Gemm(weight, bias, logit_scale, logit_softcap)
     lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     ent = torch.empty(n if entropy else 0, device=hidden.device, dtype=torch.float32)
+    inv_t = params_tensor([1.0 / temperature], hidden.device)
     step = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        lp_c, _, ent_c = backend.ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, 1.0 / temperature, entropy)
+        lp_c, _, ent_c = backend.ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, inv_t, entropy)
         lp[rows] = lp_c
         if entropy:
             ent[rows] = ent_c
@@ -164,10 +165,11 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 
 def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
-                      g_lp: Tensor, g_ent: Optional[Tensor], stats: Tensor, ent: Tensor, inv_t: float,
+                      g_lp: Tensor, g_ent: Optional[Tensor], stats: Tensor, ent: Tensor, inv_t: Tensor,
                       d_hidden: Tensor, d_bias: Optional[Tensor]) -> Tensor:
     """The gradient pass vocabulary-slice-outer (see the module docstring): returns dW in the weight's dtype,
-    adds into the fp32 ``d_hidden`` (and ``d_bias``). With u = z/τ, p = exp(u − lse):
+    adds into the fp32 ``d_hidden`` (and ``d_bias``); ``inv_t``: 1/τ as a 1-element fp32 tensor. With u = z/τ,
+    p = exp(u − lse):
     ∂/∂u_j = g_ℓ·(δ_jy − p_j) − g_H·p_j·(log p_j + H)."""
     vocab, hid = weight.shape
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -238,7 +240,9 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
         result = backend._finish(f, cfg, loss, *per_token)
     else:
         with_entropy = return_entropy or cfg.needs_entropy
-        inv_t = 1.0 / cfg.temperature
+        # 1/τ as the ops take it, built once for every chunk; a tensor also because a Python float living across
+        # the graph breaks below would be specialized by torch.compile (a recompile per temperature)
+        inv_t = params_tensor([1.0 / cfg.temperature], hidden.device)
         lp, ent, stats = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, 2, **f32)
         for rows in chunks:
             lp_c, st_c, ent_c = ops.token_logprobs(gemm.logits(h[rows].detach()), y[rows], None, inv_t, with_entropy)

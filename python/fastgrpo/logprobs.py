@@ -15,8 +15,8 @@ LogprobsResult = Union[Tensor, tuple[Tensor, Tensor]]
 
 
 def _positive_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
+    # comparisons, not math.isfinite: torch.compile traces them on a symbolic float (NaN fails both)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def check_temperature(temperature: float) -> None:

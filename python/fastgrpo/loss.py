@@ -71,8 +71,8 @@ def _resolve_inputs(
         if normalizer.dim() != 0:
             raise ValueError(f"normalizer must be a float or a 0-d tensor, got shape {list(normalizer.shape)}")
     elif normalizer is not None:
-        if (isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not math.isfinite(normalizer)
-                or normalizer <= 0):
+        # comparisons, not math.isfinite: torch.compile traces them on a symbolic float (NaN fails both)
+        if isinstance(normalizer, bool) or not isinstance(normalizer, (int, float)) or not 0 < normalizer < math.inf:
             raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
 
     if (advantages is None) == (rewards is None):

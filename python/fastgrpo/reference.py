@@ -22,6 +22,18 @@ def _acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _as(x: Tensor, value: Optional[float]) -> Optional[Tensor]:
+    """A config float as a 0-d tensor of ``x``'s dtype (None stays None), for clamp bounds and where() branches:
+    torch.compile specializes a float passed to those (a recompile for every new value), not one added to a
+    tensor. The same value as the float: the op would round it to ``x``'s dtype too."""
+    return None if value is None else x.new_zeros(()) + value
+
+
+def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) -> Tensor:
+    """``x.clamp(lo, hi)``, with the bounds as tensors (see ``_as``)."""
+    return x.clamp(_as(x, lo), _as(x, hi))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Log-probs and entropy (SPEC §1)
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +267,7 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
-        d = d.clamp(-cfg.kl_input_clamp, cfg.kl_input_clamp)
+        d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
     estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x,
                 "k3": _K3.apply}[cfg.kl_estimator.rstrip("+")]
     k = estimate(d)
@@ -265,7 +277,7 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
         # gives 0 and not 0·inf = NaN.
         c = cfg.kl_output_clamp
         saturated = k.detach().abs() > c
-        k = torch.where(saturated, k.detach().clamp(-c, c), estimate(torch.where(saturated, 0.0, d)))
+        k = torch.where(saturated, _clamp(k.detach(), -c, c), estimate(torch.where(saturated, 0.0, d)))
     if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
         k = k2 - k2.detach() + k.detach()
@@ -287,7 +299,7 @@ def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg:
         return torch.exp(log_w) * keep[lay.seq]
     w = torch.exp(seq_log_w)[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
     if mode.endswith("truncate"):
-        return w.clamp(min=cfg.rollout_min, max=cfg.rollout_max)
+        return _clamp(w, cfg.rollout_min, cfg.rollout_max)
     return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
 
 
@@ -346,7 +358,7 @@ def _objective(
     old = lp.detach() if old is None else old
     log_r = lp - old  # §2.1
     if cfg.log_ratio_clamp is not None:
-        log_r = log_r.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+        log_r = _clamp(log_r, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     count = lay.seg_sum(m)
     if cfg.ratio_level == "sequence":  # §2.2 GSPO
         log_s = lay.seg_sum(log_r * m) / count.clamp(min=1)
@@ -354,7 +366,7 @@ def _objective(
         if cfg.sequence_ratio_grad == "token":  # verl's GSPO-token: the value of s_i, the gradient of ℓ_t
             log_rho = lp - lp.detach() + log_rho.detach()
         if cfg.seq_log_ratio_max is not None:
-            log_rho = log_rho.clamp(max=cfg.seq_log_ratio_max)
+            log_rho = _clamp(log_rho, hi=cfg.seq_log_ratio_max)
         rho = _RatioExp.apply(log_rho)
     else:
         rho = _RatioExp.apply(log_r)
@@ -380,7 +392,7 @@ def _objective(
     values = {"rho": rho.detach(), "is_weight": is_weight}
     if cfg.policy_loss == "gmpo":  # §2.3: a sequence loss, always a mean over sequences
         sgn = torch.sign(adv)
-        d_clip = log_r.clamp(-cfg.epsilon_low, cfg.epsilon_high)
+        d_clip = _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high)
         d = sgn * torch.minimum(sgn * log_r, sgn * d_clip)
         rho_seq = torch.exp(lay.seg_sum(m * d) / (count + 1e-8))
         adv_seq = lay.seg_sum(m * adv) / (count + 1e-8)
@@ -391,15 +403,15 @@ def _objective(
         values["high"] = (log_r > cfg.epsilon_high) & (adv > 0)
     else:
         if cfg.policy_loss == "ppo":  # §2.3
-            unclipped = rho if cfg.ratio_cap is None else rho.clamp(max=cfg.ratio_cap)
-            p = -torch.minimum(unclipped * adv, rho.clamp(lo, hi) * adv)
+            unclipped = rho if cfg.ratio_cap is None else _clamp(rho, hi=cfg.ratio_cap)
+            p = -torch.minimum(unclipped * adv, _clamp(rho, lo, hi) * adv)
             if cfg.dual_clip is not None:
                 p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
         elif cfg.policy_loss == "cispo":
             unbounded = cfg.cispo_low is None and cfg.cispo_high is None  # clamp() needs at least one bound
-            p = -(rho if unbounded else rho.clamp(cfg.cispo_low, cfg.cispo_high)).detach() * adv * lp
+            p = -(rho if unbounded else _clamp(rho, cfg.cispo_low, cfg.cispo_high)).detach() * adv * lp
         elif cfg.policy_loss == "sapo":
-            tau = torch.where(adv > 0, torch.full_like(adv, cfg.sapo_tau_pos), torch.full_like(adv, cfg.sapo_tau_neg))
+            tau = torch.where(adv > 0, _as(adv, cfg.sapo_tau_pos), _as(adv, cfg.sapo_tau_neg))
             p = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
         else:  # reinforce
             p = -adv * lp

@@ -4,7 +4,7 @@ autograd: ``kernel_ops``)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence  # Sequence, not list[...]: torch 2.6 infers no schema from list[float]
+from typing import Optional, Sequence  # Sequence, not list[...]: torch 2.6 infers no schema from list[int]
 
 import torch
 import triton
@@ -12,11 +12,11 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from .kernels import grpo_loss as K
-from .triton_token_logprobs import register_op, row_addressing, rows
+from .triton_token_logprobs import float_params, register_op, row_addressing, rows
 
 
 def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-            batch_std, seq, inv_temperature, scalars, codes, with_entropy, grad):
+            batch_std, seq, params, codes, with_entropy, grad):
     """Runs the kernel; ``grad`` is None (no gradient), a new buffer, or ``logits`` itself (in place).
     ``rewards`` (with ``batch_std`` and the token → sequence map ``seq``) replace ``advantages`` when given.
     Absent optional pointers are replaced by any valid buffer: the kernel never reads them."""
@@ -32,8 +32,9 @@ def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_pol
         wrap_triton(K.grpo_loss_fwd_kernel)[(n,)](
             logits, ids, mask, advantages, some(old_logprobs), some(ref_logprobs), w_policy, w_kl, w_entropy,
             some(rewards), some(batch_std), ids if seq is None else seq,
+            float_params(params, logits, len(K.PARAMS), "params"),
             logprobs, entropy, loss_terms, ratio, dlogp, adv_used, logprobs if grad is None else grad,
-            t, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, float(inv_temperature), *codes, *scalars,
+            t, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t, *codes,
             HAS_ENTROPY=with_entropy, WRITE_GRAD=grad is not None, BLOCK_V=block, num_warps=K.num_warps(block))
     return loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used
 
@@ -42,13 +43,12 @@ def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_pol
 def grpo_loss_fused_op(
     logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor], w_policy: Tensor, w_kl: Tensor, w_entropy: Tensor, rewards: Optional[Tensor],
-    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: Sequence[float],
-    codes: Sequence[int], with_entropy: bool, write_grad: bool,
+    batch_std: Optional[Tensor], seq: Optional[Tensor], params: Tensor, codes: Sequence[int], with_entropy: bool,
+    write_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad = torch.empty(logits.shape if write_grad else (0,), device=logits.device, dtype=logits.dtype)
     outs = _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
-                   rewards, batch_std, seq, inv_temperature, scalars, codes, with_entropy,
-                   grad if write_grad else None)
+                   rewards, batch_std, seq, params, codes, with_entropy, grad if write_grad else None)
     return (*outs, grad)
 
 
@@ -56,11 +56,10 @@ def grpo_loss_fused_op(
 def grpo_loss_fused_inplace_op(
     logits: Tensor, targets: Tensor, mask: Tensor, advantages: Tensor, old_logprobs: Optional[Tensor],
     ref_logprobs: Optional[Tensor], w_policy: Tensor, w_kl: Tensor, w_entropy: Tensor, rewards: Optional[Tensor],
-    batch_std: Optional[Tensor], seq: Optional[Tensor], inv_temperature: float, scalars: Sequence[float],
-    codes: Sequence[int], with_entropy: bool,
+    batch_std: Optional[Tensor], seq: Optional[Tensor], params: Tensor, codes: Sequence[int], with_entropy: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy,
-                   rewards, batch_std, seq, inv_temperature, scalars, codes, with_entropy, logits)
+                   rewards, batch_std, seq, params, codes, with_entropy, logits)
 
 
 @register_op("fastgrpo::triton_scale_grad_", mutates_args=("grad",))

@@ -33,6 +33,16 @@ def rows(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     return x.reshape(-1).to(dtype or x.dtype).contiguous()
 
 
+def float_params(x: Tensor, like: Tensor, numel: int, name: str) -> Tensor:
+    """A float hyper-parameter tensor (``params``, ``inv_temperature``, ``eps``) as the kernels read it: dense fp32
+    on the device of the op's inputs ``like`` (the kernel loads it: a short or misplaced buffer would be read out
+    of bounds)."""
+    if x.numel() != numel or x.device != like.device:
+        raise ValueError(f"{name} must hold {numel} value(s) on the device of the op's inputs ({like.device}), got "
+                         f"{x.numel()} on {x.device}")
+    return rows(x, torch.float32)
+
+
 def row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     if mask is None:
         return None
@@ -42,7 +52,7 @@ def row_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
 
 @register_op("fastgrpo::triton_token_logprobs", mutates_args=())
 def token_logprobs_op(
-    logits: Tensor, targets: Tensor, mask: Optional[Tensor], inv_temperature: float, with_entropy: bool
+    logits: Tensor, targets: Tensor, mask: Optional[Tensor], inv_temperature: Tensor, with_entropy: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, vocab = targets.numel(), logits.shape[-1]
     out = dict(device=logits.device, dtype=torch.float32)
@@ -53,8 +63,9 @@ def token_logprobs_op(
         m = row_mask(mask)
         block = K.block_v(vocab)
         wrap_triton(K.token_logprobs_fwd_kernel)[(n,)](
-            logits, rows(targets), logprobs if m is None else m, logprobs, stats, entropy,
-            t, vocab, stride_b, stride_t, float(inv_temperature),
+            logits, rows(targets), logprobs if m is None else m,
+            float_params(inv_temperature, logits, 1, "inv_temperature"), logprobs, stats, entropy,
+            t, vocab, stride_b, stride_t,
             HAS_MASK=m is not None, HAS_ENTROPY=with_entropy, BLOCK_V=block, num_warps=K.num_warps(block))
     return logprobs, stats, entropy
 
@@ -62,7 +73,7 @@ def token_logprobs_op(
 @register_op("fastgrpo::triton_token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(
     grad_logprobs: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, targets: Tensor, mask: Optional[Tensor],
-    stats: Tensor, entropy: Tensor, inv_temperature: float,
+    stats: Tensor, entropy: Tensor, inv_temperature: Tensor,
 ) -> Tensor:
     n, vocab = targets.numel(), logits.shape[-1]
     grad_logits = torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
@@ -74,6 +85,6 @@ def token_logprobs_backward_op(
         wrap_triton(K.token_logprobs_bwd_kernel)[(n,)](
             grad_logits, logits, rows(targets), stats if m is None else m, stats, rows(entropy),
             rows(grad_logprobs, torch.float32), rows(grad_entropy, torch.float32) if has_grad_entropy else stats,
-            t, vocab, stride_b, stride_t, float(inv_temperature),
+            float_params(inv_temperature, logits, 1, "inv_temperature"), t, vocab, stride_b, stride_t,
             HAS_MASK=m is not None, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=K.num_warps(block))
     return grad_logits
