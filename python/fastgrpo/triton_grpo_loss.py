@@ -9,10 +9,9 @@ from typing import Optional, Sequence  # Sequence, not list[...]: torch 2.6 infe
 import torch
 import triton
 from torch import Tensor
-from torch.library import wrap_triton
 
 from .kernels import grpo_loss as K
-from .triton_token_logprobs import float_params, register_op, row_addressing, rows
+from .triton_token_logprobs import float_params, launch, register_op, row_addressing, rows
 
 
 def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
@@ -29,7 +28,7 @@ def _launch(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_pol
         block = K.block_v(vocab)
         ids = rows(targets)
         some = lambda x: advantages if x is None else x  # noqa: E731
-        wrap_triton(K.grpo_loss_fwd_kernel)[(n,)](
+        launch(K.grpo_loss_fwd_kernel)[(n,)](
             logits, ids, mask, advantages, some(old_logprobs), some(ref_logprobs), w_policy, w_kl, w_entropy,
             some(rewards), some(batch_std), ids if seq is None else seq,
             float_params(params, logits, len(K.PARAMS), "params"),
@@ -71,5 +70,5 @@ def scale_grad_op(grad: Tensor, scale: Tensor) -> None:
                   else grad.view(-1, grad.shape[-1]) if grad.dim() else grad.view(1, 1))
         t, stride_b, stride_t = row_addressing(rows2d)
         vocab = rows2d.shape[-1]
-        wrap_triton(K.scale_grad_kernel)[(grad.numel() // vocab, triton.cdiv(vocab, K.SCALE_BLOCK))](
+        launch(K.scale_grad_kernel)[(grad.numel() // vocab, triton.cdiv(vocab, K.SCALE_BLOCK))](
             grad, scale.reshape(1).float(), t, vocab, stride_b, stride_t, BLOCK=K.SCALE_BLOCK)

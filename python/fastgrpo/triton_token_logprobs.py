@@ -3,7 +3,8 @@
 
 Registered with ``torch.library.triton_op`` so ``torch.compile(fullgraph=True)`` sees through them. Under the
 Triton interpreter (CI, no GPU) the kernels are plain Python functions that ``triton_op``'s tracing would run
-on fake tensors, so there the same launchers are registered as opaque ``custom_op``s.
+on fake tensors, so there the same launchers are registered as opaque ``custom_op``s, which launch the kernels
+directly (``launch``: torch 2.6's ``wrap_triton`` rejects an interpreted kernel; it is only needed for tracing).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch.library import custom_op, triton_op, wrap_triton
 
 from .kernels import token_logprobs as K
 
-register_op = custom_op if os.environ.get("TRITON_INTERPRET") == "1" else triton_op
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+register_op = custom_op if _INTERPRET else triton_op
+launch = (lambda kernel: kernel) if _INTERPRET else wrap_triton  # noqa: E731
 
 
 def row_addressing(logits: Tensor) -> tuple[int, int, int]:
@@ -62,7 +65,7 @@ def token_logprobs_op(
         t, stride_b, stride_t = row_addressing(logits)
         m = row_mask(mask)
         block = K.block_v(vocab)
-        wrap_triton(K.token_logprobs_fwd_kernel)[(n,)](
+        launch(K.token_logprobs_fwd_kernel)[(n,)](
             logits, rows(targets), logprobs if m is None else m,
             float_params(inv_temperature, logits, 1, "inv_temperature"), logprobs, stats, entropy,
             t, vocab, stride_b, stride_t,
@@ -82,7 +85,7 @@ def token_logprobs_backward_op(
         block = K.block_v(vocab)
         has_grad_entropy = grad_entropy is not None
         m = row_mask(mask)
-        wrap_triton(K.token_logprobs_bwd_kernel)[(n,)](
+        launch(K.token_logprobs_bwd_kernel)[(n,)](
             grad_logits, logits, rows(targets), stats if m is None else m, stats, rows(entropy),
             rows(grad_logprobs, torch.float32), rows(grad_entropy, torch.float32) if has_grad_entropy else stats,
             float_params(inv_temperature, logits, 1, "inv_temperature"), t, vocab, stride_b, stride_t,
