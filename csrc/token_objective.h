@@ -102,13 +102,13 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
       const float em1 = expm1f(-dc);
       K = em1 + dc; dK = -em1;
     }
-    dK *= d_dc;
-    // a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
-    dK = fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
+    // a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
+    // are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
+    dK = d_dc != 0.f && fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
     K = clampf(K, -p.kl_output_clamp, p.kl_output_clamp);
     if (p.kl_straight) dK = d;  // straight-through: the gradient of k2 of the raw D
     if (p.kl_ratio_weighted) {
-      dK = dK * rho + K * d_rho;
+      dK = (dK == 0.f ? 0.f : dK * rho) + (d_rho == 0.f ? 0.f : K * d_rho);  // ρ or K may be inf
       K = K * rho;
     }
   }
@@ -127,10 +127,9 @@ FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t
   float scale = 0.f;
   // fmaxf may drop a NaN here: it still reaches the std through the squares (a NaN reward makes the mean NaN)
   for (int64_t j = 0; j < G; ++j) scale = fmaxf(scale, fabsf(rewards[first + j] - mean));
-  const float inv_scale = scale > 0.f ? 1.f / scale : 0.f;
   float squares = 0.f;
-  for (int64_t j = 0; j < G; ++j) {
-    const float u = (rewards[first + j] - mean) * inv_scale;
+  for (int64_t j = 0; j < G; ++j) {  // divided, not times 1/scale: that overflows for a subnormal spread
+    const float u = scale > 0.f ? (rewards[first + j] - mean) / scale : 0.f;
     squares += u * u;
   }
   const float std_ = scale * sqrtf(squares / (G > 1 ? G - 1 : 1));

@@ -34,11 +34,10 @@ def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_b
         r = tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
         deviation = tl.maximum(deviation, tl.where(j + offs < G, tl.abs(r - mean), 0.0))
     scale = tl.max(deviation, axis=0)  # may drop a NaN: a NaN reward still reaches the std through the mean
-    inv_scale = tl.where(scale > 0.0, 1.0 / scale, 0.0)
     squares = tl.zeros([BLOCK], tl.float32)
     for j in range(0, G, BLOCK):
         r = tl.load(rewards_ptr + first + j + offs, mask=j + offs < G, other=0.0).to(tl.float32)
-        u = (r - mean) * inv_scale
+        u = tl.where(scale > 0.0, (r - mean) / scale, 0.0)  # not times 1/scale: it overflows for a subnormal spread
         squares += tl.where(j + offs < G, u * u, 0.0)
     std = scale * tl.sqrt(tl.sum(squares, axis=0) / tl.maximum(G - 1, 1))
     own = tl.load(rewards_ptr + seq).to(tl.float32)

@@ -168,12 +168,14 @@ def grpo_loss_fwd_kernel(
     em1 = _expm1(-dc)
     k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc, em1 + dc)))
     dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
-                  tl.where(kl == 3, dc, -em1))) * d_dc
-    # a saturated estimate has derivative 0, selected (k3 = inf at D < −88 with no input clamp: never 0·inf)
-    dk = tl.where(tl.abs(k) <= kl_output_clamp, dk, 0.0)
+                  tl.where(kl == 3, dc, -em1)))
+    # a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
+    # are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
+    dk = tl.where((d_dc != 0.0) & (tl.abs(k) <= kl_output_clamp), dk, 0.0)
     k = _clamp(k, -kl_output_clamp, kl_output_clamp)
     dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
-    dk = tl.where(kl_ratio_weighted != 0, dk * rho + k * d_rho, dk)
+    dk = tl.where(kl_ratio_weighted != 0,  # ρ or k may be inf: each product only where its factor is non-zero
+                  tl.where(dk == 0.0, 0.0, dk * rho) + tl.where(d_rho == 0.0, 0.0, k * d_rho), dk)
     k = tl.where(kl_ratio_weighted != 0, k * rho, k)
     k = tl.where(kl == 0, 0.0, k)
     dk = tl.where(kl == 0, 0.0, dk)

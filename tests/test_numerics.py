@@ -321,3 +321,37 @@ def test_group_std_of_huge_rewards(group, impl):
     rd = r.double().view(-1, group)
     expected = (rd - rd.mean(1, keepdim=True)) / (rd.std(1, keepdim=True) + 1e-4)
     torch.testing.assert_close(adv.double().cpu(), expected.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_group_std_of_subnormal_rewards(impl):
+    """A group spread below ~3e-39: 1/spread overflows, so scaling by it (0·inf at a reward equal to the mean)
+    made the std and every advantage NaN on the kernel backends."""
+    r = torch.tensor([0.0, 1e-39, 2e-39])
+    adv, _ = impl.advantages(r.to(DEVICE), 3, metrics=False)
+    rd = r.double()
+    expected = (rd - rd.mean()) / (rd.std() + 1e-4)  # ≈ ±1e-35
+    assert torch.isfinite(adv).all(), adv
+    torch.testing.assert_close(adv.double().cpu(), expected, rtol=1e-3, atol=1e-40)
+
+
+def test_k3_beyond_an_input_clamp_above_88(impl):
+    """kl_input_clamp = 100 and D = −150: the clamped D gives k3 = expm1(100) − 100 = inf (the loss is +inf, the
+    true value beyond fp32) and a derivative of 0 (clamped input), never 0·inf = NaN in the gradient."""
+    z = torch.randn(1, 2, 9, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, m = torch.tensor([[1, 4]]), torch.ones(1, 2)
+    lp = torch.log_softmax(z, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    cfg = LossConfig(beta=0.1, kl_estimator="k3", kl_input_clamp=100.0)
+    ref = (lp + torch.tensor([[150.0, 0.5]])).float()
+    logits = z.float().to(DEVICE).requires_grad_()
+    out = impl.grpo_loss(logits, y.to(DEVICE), torch.ones(1, device=DEVICE), m.to(DEVICE), config=cfg,
+                         ref_logprobs=ref.to(DEVICE))
+    out.loss.backward()
+    assert out.loss.item() == INF
+    # the gradient is the policy term's and the second token's k3: as without the first token's KL
+    z64 = z.clone().requires_grad_()
+    lp64 = torch.log_softmax(z64, -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    d = lp64[0, 1] - ref[0, 1].double()
+    k3 = torch.expm1(-d) + d
+    policy = -(torch.exp(lp64 - lp64.detach()) * 1.0).mean()
+    (grad64,) = torch.autograd.grad(policy + 0.1 * k3 / 2, z64)
+    torch.testing.assert_close(logits.grad.double().cpu(), grad64, rtol=1e-5, atol=1e-6)

@@ -66,7 +66,7 @@ def scale_grad_op(grad: Tensor, scale: Tensor) -> None:
     if grad.numel() > 0:
         # logits-shaped gradients ([B, T, V] / [N, V], maybe the in-place view of a larger buffer) keep their
         # strides; the others (hidden, weight, bias of the linear path) are contiguous: one row per leading index
-        rows2d = (grad if grad.dim() in (2, 3) and grad.stride(-1) == 1
+        rows2d = (grad if grad.dim() in (2, 3) and (grad.shape[-1] <= 1 or grad.stride(-1) == 1)
                   else grad.view(-1, grad.shape[-1]) if grad.dim() else grad.view(1, 1))
         t, stride_b, stride_t = row_addressing(rows2d)
         vocab = rows2d.shape[-1]
