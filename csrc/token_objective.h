@@ -115,35 +115,50 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   return {w_policy * P + w_kl * K - w_entropy * ent, w_policy * dP + w_kl * dK, rho};
 }
 
-// Advantage of reward `seq` from its contiguous group of G (SPEC §3); also the group's mean and std. The std is
-// that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows fp32 from
-// |r − mean| ~ 1e19, and the advantages would all become 0.
-FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
-                                  float* mean_out = nullptr, float* std_out = nullptr) {
-  const int64_t G = p.group_size, first = (seq / G) * G;
+struct GroupStats {
+  float mean, std;
+};
+
+// Mean and (unbiased) std of the contiguous group of G rewards at `group`. The std is that of (r − mean)/s times
+// s, with s the group's largest |r − mean|: (r − mean)² overflows fp32 from |r − mean| ~ 1e19, and the
+// advantages would all become 0.
+FASTGRPO_HD GroupStats group_stats(const float* group, int64_t G) {
   float total = 0.f;
-  for (int64_t j = 0; j < G; ++j) total += rewards[first + j];
+  for (int64_t j = 0; j < G; ++j) total += group[j];
   const float mean = total / G;
   float scale = 0.f;
   // fmaxf may drop a NaN here: it still reaches the std through the squares (a NaN reward makes the mean NaN)
-  for (int64_t j = 0; j < G; ++j) scale = fmaxf(scale, fabsf(rewards[first + j] - mean));
+  for (int64_t j = 0; j < G; ++j) scale = fmaxf(scale, fabsf(group[j] - mean));
   float squares = 0.f;
   for (int64_t j = 0; j < G; ++j) {  // divided, not times 1/scale: that overflows for a subnormal spread
-    const float u = scale > 0.f ? (rewards[first + j] - mean) / scale : 0.f;
+    const float u = scale > 0.f ? (group[j] - mean) / scale : 0.f;
     squares += u * u;
   }
-  const float std_ = scale * sqrtf(squares / (G > 1 ? G - 1 : 1));
-  if (mean_out) *mean_out = mean;
-  if (std_out) *std_out = std_;
+  return {mean, scale * sqrtf(squares / (G > 1 ? G - 1 : 1))};
+}
+
+// Advantage (SPEC §3) of the reward `own` of a group with statistics `s`.
+FASTGRPO_HD float advantage_of(float own, const GroupStats& s, float batch_std, const ObjectiveParams& p) {
+  const int64_t G = p.group_size;
   const bool single = G == 1, raw = single && p.adv_singleton_raw;
-  const float own = rewards[seq];
-  const float centered = raw ? own : own - mean;
+  const float centered = raw ? own : own - s.mean;
   if (p.adv_estimator == 0) {
-    const float scale_by = p.adv_use_batch_std ? batch_std : (raw ? 1.f : std_);
+    const float scale_by = p.adv_use_batch_std ? batch_std : (raw ? 1.f : s.std);
     return p.adv_divide ? centered / (scale_by + p.adv_eps) : centered;
   }
   if (p.adv_estimator == 1) return single ? centered : centered * G / (G - 1);
   return centered;
+}
+
+// Advantage of reward `seq` from its contiguous group (the fused loss: one token's reward at a time); also the
+// group's mean and std.
+FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
+                                  float* mean_out = nullptr, float* std_out = nullptr) {
+  const int64_t G = p.group_size;
+  const GroupStats s = group_stats(rewards + (seq / G) * G, G);
+  if (mean_out) *mean_out = s.mean;
+  if (std_out) *std_out = s.std;
+  return advantage_of(rewards[seq], s, batch_std, p);
 }
 
 // The codes of the standalone advantages op (the rest of ObjectiveParams unused; adv_eps comes from its `eps`

@@ -356,14 +356,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& 
   const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
   const float* rp = r.const_data_ptr<float>();
   float *ap = adv.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *sp = std_.mutable_data_ptr<float>();
-  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {  // whole groups per thread
-    for (int64_t i = g0 * group_size; i < g1 * group_size; ++i) {
-      float gm, gs;
-      ap[i] = group_advantage(rp, bstd, i, p, &gm, &gs);
-      if (i % group_size == 0) {
-        mp[i / group_size] = gm;
-        sp[i / group_size] = gs;
-      }
+  at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {  // whole groups per thread, statistics once each
+    for (int64_t g = g0; g < g1; ++g) {
+      const GroupStats s = group_stats(rp + g * group_size, group_size);
+      mp[g] = s.mean;
+      sp[g] = s.std;
+      for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i) ap[i] = advantage_of(rp[i], s, bstd, p);
     }
   });
   return {adv.view(rewards.sizes()), mean, std_};
