@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 
@@ -12,6 +12,7 @@ PolicyLossType = Literal["ppo", "cispo", "sapo", "gmpo", "reinforce"]
 RatioLevel = Literal["token", "sequence"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm"]
 KLEstimator = Literal["k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"]
+Normalizer = Union[float, torch.Tensor, None]  # a call's replacement of the aggregation's denominator
 RolloutCorrection = Literal[
     "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask"
 ]

@@ -18,14 +18,16 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import linear_loss, reference
+from . import linear_loss
+from .reward import torch_advantages
+from .trajectory import objective
 from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
 from .kernel_ops import Ops, advantage_args, inplace_grad_function, is_token_local, loss_params, params_tensor
 
 
 class KernelBackend:
     SUPPORTS_INPLACE_GRAD = True
-    policy_loss = staticmethod(reference.policy_loss)  # O(N) on given log-probs: no vocabulary pass to fuse
+    policy_loss = staticmethod(objective.policy_loss)  # O(N) on given log-probs: no vocabulary pass to fuse
 
     def __init__(self, name: str, ops: Ops) -> None:
         self.__name__ = name
@@ -51,7 +53,7 @@ class KernelBackend:
             return linear_loss.linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy,
                                                      logit_scale, logit_softcap)
         # differentiable log-probs still materialize the fp32 logits (the loss itself never does)
-        z = reference.hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+        z = linear_loss.hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
         return self.token_logprobs(z, targets, temperature, entropy)
 
     # ------------------------------------------------------------------------------------------ advantages
@@ -67,8 +69,8 @@ class KernelBackend:
         """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and
         use the reference. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
         if group_ids is not None:
-            return reference.advantages(rewards, None, group_ids, config, reward_weights, metrics)
-        r = reference.combine_rewards(rewards, reward_weights).float().contiguous()
+            return torch_advantages.advantages(rewards, None, group_ids, config, reward_weights, metrics)
+        r = torch_advantages.combine_rewards(rewards, reward_weights).float().contiguous()
         batch, std_b = self._batch_std(r, config)
         estimator, divide, singleton_raw, eps = advantage_args(config)
         adv, mean, std = self.ops.advantages(r, std_b, group_size, estimator, divide, batch, singleton_raw,
@@ -81,7 +83,7 @@ class KernelBackend:
         if not metrics:
             return adv, {}
         g = torch.arange(r.numel(), device=r.device) // group_size
-        return adv, reference.advantage_metrics(r, adv, g, mean, std)
+        return adv, torch_advantages.advantage_metrics(r, adv, g, mean, std)
 
     # ---------------------------------------------------------------------------------------------- losses
     def grpo_loss(self, logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
@@ -97,7 +99,7 @@ class KernelBackend:
                              "phases")
         lp, ent = self.token_logprobs(logits, targets, config.temperature,
                                       entropy=return_entropy or config.needs_entropy, mask=mask)
-        return reference.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
+        return objective.policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
 
     def linear_grpo_loss(self, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
                          mask: Tensor, **kwargs) -> LossOutput:
@@ -112,7 +114,7 @@ class KernelBackend:
         """Everything the fused op takes besides the logits, as per-token fp32 [N] tensors (O(N) work)."""
         cfg = config
         shape = targets.shape
-        lay = reference.TokenLayout(shape, cu_seqlens, cfg.max_length, device)
+        lay = objective.TokenLayout(shape, cu_seqlens, cfg.max_length, device)
         m = mask.reshape(-1).float()
         flat = lambda x: None if x is None else torch.where(m > 0, x.detach().reshape(-1).float(), 0.0)  # noqa: E731
         old, ref, samp = flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs)
@@ -123,7 +125,7 @@ class KernelBackend:
                 and cfg.advantage.estimator in ("grpo", "rloo")
                 and not (cfg.advantage.scale == "batch" and advantages.rewards.shape[0] <= 1)):
             # contiguous groups: the kernel normalizes each token's reward itself, in the same launch
-            rewards = reference.combine_rewards(advantages.rewards, advantages.weights).float().contiguous()
+            rewards = torch_advantages.combine_rewards(advantages.rewards, advantages.weights).float().contiguous()
             batch, batch_std = self._batch_std(rewards, cfg.advantage)
             group_size = advantages.group_size
             adv = torch.zeros_like(m)  # unused: the kernel reports the advantages it computed
@@ -138,8 +140,8 @@ class KernelBackend:
         if is_weights is not None:
             weight = lay.per_token(is_weights.detach(), shape)
         elif cfg.rollout_correction is not None:
-            weight = reference.rollout_weights(old, samp, m, lay, cfg)
-        agg = lambda mode: reference.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
+            weight = objective.rollout_weights(old, samp, m, lay, cfg)
+        agg = lambda mode: objective.aggregation_weights(m, mode, lay, cfg, normalizer) * cfg.loss_scale  # noqa: E731
         params, codes = loss_params(cfg, old is not None, device, group_size, batch)
         return FusedInputs(
             shape=shape, mask=m, advantages=adv.float().contiguous(), old=old, ref=ref,
@@ -158,8 +160,8 @@ class KernelBackend:
         values = {"rho": rho, "is_weight": f.is_weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
                   "ppo_kl": (lp if f.old is None else f.old) - lp}
         if f.ref is not None:
-            values["kl"] = reference.kl_estimate(lp, f.ref, cfg)
-        metrics = reference.loss_metrics(values, dlogp, adv, f.mask, ent if f.with_entropy else None, cfg, f.used_weights)
+            values["kl"] = objective.kl_estimate(lp, f.ref, cfg)
+        metrics = objective.loss_metrics(values, dlogp, adv, f.mask, ent if f.with_entropy else None, cfg, f.used_weights)
         return LossOutput(loss=loss, logprobs=lp.reshape(f.shape),
                           entropy=ent.reshape(f.shape) if f.with_entropy else None, metrics=metrics)
 

@@ -27,7 +27,7 @@ from typing import Iterator, Optional, Union
 import torch
 from torch import Tensor
 
-from . import reference
+from .trajectory import objective
 from .config import LossConfig, LossOutput, Rewards
 from .kernel_ops import is_token_local, params_tensor, precomputed_gradients
 
@@ -118,6 +118,15 @@ class _Gemm:
             d_weight.add_(self._mm(dz.t(), h))
         else:
             d_weight.addmm_(dz.t(), h.float())
+
+
+def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
+                     logit_softcap: Optional[float] = None) -> Tensor:
+    """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32, materialized (differentiable log-probs need it);
+    softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
+    z = objective._acc(hidden) @ objective._acc(weight).t()
+    z = (z if bias is None else z + objective._acc(bias)) * logit_scale
+    return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
 
 
 def _has_out_dtype() -> bool:
@@ -253,7 +262,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
         lp_leaf = lp.view(targets.shape).requires_grad_(needs_grad)
         ent_leaf = ent.view(targets.shape).requires_grad_(needs_grad and with_entropy) if with_entropy else None
         with torch.enable_grad():
-            result = reference.policy_loss(lp_leaf, advantages, mask, entropy=ent_leaf, config=cfg, **kwargs)
+            result = objective.policy_loss(lp_leaf, advantages, mask, entropy=ent_leaf, config=cfg, **kwargs)
         if needs_grad:
             leaves = [x for x in (lp_leaf, ent_leaf) if x is not None and x.requires_grad]
             grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)

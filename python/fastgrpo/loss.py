@@ -17,7 +17,7 @@ from . import _checks, backends
 from .advantages import check_rewards
 from .config import LossConfig, LossOutput, Rewards
 from .logprobs import autocast_operands, check_linear, check_logit_transform, check_logits
-from .reference import Normalizer
+from .config import Normalizer
 
 
 

@@ -1,0 +1,29 @@
+"""The named parameters of the compiled ops: the one source of truth for their order.
+
+The fused loss op takes its per-token fp32 inputs as the rows of one [len(TOKEN_INPUTS), N] tensor ``tokens``,
+its float hyper-parameters as one fp32 tensor ``params`` laid out as ``SCALARS``, and its variant choices as
+the ints ``codes`` laid out as ``CODES``. The Triton kernels index them through the constants of
+``kernels/grpo_loss.py``, the C++/CUDA kernels through ``csrc/token_objective.h`` (``TokenInput``,
+``unpack_codes``, ``load_scalars``); ``tests/test_op_params.py`` pins all of them to these tuples.
+
+Plain Python (no torch, no Triton): the Python op layer reads it on every platform, the Triton kernels at
+compile time.
+"""
+
+# Rows of the fused op's ``tokens``: per-token fp32 inputs (an absent optional one is a row of zeros)
+TOKEN_INPUTS = ("mask", "advantages", "old_logprobs", "ref_logprobs", "w_policy", "w_kl", "w_entropy")
+
+# The fused op's ``params``: unused bounds are ±inf (a clamp to ±inf is the identity). ``batch_std`` is the std of
+# all rewards (TRL's scale_rewards="batch"), used when the kernel normalizes rewards by it.
+SCALARS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
+           "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp", "adv_eps", "batch_std")
+
+# The fused op's ``codes``. The last six (from adv_from_rewards) are also the advantages op's codes.
+CODES = ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old",
+         "adv_from_rewards", "group_size", "adv_estimator", "adv_divide", "adv_use_batch_std", "adv_singleton_raw")
+ADVANTAGE_CODES = CODES[CODES.index("group_size"):]
+
+# Values of the codes
+POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3}
+KL = {"none": 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4}
+ADV_ESTIMATOR = {"grpo": 0, "rloo": 1, "reinforce_baseline": 2}
