@@ -5,6 +5,8 @@
 
 #include <algorithm>
 
+#include "token_objective.h"
+
 namespace fastgrpo {
 
 inline void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
@@ -39,6 +41,19 @@ inline at::Tensor float_params(const at::Tensor& x, const at::Tensor& like, int6
   TORCH_CHECK(x.device() == like.device(), name, " must be on the device of the op's inputs (", like.device(),
               "), got ", x.device());
   return rows_float(x);
+}
+
+// The fused op's per-token inputs as the kernels read them: dense fp32 [kNumTokenInputs, rows].
+inline at::Tensor token_inputs(const at::Tensor& tokens, int64_t rows) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == kNumTokenInputs && tokens.size(1) == rows, "tokens must be [",
+              static_cast<int64_t>(kNumTokenInputs), ", ", rows, "] (kernels/params.py: TOKEN_INPUTS), got ",
+              tokens.sizes());
+  return tokens.to(at::kFloat).contiguous();
+}
+
+// The ints an op takes as `codes` (kernels/params.py: CODES or ADVANTAGE_CODES).
+inline void check_codes(at::ArrayRef<int64_t> codes, int64_t count) {
+  TORCH_CHECK(static_cast<int64_t>(codes.size()) == count, "codes must hold ", count, " ints, got ", codes.size());
 }
 
 inline at::Tensor stats_like(const at::Tensor& targets) {

@@ -12,10 +12,12 @@ PyObject* PyInit__C(void) {
 }
 }
 
-// Float hyper-parameters come as fp32 tensors on the device of the op's inputs (`inv_temperature`, `eps`: 1 value;
-// `params`: [1/τ, eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
-// sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps], see token_objective.h), not as `float` arguments:
-// torch.compile specializes a float argument, recompiling for every new value. The int `codes` select variants.
+// The fused loss takes its per-token fp32 inputs as the rows of `tokens`, returns its per-token fp32 outputs as
+// the rows of `outputs`, its float hyper-parameters as the fp32 tensor `params` on the inputs' device (not `float`
+// arguments: torch.compile specializes a float argument, recompiling for every new value) and its variants as
+// the ints `codes`: all named, in order, in kernels/params.py (token_objective.h: TokenInput, TokenOutput,
+// unpack_codes, load_scalars). The Triton ops of the same names, prefixed `triton_`, are registered from
+// Python with the same schemas (tests/test_op_params.py compares them).
 TORCH_LIBRARY(fastgrpo, m) {
   // (ℓ, stats = [row max, log Σ exp(z/τ − max)], H) per row, fp32; rows with mask 0 get zeros.
   m.def("token_logprobs(Tensor logits, Tensor targets, Tensor? mask, Tensor inv_temperature, bool with_entropy)"
@@ -23,19 +25,15 @@ TORCH_LIBRARY(fastgrpo, m) {
   // ∂/∂logits of Σ g_ℓ·ℓ + g_H·H, contiguous, in the logits' dtype.
   m.def("token_logprobs_backward(Tensor grad_logprobs, Tensor? grad_entropy, Tensor logits, Tensor targets,"
         " Tensor? mask, Tensor stats, Tensor entropy, Tensor inv_temperature) -> Tensor");
-  // (loss, ℓ, H, ρ, ∂loss/∂ℓ, advantage used, ∂loss/∂logits) of a token-local config in one pass.
-  m.def("grpo_loss_fused(Tensor logits, Tensor targets, Tensor mask, Tensor advantages, Tensor? old_logprobs,"
-        " Tensor? ref_logprobs, Tensor w_policy, Tensor w_kl, Tensor w_entropy, Tensor? rewards, Tensor? batch_std,"
-        " Tensor? seq, Tensor params, int[] codes, bool with_entropy, bool write_grad)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (loss, outputs, ∂loss/∂logits) of a token-local config in one pass; `rewards` (with the token → sequence map
+  // `seq`) replace the advantages row when the codes say so.
+  m.def("grpo_loss_fused(Tensor logits, Tensor targets, Tensor tokens, Tensor? rewards, Tensor? seq, Tensor params,"
+        " int[] codes, bool with_entropy, bool write_grad) -> (Tensor, Tensor, Tensor)");
   // The same with the gradient written over the logits.
-  m.def("grpo_loss_fused_inplace_(Tensor(a!) logits, Tensor targets, Tensor mask, Tensor advantages,"
-        " Tensor? old_logprobs, Tensor? ref_logprobs, Tensor w_policy, Tensor w_kl, Tensor w_entropy,"
-        " Tensor? rewards, Tensor? batch_std, Tensor? seq, Tensor params, int[] codes, bool with_entropy)"
-        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("grpo_loss_fused_inplace_(Tensor(a!) logits, Tensor targets, Tensor tokens, Tensor? rewards, Tensor? seq,"
+        " Tensor params, int[] codes, bool with_entropy) -> (Tensor, Tensor)");
   // grad *= scale in place, nothing done (on the device) when scale == 1.
   m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
   // (advantages [B], group mean, group std) for fp32 rewards in contiguous groups.
-  m.def("advantages(Tensor rewards, Tensor batch_std, int group_size, int estimator, bool divide,"
-        " bool use_batch_std, bool singleton_raw, Tensor eps) -> (Tensor, Tensor, Tensor)");
+  m.def("advantages(Tensor rewards, Tensor params, int[] codes) -> (Tensor, Tensor, Tensor)");
 }

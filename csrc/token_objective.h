@@ -16,22 +16,62 @@ namespace fastgrpo {
 
 enum Policy : int32_t { kPPO = 0, kCISPO = 1, kSAPO = 2, kREINFORCE = 3 };
 enum KL : int32_t { kKLNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4 };
+enum AdvantageEstimator : int32_t { kGRPO = 0, kRLOO = 1, kReinforceBaseline = 2 };
 
-// Runtime parameters of the fused loss: the ops' `codes` (ints, passed by value: they select variants) and the
-// float hyper-parameters, which the ops take as one fp32 tensor `params` = [1/τ, the scalars below in order] on
-// the logits' device, so that torch.compile never specializes (recompiles) on their values.
+// The ops' named parameters; kernels/params.py holds their order (TOKEN_INPUTS, TOKEN_OUTPUTS, CODES, SCALARS) and
+// tests/test_op_params.py pins every list below to it.
+// Rows of the fused op's per-token fp32 `tokens` [kNumTokenInputs, N] and `outputs` [kNumTokenOutputs, N].
+enum TokenInput : int64_t { kMask, kAdvantages, kOldLogprobs, kRefLogprobs, kWPolicy, kWKl, kWEntropy, kNumTokenInputs };
+enum TokenOutput : int64_t {
+  kOutLogprobs, kOutEntropy, kOutLossTerms, kOutRatio, kOutGradLogprobs, kOutAdvantagesUsed, kNumTokenOutputs
+};
+
+// The ops' `codes` (ints, passed by value: they select variants) and `params` (fp32 on the logits' device, so that
+// torch.compile never specializes on their values; unused bounds are ±inf: a clamp to ±inf is the identity).
 struct ObjectiveParams {
   // codes
   int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old;
   int32_t adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw;
-  // scalars (params[1:]); unused bounds are ±inf (a clamp to ±inf is the identity)
-  float eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high, sapo_tau_pos,
-      sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps;
+  // scalars
+  float inv_temperature, eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high,
+      sapo_tau_pos, sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps, batch_std;
 };
 
 constexpr int kNumCodes = 11;
-constexpr int kNumScalars = 12;
-constexpr int kNumParams = 1 + kNumScalars;  // params[0] = 1/τ
+constexpr int kNumAdvantageCodes = 5;  // the advantages op's codes: the tail of the fused op's, from group_size
+constexpr int kNumScalars = 14;
+constexpr int kNumAdvantageScalars = 2;  // the advantages op's params: the tail of the fused op's, from adv_eps
+
+// The advantages op's codes (and the tail of the fused op's).
+template <typename Ints>
+void unpack_advantage_codes(ObjectiveParams& p, const Ints& c, int offset = 0) {
+  p.group_size = c[offset]; p.adv_estimator = c[offset + 1]; p.adv_divide = c[offset + 2];
+  p.adv_use_batch_std = c[offset + 3]; p.adv_singleton_raw = c[offset + 4];
+}
+
+// The fused op's codes.
+template <typename Ints>
+ObjectiveParams unpack_codes(const Ints& c) {
+  ObjectiveParams p{};
+  p.policy = c[0]; p.kl = c[1]; p.kl_straight = c[2]; p.kl_ratio_weighted = c[3]; p.has_old = c[4];
+  p.adv_from_rewards = c[5];
+  unpack_advantage_codes(p, c, kNumCodes - kNumAdvantageCodes);
+  return p;
+}
+
+// The advantages op's params (and the tail of the fused op's), on the host from a CPU tensor, on the device
+// from the kernel's pointer.
+FASTGRPO_HD void load_advantage_scalars(ObjectiveParams& p, const float* s) {
+  p.adv_eps = s[0]; p.batch_std = s[1];
+}
+
+// The fused op's params.
+FASTGRPO_HD void load_scalars(ObjectiveParams& p, const float* s) {
+  p.inv_temperature = s[0]; p.eps_low = s[1]; p.eps_high = s[2]; p.ratio_cap = s[3]; p.dual_clip = s[4];
+  p.log_ratio_clamp = s[5]; p.cispo_low = s[6]; p.cispo_high = s[7]; p.sapo_tau_pos = s[8];
+  p.sapo_tau_neg = s[9]; p.kl_input_clamp = s[10]; p.kl_output_clamp = s[11];
+  load_advantage_scalars(p, s + kNumScalars - kNumAdvantageScalars);
+}
 
 struct TokenResult {
   float loss;   // w_policy·P + w_kl·K − w_entropy·H
@@ -138,59 +178,27 @@ FASTGRPO_HD GroupStats group_stats(const float* group, int64_t G) {
 }
 
 // Advantage (SPEC §3) of the reward `own` of a group with statistics `s`.
-FASTGRPO_HD float advantage_of(float own, const GroupStats& s, float batch_std, const ObjectiveParams& p) {
+FASTGRPO_HD float advantage_of(float own, const GroupStats& s, const ObjectiveParams& p) {
   const int64_t G = p.group_size;
   const bool single = G == 1, raw = single && p.adv_singleton_raw;
   const float centered = raw ? own : own - s.mean;
-  if (p.adv_estimator == 0) {
-    const float scale_by = p.adv_use_batch_std ? batch_std : (raw ? 1.f : s.std);
+  if (p.adv_estimator == kGRPO) {
+    const float scale_by = p.adv_use_batch_std ? p.batch_std : (raw ? 1.f : s.std);
     return p.adv_divide ? centered / (scale_by + p.adv_eps) : centered;
   }
-  if (p.adv_estimator == 1) return single ? centered : centered * G / (G - 1);
-  return centered;
+  if (p.adv_estimator == kRLOO) return single ? centered : centered * G / (G - 1);
+  return centered;  // kReinforceBaseline (whitened over the batch afterwards)
 }
 
 // Advantage of reward `seq` from its contiguous group (the fused loss: one token's reward at a time); also the
 // group's mean and std.
-FASTGRPO_HD float group_advantage(const float* rewards, float batch_std, int64_t seq, const ObjectiveParams& p,
+FASTGRPO_HD float group_advantage(const float* rewards, int64_t seq, const ObjectiveParams& p,
                                   float* mean_out = nullptr, float* std_out = nullptr) {
   const int64_t G = p.group_size;
   const GroupStats s = group_stats(rewards + (seq / G) * G, G);
   if (mean_out) *mean_out = s.mean;
   if (std_out) *std_out = s.std;
-  return advantage_of(rewards[seq], s, batch_std, p);
-}
-
-// The codes of the standalone advantages op (the rest of ObjectiveParams unused; adv_eps comes from its `eps`
-// tensor).
-inline ObjectiveParams advantage_codes(int64_t group_size, int64_t estimator, bool divide, bool use_batch_std,
-                                       bool singleton_raw) {
-  ObjectiveParams p{};
-  p.group_size = static_cast<int32_t>(group_size);
-  p.adv_estimator = static_cast<int32_t>(estimator);
-  p.adv_divide = divide;
-  p.adv_use_batch_std = use_batch_std;
-  p.adv_singleton_raw = singleton_raw;
-  return p;
-}
-
-// Unpacks the ops' `codes`; the scalars come from `params` (load_scalars).
-template <typename Ints>
-ObjectiveParams unpack_codes(const Ints& c) {
-  ObjectiveParams p{};
-  p.policy = c[0]; p.kl = c[1]; p.kl_straight = c[2]; p.kl_ratio_weighted = c[3]; p.has_old = c[4];
-  p.adv_from_rewards = c[5]; p.group_size = c[6]; p.adv_estimator = c[7]; p.adv_divide = c[8];
-  p.adv_use_batch_std = c[9]; p.adv_singleton_raw = c[10];
-  return p;
-}
-
-// Fills the scalars from the ops' `params` (1/τ at params[0] is not part of them): on the host from the CPU
-// tensor, on the device from the kernel's pointer.
-FASTGRPO_HD void load_scalars(ObjectiveParams& p, const float* params) {
-  const float* s = params + 1;
-  p.eps_low = s[0]; p.eps_high = s[1]; p.ratio_cap = s[2]; p.dual_clip = s[3]; p.log_ratio_clamp = s[4];
-  p.cispo_low = s[5]; p.cispo_high = s[6]; p.sapo_tau_pos = s[7]; p.sapo_tau_neg = s[8];
-  p.kl_input_clamp = s[9]; p.kl_output_clamp = s[10]; p.adv_eps = s[11];
+  return advantage_of(rewards[seq], s, p);
 }
 
 }  // namespace fastgrpo

@@ -13,12 +13,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import params as P
+
 GROUP_BLOCK = 64  # rewards read per step; groups are usually 4–64 completions
 GROUP_BLOCK_CONSTEXPR = tl.constexpr(GROUP_BLOCK)  # the same, readable from inside other kernels
+# named parameters (kernels/params.py) as constexprs: entries of the advantages op's `params`, estimator codes
+ADV_EPS, BATCH_STD = (tl.constexpr(P.ADVANTAGE_SCALARS.index(n)) for n in ("adv_eps", "batch_std"))
+GRPO, RLOO = tl.constexpr(P.ADV_ESTIMATOR["grpo"]), tl.constexpr(P.ADV_ESTIMATOR["rloo"])
 
 
 @triton.jit
-def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_batch_std, singleton_raw, eps,
+def group_advantage(rewards_ptr, seq, G, estimator, divide, use_batch_std, singleton_raw, eps, batch_std,
                     BLOCK: tl.constexpr):
     """(advantage of reward ``seq``, its group's mean, its group's std)."""
     first = (seq // G) * G
@@ -44,35 +49,31 @@ def group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_b
     single = G == 1
     raw = single & (singleton_raw != 0)
     centered = tl.where(raw, own, own - mean)
-    scale = tl.where(use_batch_std != 0, tl.load(batch_std_ptr), tl.where(raw, 1.0, std))
+    scale = tl.where(use_batch_std != 0, batch_std, tl.where(raw, 1.0, std))
     grpo = tl.where(divide != 0, centered / (scale + eps), centered)
     rloo = tl.where(single, centered, centered * G / tl.maximum(G - 1, 1))
-    return tl.where(estimator == 0, grpo, tl.where(estimator == 1, rloo, centered)), mean, std
+    return tl.where(estimator == GRPO, grpo, tl.where(estimator == RLOO, rloo, centered)), mean, std  # else REINFORCE_BASELINE
 
 
 @triton.jit
 def advantages_kernel(
-    # pointers (eps_ptr: one fp32, loaded per program: torch.compile would specialize a float argument)
-    rewards_ptr, batch_std_ptr, eps_ptr, advantages_ptr, group_mean_ptr, group_std_ptr,
-    # shapes
-    G,
-    # variant codes
-    estimator, divide, use_batch_std, singleton_raw,
+    # pointers (params_ptr: ADVANTAGE_SCALARS, fp32, loaded per program: torch.compile would specialize floats)
+    rewards_ptr, params_ptr, advantages_ptr, group_mean_ptr, group_std_ptr,
+    # variant codes (ADVANTAGE_CODES)
+    group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    adv, mean, std = group_advantage(rewards_ptr, batch_std_ptr, seq, G, estimator, divide, use_batch_std,
-                                     singleton_raw, tl.load(eps_ptr), BLOCK)
+    adv, mean, std = group_advantage(rewards_ptr, seq, group_size, adv_estimator, adv_divide, adv_use_batch_std,
+                                     adv_singleton_raw, tl.load(params_ptr + ADV_EPS), tl.load(params_ptr + BATCH_STD),
+                                     BLOCK)
     tl.store(advantages_ptr + seq, adv)
-    if seq % G == 0:
-        tl.store(group_mean_ptr + seq // G, mean)
-        tl.store(group_std_ptr + seq // G, std)
+    if seq % group_size == 0:
+        tl.store(group_mean_ptr + seq // group_size, mean)
+        tl.store(group_std_ptr + seq // group_size, std)
 
 
 def aot_specializations():
     """Every (kernel, signature, constexprs, num_warps) the launcher can produce (see tests/aot_compile.py)."""
-    sig = {"rewards_ptr": "*fp32", "batch_std_ptr": "*fp32", "eps_ptr": "*fp32", "advantages_ptr": "*fp32",
-           "group_mean_ptr": "*fp32", "group_std_ptr": "*fp32", "G": "i32", "estimator": "i32", "divide": "i32",
-           "use_batch_std": "i32", "singleton_raw": "i32"}
-    yield advantages_kernel, sig, {"BLOCK": GROUP_BLOCK}, 1
+    yield advantages_kernel, P.aot_signature(advantages_kernel.arg_names), {"BLOCK": GROUP_BLOCK}, 1

@@ -28,16 +28,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import params as P
 from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
 from .token_logprobs import MAX_BLOCK_V, num_warps, row_statistics, write_grad_row, write_zero_row
 from .token_logprobs import block_v  # noqa: F401  (the launch table, re-exported for the launcher)
 
-# Runtime codes of the per-token objective.
-PPO, CISPO, SAPO, REINFORCE = 0, 1, 2, 3
-KL_NONE, KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3, 4
-# The float hyper-parameters at params_ptr, in this order (the ops' `params`; csrc/token_objective.h).
-PARAMS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
-          "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp", "adv_eps")
+# The ops' named parameters (kernels/params.py) as the constexprs Triton reads from module globals: rows of
+# `tokens`, entries of `params`, values of the `policy` and `kl` codes. Looked up by name, so an order changed
+# there is followed here; tests/test_op_params.py pins them.
+_ROW = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_INPUTS)}
+MASK, ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS = _ROW["mask"], _ROW["advantages"], _ROW["old_logprobs"], _ROW["ref_logprobs"]
+W_POLICY, W_KL, W_ENTROPY = _ROW["w_policy"], _ROW["w_kl"], _ROW["w_entropy"]
+_OUT = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_OUTPUTS)}
+OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS, OUT_RATIO = _OUT["logprobs"], _OUT["entropy"], _OUT["loss_terms"], _OUT["ratio"]
+OUT_GRAD_LOGPROBS, OUT_ADVANTAGES = _OUT["grad_logprobs"], _OUT["advantages_used"]
+NUM_OUTPUTS = tl.constexpr(len(P.TOKEN_OUTPUTS))
+_PARAM = {name: tl.constexpr(i) for i, name in enumerate(P.SCALARS)}
+INV_TEMPERATURE, EPS_LOW, EPS_HIGH, RATIO_CAP = (_PARAM[n] for n in ("inv_temperature", "eps_low", "eps_high", "ratio_cap"))
+DUAL_CLIP, LOG_RATIO_CLAMP, CISPO_LOW, CISPO_HIGH = (_PARAM[n] for n in ("dual_clip", "log_ratio_clamp", "cispo_low",
+                                                                       "cispo_high"))
+SAPO_TAU_POS, SAPO_TAU_NEG, KL_INPUT_CLAMP, KL_OUTPUT_CLAMP = (_PARAM[n] for n in ("sapo_tau_pos", "sapo_tau_neg",
+                                                                                  "kl_input_clamp", "kl_output_clamp"))
+ADV_EPS, BATCH_STD = _PARAM["adv_eps"], _PARAM["batch_std"]
+PPO, CISPO, SAPO = tl.constexpr(P.POLICY["ppo"]), tl.constexpr(P.POLICY["cispo"]), tl.constexpr(P.POLICY["sapo"])
+KL_NONE, KL_K1, KL_ABS, KL_K2 = (tl.constexpr(P.KL[n]) for n in ("none", "k1", "abs", "k2"))
 
 
 @triton.jit
@@ -77,17 +91,14 @@ def _expm1(x):
 
 @triton.jit
 def grpo_loss_fwd_kernel(
-    # pointers: inputs (params_ptr: the float hyper-parameters, see PARAMS)
-    logits_ptr, targets_ptr, mask_ptr, advantages_ptr, old_ptr, ref_ptr,
-    w_policy_ptr, w_kl_ptr, w_entropy_ptr, rewards_ptr, batch_std_ptr, seq_ptr, params_ptr,
-    # pointers: outputs
-    logprobs_ptr, entropy_ptr, loss_ptr, ratio_ptr, dlogp_ptr, adv_used_ptr, grad_logits_ptr,
-    # shapes
-    T, V,
-    # strides of the leading dims (the vocabulary dims are contiguous); grad_logits may be the logits
-    # buffer itself (inplace_grad): each element is read before the same program overwrites it
-    stride_b, stride_t, grad_stride_b, grad_stride_t,
-    # variant codes
+    # pointers: inputs. tokens_ptr: [TOKEN_INPUTS, N] fp32 rows; params_ptr: the float hyper-parameters (SCALARS)
+    logits_ptr, targets_ptr, tokens_ptr, rewards_ptr, seq_ptr, params_ptr,
+    # pointers: outputs. outputs_ptr: [TOKEN_OUTPUTS, N] fp32 rows; grad_logits_ptr may be the logits buffer
+    # itself (inplace_grad): each element is read before the same program overwrites it
+    outputs_ptr, grad_logits_ptr,
+    # shapes and the strides of the leading dims (the vocabulary dims are contiguous)
+    N, T, V, stride_b, stride_t, grad_stride_b, grad_stride_t,
+    # variant codes (CODES)
     policy, kl, kl_straight, kl_ratio_weighted, has_old,
     adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
     # meta-parameters
@@ -95,30 +106,14 @@ def grpo_loss_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
-    if tl.load(mask_ptr + row) == 0:
-        tl.store(logprobs_ptr + row, 0.0)
-        tl.store(entropy_ptr + row, 0.0)
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(ratio_ptr + row, 0.0)
-        tl.store(dlogp_ptr + row, 0.0)
-        tl.store(adv_used_ptr + row, 0.0)
+    if tl.load(tokens_ptr + MASK * N + row) == 0:
+        for k in tl.static_range(NUM_OUTPUTS):
+            tl.store(outputs_ptr + k * N + row, 0.0)
         if WRITE_GRAD:
             write_zero_row(out, V, BLOCK_V)
         return
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    inv_temperature = tl.load(params_ptr)
-    eps_low = tl.load(params_ptr + 1)
-    eps_high = tl.load(params_ptr + 2)
-    ratio_cap = tl.load(params_ptr + 3)
-    dual_clip = tl.load(params_ptr + 4)
-    log_ratio_clamp = tl.load(params_ptr + 5)
-    cispo_low = tl.load(params_ptr + 6)
-    cispo_high = tl.load(params_ptr + 7)
-    sapo_tau_pos = tl.load(params_ptr + 8)
-    sapo_tau_neg = tl.load(params_ptr + 9)
-    kl_input_clamp = tl.load(params_ptr + 10)
-    kl_output_clamp = tl.load(params_ptr + 11)
-    adv_eps = tl.load(params_ptr + 12)
+    inv_temperature = tl.load(params_ptr + INV_TEMPERATURE)
 
     # 1. one pass over the row
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -126,49 +121,55 @@ def grpo_loss_fwd_kernel(
 
     # 2. the per-token objective and its derivative w.r.t. ℓ (scalars); the advantage as given, or from the
     #    raw rewards of this token's group (the reward side fused into the same launch)
-    A = tl.load(advantages_ptr + row)
+    A = tl.load(tokens_ptr + ADVANTAGES * N + row)
     if adv_from_rewards != 0:
         A, _group_mean, _group_std = group_advantage(
-            rewards_ptr, batch_std_ptr, tl.load(seq_ptr + row), group_size, adv_estimator, adv_divide,
-            adv_use_batch_std, adv_singleton_raw, adv_eps, GROUP_BLOCK_CONSTEXPR)
-    old = tl.where(has_old != 0, tl.load(old_ptr + row), lp)
+            rewards_ptr, tl.load(seq_ptr + row), group_size, adv_estimator, adv_divide, adv_use_batch_std,
+            adv_singleton_raw, tl.load(params_ptr + ADV_EPS), tl.load(params_ptr + BATCH_STD), GROUP_BLOCK_CONSTEXPR)
+    old = tl.where(has_old != 0, tl.load(tokens_ptr + OLD_LOGPROBS * N + row), lp)
     log_r_raw = lp - old
+    log_ratio_clamp = tl.load(params_ptr + LOG_RATIO_CLAMP)
     log_r = _clamp(log_r_raw, -log_ratio_clamp, log_ratio_clamp)
     rho = tl.exp(log_r)
     d_rho = tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, rho, 0.0)  # ∂ρ/∂ℓ
 
     # ppo: −min(min(ρ, δ)·A, clip(ρ)·A), then dual clip where A < 0. At ρ = inf the clipped branch's
     # derivative is a plain 0 (selected, never multiplied by ρ).
+    ratio_cap = tl.load(params_ptr + RATIO_CAP)
+    eps_low = tl.load(params_ptr + EPS_LOW)
+    eps_high = tl.load(params_ptr + EPS_HIGH)
     capped = _min(rho, ratio_cap)
     d_capped = tl.where(rho <= ratio_cap, d_rho, 0.0)
     clipped = _clamp(rho, 1.0 - eps_low, 1.0 + eps_high)
     d_clipped = tl.where((rho >= 1.0 - eps_low) & (rho <= 1.0 + eps_high), d_rho, 0.0)
     p_ppo = -_min(capped * A, clipped * A)
     dp_ppo = -_half_where_tied(capped * A, clipped * A, d_capped * A, d_clipped * A)
-    floor = -dual_clip * A
+    floor = -tl.load(params_ptr + DUAL_CLIP) * A
     dp_ppo = tl.where(A < 0.0, _half_where_tied(p_ppo, floor, dp_ppo, 0.0), dp_ppo)
     p_ppo = tl.where(A < 0.0, _min(p_ppo, floor), p_ppo)
     # cispo: −sg[clamp(ρ, lo, hi)]·A·ℓ
-    w_cispo = _clamp(rho, cispo_low, cispo_high)
+    w_cispo = _clamp(rho, tl.load(params_ptr + CISPO_LOW), tl.load(params_ptr + CISPO_HIGH))
     # sapo: −(4/τ)·σ(τ(ρ − 1))·A; where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf
-    tau = tl.where(A > 0.0, sapo_tau_pos, sapo_tau_neg)
+    tau = tl.where(A > 0.0, tl.load(params_ptr + SAPO_TAU_POS), tl.load(params_ptr + SAPO_TAU_NEG))
     gate = tl.sigmoid(tau * (rho - 1.0))
     d_gate = gate * (1.0 - gate)
     dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
-    p_term = tl.where(policy == 0, p_ppo, tl.where(policy == 1, -w_cispo * A * lp,
-                      tl.where(policy == 2, -(4.0 / tau) * gate * A, -A * lp)))
-    dp_term = tl.where(policy == 0, dp_ppo, tl.where(policy == 1, -w_cispo * A,
-                       tl.where(policy == 2, dp_sapo, -A)))
+    p_term = tl.where(policy == PPO, p_ppo, tl.where(policy == CISPO, -w_cispo * A * lp,
+                      tl.where(policy == SAPO, -(4.0 / tau) * gate * A, -A * lp)))  # else REINFORCE
+    dp_term = tl.where(policy == PPO, dp_ppo, tl.where(policy == CISPO, -w_cispo * A,
+                       tl.where(policy == SAPO, dp_sapo, -A)))
 
     # KL estimate of D = ℓ − ℓ^ref; k3 = e^(−D) − 1 + D as expm1(−D) + D, which loses the least to cancellation
-    d = lp - tl.load(ref_ptr + row)
+    d = lp - tl.load(tokens_ptr + REF_LOGPROBS * N + row)
+    kl_input_clamp = tl.load(params_ptr + KL_INPUT_CLAMP)
+    kl_output_clamp = tl.load(params_ptr + KL_OUTPUT_CLAMP)
     dc = _clamp(d, -kl_input_clamp, kl_input_clamp)
     d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
     em1 = _expm1(-dc)
-    k = tl.where(kl == 1, dc, tl.where(kl == 2, tl.abs(dc), tl.where(kl == 3, 0.5 * dc * dc, em1 + dc)))
-    dk = tl.where(kl == 1, 1.0, tl.where(kl == 2, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
-                  tl.where(kl == 3, dc, -em1)))
+    k = tl.where(kl == KL_K1, dc, tl.where(kl == KL_ABS, tl.abs(dc), tl.where(kl == KL_K2, 0.5 * dc * dc, em1 + dc)))
+    dk = tl.where(kl == KL_K1, 1.0, tl.where(kl == KL_ABS, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
+                  tl.where(kl == KL_K2, dc, -em1)))  # else KL_K3
     # a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
     # are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
     dk = tl.where((d_dc != 0.0) & (tl.abs(k) <= kl_output_clamp), dk, 0.0)
@@ -177,19 +178,19 @@ def grpo_loss_fwd_kernel(
     dk = tl.where(kl_ratio_weighted != 0,  # ρ or k may be inf: each product only where its factor is non-zero
                   tl.where(dk == 0.0, 0.0, dk * rho) + tl.where(d_rho == 0.0, 0.0, k * d_rho), dk)
     k = tl.where(kl_ratio_weighted != 0, k * rho, k)
-    k = tl.where(kl == 0, 0.0, k)
-    dk = tl.where(kl == 0, 0.0, dk)
+    k = tl.where(kl == KL_NONE, 0.0, k)
+    dk = tl.where(kl == KL_NONE, 0.0, dk)
 
-    w_policy = tl.load(w_policy_ptr + row)
-    w_kl = tl.load(w_kl_ptr + row)
-    w_entropy = tl.load(w_entropy_ptr + row)
+    w_policy = tl.load(tokens_ptr + W_POLICY * N + row)
+    w_kl = tl.load(tokens_ptr + W_KL * N + row)
+    w_entropy = tl.load(tokens_ptr + W_ENTROPY * N + row)
     c = w_policy * dp_term + w_kl * dk
-    tl.store(logprobs_ptr + row, lp)
-    tl.store(entropy_ptr + row, ent)
-    tl.store(loss_ptr + row, w_policy * p_term + w_kl * k - w_entropy * ent)
-    tl.store(ratio_ptr + row, rho)
-    tl.store(dlogp_ptr + row, c)
-    tl.store(adv_used_ptr + row, A)
+    tl.store(outputs_ptr + OUT_LOGPROBS * N + row, lp)
+    tl.store(outputs_ptr + OUT_ENTROPY * N + row, ent)
+    tl.store(outputs_ptr + OUT_LOSS * N + row, w_policy * p_term + w_kl * k - w_entropy * ent)
+    tl.store(outputs_ptr + OUT_RATIO * N + row, rho)
+    tl.store(outputs_ptr + OUT_GRAD_LOGPROBS * N + row, c)
+    tl.store(outputs_ptr + OUT_ADVANTAGES * N + row, A)
 
     # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ. In place (the logits, or the linear
     #    path's z chunk), the row being overwritten is the row step 1 read, the target logit included: the
@@ -228,20 +229,13 @@ SCALE_BLOCK = 4096
 
 def aot_specializations():
     """Every (kernel, signature, constexprs, num_warps) the launchers can produce (see tests/aot_compile.py)."""
-    flags = {name: "i32" for name in ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old")}
-    rewards = {"adv_from_rewards": "i32", "group_size": "i32", "adv_estimator": "i32", "adv_divide": "i32",
-               "adv_use_batch_std": "i32", "adv_singleton_raw": "i32"}
     for dtype in ("fp32", "bf16", "fp16"):
-        per_row = {name: "*fp32" for name in (
-            "advantages_ptr", "old_ptr", "ref_ptr", "w_policy_ptr", "w_kl_ptr", "w_entropy_ptr", "rewards_ptr",
-            "batch_std_ptr", "logprobs_ptr", "entropy_ptr", "loss_ptr", "ratio_ptr", "dlogp_ptr", "adv_used_ptr")}
         for block in (16, MAX_BLOCK_V):
             for has_entropy in (False, True):
                 for write_grad in (False, True):
-                    sig = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", mask_ptr="*fp32", seq_ptr="*i64", **per_row,
-                               params_ptr="*fp32", grad_logits_ptr=f"*{dtype}", T="i32", V="i32", stride_b="i64",
-                               stride_t="i64", grad_stride_b="i64", grad_stride_t="i64", **flags, **rewards)
+                    sig = P.aot_signature(grpo_loss_fwd_kernel.arg_names, logits_ptr=f"*{dtype}", targets_ptr="*i64",
+                                          seq_ptr="*i64", grad_logits_ptr=f"*{dtype}")
                     yield (grpo_loss_fwd_kernel, sig,
                            {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
-        yield (scale_grad_kernel, {"grad_ptr": f"*{dtype}", "scale_ptr": "*fp32", "T": "i32", "V": "i32",
-                                   "stride_b": "i64", "stride_t": "i64"}, {"BLOCK": SCALE_BLOCK}, 4)
+        yield (scale_grad_kernel, P.aot_signature(scale_grad_kernel.arg_names, grad_ptr=f"*{dtype}"),
+               {"BLOCK": SCALE_BLOCK}, 4)

@@ -13,6 +13,9 @@ compile time.
 # Rows of the fused op's ``tokens``: per-token fp32 inputs (an absent optional one is a row of zeros)
 TOKEN_INPUTS = ("mask", "advantages", "old_logprobs", "ref_logprobs", "w_policy", "w_kl", "w_entropy")
 
+# Rows of the fused op's per-token fp32 ``outputs``: ℓ, H, the token's loss term, ρ, ∂loss/∂ℓ, the advantage used
+TOKEN_OUTPUTS = ("logprobs", "entropy", "loss_terms", "ratio", "grad_logprobs", "advantages_used")
+
 # The fused op's ``params``: unused bounds are ±inf (a clamp to ±inf is the identity). ``batch_std`` is the std of
 # all rewards (TRL's scale_rewards="batch"), used when the kernel normalizes rewards by it.
 SCALARS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
@@ -22,8 +25,19 @@ SCALARS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "
 CODES = ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old",
          "adv_from_rewards", "group_size", "adv_estimator", "adv_divide", "adv_use_batch_std", "adv_singleton_raw")
 ADVANTAGE_CODES = CODES[CODES.index("group_size"):]
+# The advantages op's ``params``: the tail of SCALARS
+ADVANTAGE_SCALARS = SCALARS[SCALARS.index("adv_eps"):]
 
 # Values of the codes
 POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3}
 KL = {"none": 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4}
 ADV_ESTIMATOR = {"grpo": 0, "rloo": 1, "reinforce_baseline": 2}
+
+
+def aot_signature(arg_names, **types):
+    """Triton types of a kernel's arguments for the ahead-of-time compile gate (tests/aot_compile.py), by naming
+    convention: ``*_ptr`` fp32 pointers, ``*stride*`` i64, the rest (shapes, codes) i32; ``types`` overrides by
+    name. Constexpr arguments are the gate's to fill."""
+    def default(name):
+        return "*fp32" if name.endswith("_ptr") else "i64" if "stride" in name else "i32"
+    return {name: types.get(name, default(name)) for name in arg_names}

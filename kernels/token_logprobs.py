@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import params as P
+
 # Below this, lanes would idle on short vocabularies; above it registers spill. 4096 fp32 lanes over
 # 8 warps is 16 values per thread: the usual sweet spot of row-streaming kernels (quack, Liger). Not yet
 # tuned on a GPU.
@@ -190,15 +192,9 @@ def aot_specializations():
         for block in (16, MAX_BLOCK_V):
             for has_mask in (False, True):
                 for has_entropy in (False, True):
-                    yield (token_logprobs_fwd_kernel,
-                           {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
-                            "inv_temperature_ptr": "*fp32", "logprobs_ptr": "*fp32", "stats_ptr": "*fp32",
-                            "entropy_ptr": "*fp32", "T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64"},
-                           {"HAS_MASK": has_mask, "HAS_ENTROPY": has_entropy, "BLOCK_V": block}, num_warps(block))
-                    yield (token_logprobs_bwd_kernel,
-                           {"grad_logits_ptr": f"*{dtype}", "logits_ptr": f"*{dtype}", "targets_ptr": "*i64",
-                            "mask_ptr": "*u8" if has_mask else "*fp32", "stats_ptr": "*fp32", "entropy_ptr": "*fp32",
-                            "grad_logprobs_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "inv_temperature_ptr": "*fp32",
-                            "T": "i32", "V": "i32", "stride_b": "i64", "stride_t": "i64"},
-                           {"HAS_MASK": has_mask, "HAS_GRAD_ENTROPY": has_entropy, "BLOCK_V": block},
-                           num_warps(block))
+                    types = dict(logits_ptr=f"*{dtype}", grad_logits_ptr=f"*{dtype}", targets_ptr="*i64",
+                                 mask_ptr="*u8" if has_mask else "*fp32")
+                    for kernel, flag in ((token_logprobs_fwd_kernel, "HAS_ENTROPY"),
+                                         (token_logprobs_bwd_kernel, "HAS_GRAD_ENTROPY")):
+                        sig = P.aot_signature(kernel.arg_names, **types)
+                        yield kernel, sig, {"HAS_MASK": has_mask, flag: has_entropy, "BLOCK_V": block}, num_warps(block)

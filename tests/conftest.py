@@ -22,3 +22,11 @@ def kernel_backend(name):
         return backends.select(name, torch.device(DEVICE))
     except RuntimeError as exc:
         pytest.skip(str(exc))
+
+
+def backend_grpo_loss(impl, logits, targets, advantages, mask, *, config, return_entropy=False, **inputs):
+    """A backend's grpo_loss on inputs no public function validated (values the value checks would reject)."""
+    from fastgrpo.inputs import LossInputs
+
+    given = LossInputs(advantages=advantages, mask=mask, config=config, **inputs)
+    return impl.grpo_loss(logits, targets, given, return_entropy, False)

@@ -10,7 +10,8 @@ import torch
 
 import fastgrpo
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
-from fastgrpo import AdvantageConfig, LossConfig, backends, linear_loss, presets
+from fastgrpo import AdvantageConfig, LossConfig, backends, presets
+from fastgrpo.trajectory import linear_grpo_loss as linear_path
 from test_reference_levels import CONFIGS
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
@@ -109,8 +110,8 @@ def linear_inputs(b=2, t=3, h=8, v=37, seed=0):
 def weight_grad_order(request, monkeypatch):
     """vocab_sliced: the dW budget forced to 0, slices of 16 weight rows (37 = 16 + 16 + 5)."""
     if request.param == "vocab_sliced":
-        monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, DEVICE, 0)
-        monkeypatch.setitem(linear_loss.SLICE_BYTES, DEVICE, 16 * 8 * 4)
+        monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, DEVICE, 0)
+        monkeypatch.setitem(linear_path.SLICE_BYTES, DEVICE, 16 * 8 * 4)
     return request.param
 
 
@@ -328,11 +329,12 @@ def test_auto_never_picks_the_cuda_backend(monkeypatch):
     """The CUDA kernels have not run on a GPU yet: on CUDA tensors auto takes Triton, else the reference, never
     the CUDA backend, which stays available by name."""
     cuda_backend = object()
-    loaded = {"reference": fastgrpo.reference, "cuda": cuda_backend}
+    reference = backends.ReferenceBackend()
+    loaded = {"reference": reference, "cuda": cuda_backend}
     monkeypatch.setattr(backends, "_load", loaded.get)  # no triton in this build
     monkeypatch.setattr(backends, "_selected", {})
     device = torch.device("cuda")
-    assert backends.select("auto", device) is fastgrpo.reference
+    assert backends.select("auto", device) is reference
     assert backends.select("cuda", device) is cuda_backend
     assert backends.available(device) == ["reference", "cuda"]
     triton_backend = object()
@@ -351,8 +353,8 @@ def test_linear_vocab_sliced_gradient_at_large_logits(backend_name, offset, monk
     Hidden and weight are multiples of 1/4 and the bias an integer, so every fp32 logit is exact and the fp64
     reference sees the same logits; REINFORCE makes ∂loss/∂ℓ independent of ℓ's own rounding."""
     kernel_backend(backend_name)
-    monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, DEVICE, 0)
-    monkeypatch.setitem(linear_loss.SLICE_BYTES, DEVICE, 16 * 8 * 4)  # 37 = 16 + 16 + 5 rows
+    monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, DEVICE, 0)
+    monkeypatch.setitem(linear_path.SLICE_BYTES, DEVICE, 16 * 8 * 4)  # 37 = 16 + 16 + 5 rows
     g = torch.Generator().manual_seed(0)
     hidden = torch.randint(-4, 5, (2, 3, 8), generator=g) / 4
     weight = torch.randint(-4, 5, (37, 8), generator=g) / 4
@@ -375,7 +377,7 @@ def test_linear_vocab_sliced_gradient_at_large_logits(backend_name, offset, monk
 
 def no_out_dtype(monkeypatch):
     """torch < 2.8 has no torch.mm(out_dtype=): the GEMMs then run on fp32 copies of the weight (CPU always)."""
-    monkeypatch.setattr(linear_loss, "_has_out_dtype", lambda: False)
+    monkeypatch.setattr(linear_path, "_has_out_dtype", lambda: False)
 
 
 @pytest.mark.parametrize("cfg", [FUSED, TWO_PHASE], ids=["fused", "two_phase"])
@@ -385,7 +387,7 @@ def test_linear_fp32_weight_slices_match_the_reference(backend, cfg, weight_grad
     if backend == "reference":
         pytest.skip("the reference materializes the logits")
     no_out_dtype(monkeypatch)
-    monkeypatch.setitem(linear_loss.SLICE_BYTES, DEVICE, 16 * 8 * 4)
+    monkeypatch.setitem(linear_path.SLICE_BYTES, DEVICE, 16 * 8 * 4)
     params, targets, kw = linear_inputs()
     params = [x.bfloat16() for x in params]
 
@@ -408,12 +410,12 @@ def test_linear_path_never_copies_the_whole_weight_to_fp32(monkeypatch):
     """bf16 weight [32768, 1024] (64 MiB) without out_dtype: a full fp32 copy would be 128 MiB above the inputs.
     Converted in slices of 8 MiB, the peak above the inputs and the returned gradients stays a few slices and
     chunks, in the forward + backward (vocabulary-sliced dW) and in the no-grad log-probs."""
-    from test_kernel_linear_loss import _peak_rss_during
+    from test_linear_grpo_loss import _peak_rss_during
 
     backend = "cpu" if "cpu" in backends.available(torch.device("cpu")) else pytest.skip("no C++ build")
     no_out_dtype(monkeypatch)
-    monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, "cpu", 0)
-    monkeypatch.setitem(linear_loss.SLICE_BYTES, "cpu", 8 << 20)
+    monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, "cpu", 0)
+    monkeypatch.setitem(linear_path.SLICE_BYTES, "cpu", 8 << 20)
     v, hid, n = 32768, 1024, 128
     weight = (0.02 * torch.randn(v, hid)).bfloat16().requires_grad_()
     hidden = torch.randn(1, n, hid, dtype=torch.bfloat16, requires_grad=True)

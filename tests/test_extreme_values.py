@@ -17,7 +17,8 @@ import torch
 import fastgrpo
 import fp64_oracle as oracle
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
-from fastgrpo import LossConfig, linear_loss, presets
+from fastgrpo import LossConfig, presets
+from fastgrpo.trajectory import linear_grpo_loss as linear_path
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
 EPS32 = torch.finfo(torch.float32).eps
@@ -153,8 +154,8 @@ def test_large_logit_offset_linear(offset, sliced, backend, monkeypatch):
     """The hidden + LM-head path, whose logits are exact here (small integer products plus an offset bias), on
     both gradient passes (token chunks; vocabulary slices, forced small)."""
     if sliced:
-        monkeypatch.setitem(linear_loss.DW_ACCUMULATOR_BYTES, torch.device(DEVICE).type, 0)
-        monkeypatch.setitem(linear_loss.SLICE_BYTES, torch.device(DEVICE).type, 8 * 4 * 4)  # 8 rows a slice
+        monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, torch.device(DEVICE).type, 0)
+        monkeypatch.setitem(linear_path.SLICE_BYTES, torch.device(DEVICE).type, 8 * 4 * 4)  # 8 rows a slice
     cfg = OFFSET_CFG
     g = torch.Generator().manual_seed(1)
     shape, vocab, hid = (2, 3), 37, 4

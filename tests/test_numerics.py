@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
+from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 from fastgrpo import LossConfig, backends, presets
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
@@ -73,7 +73,7 @@ def truth_and_grad(logits, targets, mask, adv, **kw):
 def run(impl, logits, targets, mask, adv, cfg, **kw):
     """The backend's loss and logit gradient (fp32 logits leaf)."""
     z = logits.detach().clone().requires_grad_()
-    out = impl.grpo_loss(z, targets, adv, mask, config=cfg, **kw)
+    out = backend_grpo_loss(impl, z, targets, adv, mask, config=cfg, **kw)
     out.loss.backward()
     return out, z.grad
 
@@ -187,7 +187,7 @@ def test_non_finite_input_reaches_the_loss_on_every_backend(where, value, config
     to = lambda t: t.to(DEVICE)  # noqa: E731
     ours, _ = run(impl, to(x["logits"]), to(targets), to(mask), to(x["advantages"]), cfg,
                   old_logprobs=to(x["old"]), ref_logprobs=to(x["ref"]))
-    ref_out, _ = run(fastgrpo.reference, x["logits"], targets, mask, x["advantages"], cfg, old_logprobs=x["old"],
+    ref_out, _ = run(backends.select("reference", torch.device(DEVICE)), x["logits"], targets, mask, x["advantages"], cfg, old_logprobs=x["old"],
                      ref_logprobs=x["ref"])
     if math.isnan(value) or where == "logits":  # a NaN or +inf logit makes log_softmax NaN
         assert ours.loss.isnan(), f"{where}={value} hidden: loss {ours.loss}"
@@ -343,7 +343,7 @@ def test_k3_beyond_an_input_clamp_above_88(impl):
     cfg = LossConfig(beta=0.1, kl_estimator="k3", kl_input_clamp=100.0)
     ref = (lp + torch.tensor([[150.0, 0.5]])).float()
     logits = z.float().to(DEVICE).requires_grad_()
-    out = impl.grpo_loss(logits, y.to(DEVICE), torch.ones(1, device=DEVICE), m.to(DEVICE), config=cfg,
+    out = backend_grpo_loss(impl, logits, y.to(DEVICE), torch.ones(1, device=DEVICE), m.to(DEVICE), config=cfg,
                          ref_logprobs=ref.to(DEVICE))
     out.loss.backward()
     assert out.loss.item() == INF

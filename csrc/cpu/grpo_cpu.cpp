@@ -247,94 +247,76 @@ at::Tensor token_logprobs_backward_cpu(const at::Tensor& grad_logprobs, const st
   return grad;
 }
 
-// The fused loss: statistics sweep, per-token objective, gradient sweep, row by row.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_rows(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
-    const at::Tensor& grad /* undefined: none */) {
+// The fused loss: statistics sweep, per-token objective, gradient sweep, row by row. Returns (loss, outputs).
+std::tuple<at::Tensor, at::Tensor> fused_rows(const at::Tensor& logits, const at::Tensor& targets,
+                                              const at::Tensor& tokens, const std::optional<at::Tensor>& rewards,
+                                              const std::optional<at::Tensor>& seq, const at::Tensor& params,
+                                              at::ArrayRef<int64_t> codes, bool with_entropy,
+                                              const at::Tensor& grad /* undefined: none */) {
   check_logits(logits, targets);
-  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes, "codes must hold ", kNumCodes, " ints, got ", codes.size());
-  const auto values = float_params(params, logits, kNumParams, "params");
-  ObjectiveParams p = unpack_codes(codes);
-  load_scalars(p, values.const_data_ptr<float>());
-  const float inv_t = values.const_data_ptr<float>()[0];
+  check_codes(codes, kNumCodes);
   const int64_t rows = targets.numel(), V = logits.size(-1);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
-       ratio = at::empty({rows}, f32), dlogp = at::empty({rows}, f32), adv_used = at::empty({rows}, f32);
+  const auto in = token_inputs(tokens, rows);
+  ObjectiveParams p = unpack_codes(codes);
+  load_scalars(p, float_params(params, logits, kNumScalars, "params").const_data_ptr<float>());
+  auto outputs = at::empty({kNumTokenOutputs, rows}, logits.options().dtype(at::kFloat));
   const auto ids = rows_long(targets);
-  const auto mk = rows_float(mask), adv = rows_float(advantages), wp = rows_float(w_policy), wk = rows_float(w_kl),
-             we = rows_float(w_entropy);
-  const auto old = old_logprobs ? rows_float(*old_logprobs) : at::Tensor();
-  const auto ref = ref_logprobs ? rows_float(*ref_logprobs) : at::Tensor();
   const auto rw = p.adv_from_rewards ? rows_float(*rewards) : at::Tensor();
   const auto seq_ids = p.adv_from_rewards ? rows_long(*seq) : at::Tensor();
-  const float bstd = p.adv_from_rewards && p.adv_use_batch_std ? batch_std->item<float>() : 1.f;
   const RowAddress addr = row_address(logits);
   const RowAddress gaddr = grad.defined() ? row_address(grad) : addr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "grpo_loss_fused_cpu", [&] {
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     scalar_t* out = grad.defined() ? static_cast<scalar_t*>(grad.data_ptr()) : nullptr;
-    float *lp = logprobs.mutable_data_ptr<float>(), *ent = entropy.mutable_data_ptr<float>(),
-          *loss = loss_terms.mutable_data_ptr<float>(), *rho = ratio.mutable_data_ptr<float>(),
-          *dl = dlogp.mutable_data_ptr<float>(), *au = adv_used.mutable_data_ptr<float>();
+    const float* x = in.const_data_ptr<float>();
+    float* o = outputs.mutable_data_ptr<float>();
+    const auto input = [&](TokenInput k, int64_t r) { return x[k * rows + r]; };
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       float* buf = chunk_buffer();
       for (int64_t r = begin; r < end; ++r) {
-        if (mk.const_data_ptr<float>()[r] == 0.f) {
-          lp[r] = ent[r] = loss[r] = rho[r] = dl[r] = au[r] = 0.f;
+        if (input(kMask, r) == 0.f) {
+          for (int64_t k = 0; k < kNumTokenOutputs; ++k) o[k * rows + r] = 0.f;
           if (out) write_zero_row(out + gaddr.offset(r), V);
           continue;
         }
         const int64_t y = ids.const_data_ptr<int64_t>()[r];
-        const RowStats st = row_statistics(z + addr.offset(r), y, V, inv_t, with_entropy, buf);
-        float A = adv.const_data_ptr<float>()[r];
-        if (p.adv_from_rewards) A = group_advantage(rw.const_data_ptr<float>(), bstd, seq_ids.const_data_ptr<int64_t>()[r], p);
-        const TokenResult t = token_objective(st.logprob, st.entropy, A, old.defined() ? old.const_data_ptr<float>()[r] : 0.f,
-                                              ref.defined() ? ref.const_data_ptr<float>()[r] : 0.f,
-                                              wp.const_data_ptr<float>()[r], wk.const_data_ptr<float>()[r],
-                                              we.const_data_ptr<float>()[r], p);
-        lp[r] = st.logprob;
-        ent[r] = st.entropy;
-        loss[r] = t.loss;
-        rho[r] = t.ratio;
-        dl[r] = t.dlogp;
-        au[r] = A;
+        const RowStats st = row_statistics(z + addr.offset(r), y, V, p.inv_temperature, with_entropy, buf);
+        const float A = p.adv_from_rewards
+                            ? group_advantage(rw.const_data_ptr<float>(), seq_ids.const_data_ptr<int64_t>()[r], p)
+                            : input(kAdvantages, r);
+        const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs, r),
+                                              input(kRefLogprobs, r), input(kWPolicy, r), input(kWKl, r),
+                                              input(kWEntropy, r), p);
+        o[kOutLogprobs * rows + r] = st.logprob;
+        o[kOutEntropy * rows + r] = st.entropy;
+        o[kOutLossTerms * rows + r] = t.loss;
+        o[kOutRatio * rows + r] = t.ratio;
+        o[kOutGradLogprobs * rows + r] = t.dlogp;
+        o[kOutAdvantagesUsed * rows + r] = A;
         if (out) {
-          write_grad_row(out + gaddr.offset(r), z + addr.offset(r), y, V, st, t.dlogp,
-                         -we.const_data_ptr<float>()[r], inv_t, buf);
+          write_grad_row(out + gaddr.offset(r), z + addr.offset(r), y, V, st, t.dlogp, -input(kWEntropy, r),
+                         p.inv_temperature, buf);
         }
       }
     });
   });
-  return {loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used};
+  return {outputs[kOutLossTerms].sum(), outputs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
-    bool write_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& tokens,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& seq, const at::Tensor& params,
+    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
   auto grad = write_grad ? empty_gradient(logits) : at::empty({0}, logits.options());
-  auto [loss, lp, ent, rho, dl, au] =
-      fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-                 batch_std, seq, params, codes, with_entropy, write_grad ? grad : at::Tensor());
-  return {loss, lp, ent, rho, dl, au, grad};
+  auto [loss, outputs] = fused_rows(logits, targets, tokens, rewards, seq, params, codes, with_entropy,
+                                    write_grad ? grad : at::Tensor());
+  return {loss, outputs, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cpu(
-    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+std::tuple<at::Tensor, at::Tensor> grpo_loss_fused_inplace_cpu(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& tokens, const std::optional<at::Tensor>& rewards,
     const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy) {
-  return fused_rows(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-                    batch_std, seq, params, codes, with_entropy, logits);
+  return fused_rows(logits, targets, tokens, rewards, seq, params, codes, with_entropy, logits);
 }
 
 void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
@@ -342,26 +324,26 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& scale) {
   if (s != 1.f && grad.numel() > 0) grad.mul_(s);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& rewards, const at::Tensor& batch_std,
-                                                              int64_t group_size, int64_t estimator, bool divide,
-                                                              bool use_batch_std, bool singleton_raw,
-                                                              const at::Tensor& eps) {
-  TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
-              ") must divide the number of rewards (", rewards.numel(), ")");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cpu(const at::Tensor& rewards, const at::Tensor& params,
+                                                              at::ArrayRef<int64_t> codes) {
+  check_codes(codes, kNumAdvantageCodes);
+  ObjectiveParams p{};
+  unpack_advantage_codes(p, codes);
+  load_advantage_scalars(p, float_params(params, rewards, kNumAdvantageScalars, "params").const_data_ptr<float>());
+  const int64_t G = p.group_size;
+  TORCH_CHECK(G > 0 && rewards.numel() % G == 0, "group_size (", G, ") must divide the number of rewards (",
+              rewards.numel(), ")");
   const auto r = rows_float(rewards);
-  const int64_t n = r.numel(), groups = n / group_size;
+  const int64_t n = r.numel(), groups = n / G;
   auto adv = at::empty({n}, r.options()), mean = at::empty({groups}, r.options()), std_ = at::empty({groups}, r.options());
-  ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
-  p.adv_eps = *float_params(eps, rewards, 1, "eps").const_data_ptr<float>();
-  const float bstd = use_batch_std ? batch_std.item<float>() : 1.f;
   const float* rp = r.const_data_ptr<float>();
   float *ap = adv.mutable_data_ptr<float>(), *mp = mean.mutable_data_ptr<float>(), *sp = std_.mutable_data_ptr<float>();
   at::parallel_for(0, groups, 1024, [&](int64_t g0, int64_t g1) {  // whole groups per thread, statistics once each
     for (int64_t g = g0; g < g1; ++g) {
-      const GroupStats s = group_stats(rp + g * group_size, group_size);
+      const GroupStats s = group_stats(rp + g * G, G);
       mp[g] = s.mean;
       sp[g] = s.std;
-      for (int64_t i = g * group_size; i < (g + 1) * group_size; ++i) ap[i] = advantage_of(rp[i], s, bstd, p);
+      for (int64_t i = g * G; i < (g + 1) * G; ++i) ap[i] = advantage_of(rp[i], s, p);
     }
   });
   return {adv.view(rewards.sizes()), mean, std_};

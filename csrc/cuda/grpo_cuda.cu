@@ -212,44 +212,44 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_backward_kernel(
 }
 
 // `p` holds the variant codes; every thread loads 1/τ from `params`, thread 0 (which evaluates the objective)
-// the scalars.
+// all the scalars.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logits, RowLayout layout,
-                                                                   FusedLossArgs a, const float* params,
-                                                                   ObjectiveParams p, bool with_entropy) {
-  const int64_t r = blockIdx.x;
+                                                                   FusedLossArgs a, ObjectiveParams p,
+                                                                   bool with_entropy) {
+  const int64_t r = blockIdx.x, n = layout.rows;
+  const auto input = [&](TokenInput k) { return a.tokens[k * n + r]; };
+  const auto output = [&](TokenOutput k) -> float& { return a.outputs[k * n + r]; };
   T* out = a.grad ? static_cast<T*>(a.grad) + (r / layout.T) * a.grad_stride_b + (r % layout.T) * a.grad_stride_t
                   : nullptr;
-  if (a.mask[r] == 0.f) {
+  if (input(kMask) == 0.f) {
     if (threadIdx.x == 0) {
-      a.logprobs[r] = a.entropy[r] = a.loss_terms[r] = a.ratio[r] = a.dlogp[r] = a.adv_used[r] = 0.f;
+      for (int k = 0; k < kNumTokenOutputs; ++k) output(static_cast<TokenOutput>(k)) = 0.f;
     }
     if (out) write_zero_row(out, layout.V);
     return;
   }
-  const float inv_t = params[0];
+  const float inv_t = a.params[0];  // SCALARS[0]: inv_temperature
   const T* row = logits + row_offset(layout, r);
   const int64_t target = a.targets[r];
   RowStats st = row_statistics(row, target, layout.V, inv_t);
   if (!with_entropy) st.entropy = 0.f;
   __shared__ float shared_dlogp;
   if (threadIdx.x == 0) {
-    load_scalars(p, params);
-    float A = a.advantages[r];
-    if (p.adv_from_rewards) A = group_advantage(a.rewards, *a.batch_std, a.seq[r], p);
-    const TokenResult t = token_objective(st.logprob, st.entropy, A, a.old_logprobs ? a.old_logprobs[r] : 0.f,
-                                          a.ref_logprobs ? a.ref_logprobs[r] : 0.f, a.w_policy[r], a.w_kl[r],
-                                          a.w_entropy[r], p);
-    a.logprobs[r] = st.logprob;
-    a.entropy[r] = st.entropy;
-    a.loss_terms[r] = t.loss;
-    a.ratio[r] = t.ratio;
-    a.dlogp[r] = t.dlogp;
-    a.adv_used[r] = A;
+    load_scalars(p, a.params);
+    const float A = p.adv_from_rewards ? group_advantage(a.rewards, a.seq[r], p) : input(kAdvantages);
+    const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs), input(kRefLogprobs),
+                                          input(kWPolicy), input(kWKl), input(kWEntropy), p);
+    output(kOutLogprobs) = st.logprob;
+    output(kOutEntropy) = st.entropy;
+    output(kOutLossTerms) = t.loss;
+    output(kOutRatio) = t.ratio;
+    output(kOutGradLogprobs) = t.dlogp;
+    output(kOutAdvantagesUsed) = A;
     shared_dlogp = t.dlogp;
   }
   __syncthreads();
-  if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -a.w_entropy[r], inv_t);
+  if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -input(kWEntropy), inv_t);
 }
 
 // grad *= scale over rows of V contiguous elements (blockIdx.x: the row, blockIdx.y: a slice of it), rows
@@ -264,13 +264,13 @@ __global__ void scale_grad_kernel(T* grad, RowLayout layout, const float* scale)
     row[i] = from_float<T>(to_float(row[i]) * s);
 }
 
-__global__ void advantages_kernel(const float* rewards, const float* batch_std, const float* eps, int64_t n,
-                                  ObjectiveParams p, float* adv, float* mean, float* std_) {
+__global__ void advantages_kernel(const float* rewards, const float* params, int64_t n, ObjectiveParams p, float* adv,
+                                  float* mean, float* std_) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
-  p.adv_eps = *eps;
+  load_advantage_scalars(p, params);
   float gm, gs;
-  adv[i] = group_advantage(rewards, *batch_std, i, p, &gm, &gs);
+  adv[i] = group_advantage(rewards, i, p, &gm, &gs);
   if (i % p.group_size == 0) {
     mean[i / p.group_size] = gm;
     std_[i / p.group_size] = gs;
@@ -319,12 +319,12 @@ const char* token_logprobs_backward(DType dtype, void* grad, const void* logits,
 }
 
 const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const FusedLossArgs& args,
-                            const float* params, ObjectiveParams codes, bool with_entropy, void* stream) {
+                            ObjectiveParams codes, bool with_entropy, void* stream) {
   if (l.rows == 0) return nullptr;
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     grpo_loss_fused_kernel<T><<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(logits), l, args, params, codes, with_entropy);
+        static_cast<const T*>(logits), l, args, codes, with_entropy);
   });
 }
 
@@ -337,11 +337,11 @@ const char* scale_grad(DType dtype, void* grad, RowLayout l, const float* scale,
   });
 }
 
-const char* advantages(const float* rewards, const float* batch_std, const float* eps, int64_t n,
-                       ObjectiveParams codes, float* adv, float* mean, float* std_, void* stream) {
+const char* advantages(const float* rewards, const float* params, int64_t n, ObjectiveParams codes, float* adv,
+                       float* mean, float* std_, void* stream) {
   if (n == 0) return nullptr;
-  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, batch_std, eps, n,
-                                                                                    codes, adv, mean, std_);
+  advantages_kernel<<<(n + 255) / 256, 256, 0, static_cast<cudaStream_t>(stream)>>>(rewards, params, n, codes, adv,
+                                                                                    mean, std_);
   return last_error();
 }
 

@@ -89,66 +89,46 @@ at::Tensor token_logprobs_backward_cuda(const at::Tensor& grad_logprobs, const s
   return grad;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
-    const at::Tensor& grad) {
+// Returns (loss, outputs).
+std::tuple<at::Tensor, at::Tensor> fused(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& tokens,
+                                         const std::optional<at::Tensor>& rewards,
+                                         const std::optional<at::Tensor>& seq, const at::Tensor& params,
+                                         at::ArrayRef<int64_t> codes, bool with_entropy, const at::Tensor& grad) {
   check_logits(logits, targets);
-  TORCH_CHECK(static_cast<int>(codes.size()) == kNumCodes, "codes must hold ", kNumCodes, " ints, got ", codes.size());
+  check_codes(codes, kNumCodes);
   c10::DeviceGuard guard(logits.device());
-  const auto values = float_params(params, logits, kNumParams, "params");  // read by the kernel, never here
-  const ObjectiveParams p = unpack_codes(codes);
   const int64_t rows = targets.numel();
-  const auto f32 = logits.options().dtype(at::kFloat);
-  auto logprobs = at::empty({rows}, f32), entropy = at::empty({rows}, f32), loss_terms = at::empty({rows}, f32),
-       ratio = at::empty({rows}, f32), dlogp = at::empty({rows}, f32), adv_used = at::empty({rows}, f32);
-  const auto ids = rows_long(targets), mk = rows_float(mask), adv = rows_float(advantages), wp = rows_float(w_policy),
-             wk = rows_float(w_kl), we = rows_float(w_entropy);
-  const auto old = old_logprobs ? rows_float(*old_logprobs) : at::Tensor();
-  const auto ref = ref_logprobs ? rows_float(*ref_logprobs) : at::Tensor();
+  const auto in = token_inputs(tokens, rows);
+  const auto values = float_params(params, logits, kNumScalars, "params");  // read by the kernel, never here
+  const ObjectiveParams p = unpack_codes(codes);
+  auto outputs = at::empty({kNumTokenOutputs, rows}, logits.options().dtype(at::kFloat));
+  const auto ids = rows_long(targets);
   const auto rw = p.adv_from_rewards ? rows_float(*rewards) : at::Tensor();
-  const auto bstd = p.adv_from_rewards ? rows_float(*batch_std) : at::Tensor();
   const auto sq = p.adv_from_rewards ? rows_long(*seq) : at::Tensor();
   const RowAddress ga = grad.defined() ? row_address(grad) : RowAddress{1, 0, 0};
-  cuda::FusedLossArgs a{ids.const_data_ptr<int64_t>(), mk.const_data_ptr<float>(), adv.const_data_ptr<float>(),
-                        opt_ptr<float>(old), opt_ptr<float>(ref), wp.const_data_ptr<float>(),
-                        wk.const_data_ptr<float>(), we.const_data_ptr<float>(), opt_ptr<float>(rw),
-                        opt_ptr<float>(bstd), opt_ptr<int64_t>(sq), logprobs.mutable_data_ptr<float>(),
-                        entropy.mutable_data_ptr<float>(), loss_terms.mutable_data_ptr<float>(),
-                        ratio.mutable_data_ptr<float>(), dlogp.mutable_data_ptr<float>(),
-                        adv_used.mutable_data_ptr<float>(), grad.defined() ? grad.data_ptr() : nullptr, ga.stride_b,
-                        ga.stride_t};
-  check_launch(cuda::grpo_loss_fused(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, rows), a,
-                                     values.const_data_ptr<float>(), p, with_entropy, current_stream(logits)),
+  const cuda::FusedLossArgs a{ids.const_data_ptr<int64_t>(), in.const_data_ptr<float>(), opt_ptr<float>(rw),
+                              values.const_data_ptr<float>(), opt_ptr<int64_t>(sq), outputs.mutable_data_ptr<float>(),
+                              grad.defined() ? grad.data_ptr() : nullptr, ga.stride_b, ga.stride_t};
+  check_launch(cuda::grpo_loss_fused(dtype_of(logits), logits.const_data_ptr(), layout_of(logits, rows), a, p,
+                                     with_entropy, current_stream(logits)),
                "grpo_loss_fused");
-  return {loss_terms.sum(), logprobs, entropy, ratio, dlogp, adv_used};
+  return {outputs[kOutLossTerms].sum(), outputs};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
-    const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy,
-    bool write_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& tokens,
+    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& seq, const at::Tensor& params,
+    at::ArrayRef<int64_t> codes, bool with_entropy, bool write_grad) {
   auto grad = write_grad ? at::empty(logits.sizes(), logits.options()) : at::empty({0}, logits.options());
-  auto [loss, lp, ent, rho, dl, au] = fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy,
-                                            w_kl, w_entropy, rewards, batch_std, seq, params, codes, with_entropy,
-                                            write_grad ? grad : at::Tensor());
-  return {loss, lp, ent, rho, dl, au, grad};
+  auto [loss, outputs] = fused(logits, targets, tokens, rewards, seq, params, codes, with_entropy,
+                               write_grad ? grad : at::Tensor());
+  return {loss, outputs, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_fused_inplace_cuda(
-    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& mask, const at::Tensor& advantages,
-    const std::optional<at::Tensor>& old_logprobs, const std::optional<at::Tensor>& ref_logprobs,
-    const at::Tensor& w_policy, const at::Tensor& w_kl, const at::Tensor& w_entropy,
-    const std::optional<at::Tensor>& rewards, const std::optional<at::Tensor>& batch_std,
+std::tuple<at::Tensor, at::Tensor> grpo_loss_fused_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& targets, const at::Tensor& tokens, const std::optional<at::Tensor>& rewards,
     const std::optional<at::Tensor>& seq, const at::Tensor& params, at::ArrayRef<int64_t> codes, bool with_entropy) {
-  return fused(logits, targets, mask, advantages, old_logprobs, ref_logprobs, w_policy, w_kl, w_entropy, rewards,
-               batch_std, seq, params, codes, with_entropy, logits);
+  return fused(logits, targets, tokens, rewards, seq, params, codes, with_entropy, logits);
 }
 
 void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
@@ -167,21 +147,20 @@ void scale_grad_cuda(at::Tensor& grad, const at::Tensor& scale) {
                "scale_grad_");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor& rewards, const at::Tensor& batch_std,
-                                                               int64_t group_size, int64_t estimator, bool divide,
-                                                               bool use_batch_std, bool singleton_raw,
-                                                               const at::Tensor& eps) {
-  TORCH_CHECK(group_size > 0 && rewards.numel() % group_size == 0, "group_size (", group_size,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> advantages_cuda(const at::Tensor& rewards, const at::Tensor& params,
+                                                               at::ArrayRef<int64_t> codes) {
+  check_codes(codes, kNumAdvantageCodes);
+  ObjectiveParams p{};
+  unpack_advantage_codes(p, codes);
+  TORCH_CHECK(p.group_size > 0 && rewards.numel() % p.group_size == 0, "group_size (", p.group_size,
               ") must divide the number of rewards (", rewards.numel(), ")");
   c10::DeviceGuard guard(rewards.device());
-  const auto r = rows_float(rewards), bstd = rows_float(batch_std);
+  const auto r = rows_float(rewards);
+  const auto values = float_params(params, rewards, kNumAdvantageScalars, "params");  // read by the kernel
   const int64_t n = r.numel();
-  auto adv = at::empty({n}, r.options()), mean = at::empty({n / group_size}, r.options()),
-       std_ = at::empty({n / group_size}, r.options());
-  const auto eps_value = float_params(eps, rewards, 1, "eps");  // read by the kernel, never here
-  const ObjectiveParams p = advantage_codes(group_size, estimator, divide, use_batch_std, singleton_raw);
-  check_launch(cuda::advantages(r.const_data_ptr<float>(), bstd.const_data_ptr<float>(),
-                                eps_value.const_data_ptr<float>(), n, p,
+  auto adv = at::empty({n}, r.options()), mean = at::empty({n / p.group_size}, r.options()),
+       std_ = at::empty({n / p.group_size}, r.options());
+  check_launch(cuda::advantages(r.const_data_ptr<float>(), values.const_data_ptr<float>(), n, p,
                                 adv.mutable_data_ptr<float>(), mean.mutable_data_ptr<float>(),
                                 std_.mutable_data_ptr<float>(), current_stream(rewards)),
                "advantages");

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..advantages import advantages
+from ..reward.advantages import advantages
 from ..config import AdvantageConfig
 from .common import generator, kernel_backends, reference_providers, timed
 from .harness import Case, Provider

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..loss import grpo_loss
+from ..trajectory.grpo_loss import grpo_loss
 from .common import CONFIG, DTYPES, generator, kernel_backends, leaf, reference_providers, timed
 from .harness import Case, Provider
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..logprobs import token_logprobs
+from ..trajectory.token_logprobs import token_logprobs
 from .common import DTYPES, generator, kernel_backends, leaf, reference_providers, timed
 from .harness import Case, Provider
 

@@ -10,7 +10,7 @@ import math
 from torch import Tensor
 
 from .. import _checks
-from ..logprobs import token_logprobs
+from ..trajectory.token_logprobs import token_logprobs
 
 
 def labels_per_row(name: str, x: Tensor, labels: Tensor) -> Tensor:

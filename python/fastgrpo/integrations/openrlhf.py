@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
-from ..loss import policy_loss
-from ..reference import kl_estimate
+from ..trajectory.grpo_loss import policy_loss
+from ..trajectory.objective import kl_estimate
 from ._rows import logprobs_per_row
 
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import presets
 from ..config import LossOutput
-from ..loss import linear_grpo_loss
+from ..trajectory.linear_grpo_loss import linear_grpo_loss
 
 try:
     from torch.distributed.tensor import DTensor

@@ -18,8 +18,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ..config import LossConfig, LossOutput, Normalizer, Rewards
-from ..reward.torch_advantages import resolve_advantages
+from ..config import LossConfig, LossOutput, Normalizer
+from ..inputs import LossInputs
+from ..reward import advantages as reward
 
 def _acc(x: Tensor) -> Tensor:
     """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
@@ -68,7 +69,7 @@ class TokenLayout:
 
 
 def aggregation_weights(m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
-    """SPEC §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
+    """MATH §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
     if mode == "token_mean":
         return m / (normalizer if normalizer is not None else m.sum().clamp(min=1))
     count = lay.seg_sum(m)
@@ -111,7 +112,7 @@ class _K3(torch.autograd.Function):
 
 
 def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
-    """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
+    """MATH §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
@@ -132,7 +133,7 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
 
 
 def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
-    """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
+    """MATH §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
     # A token's weight is its own ratio (a fractional mask weights the loss, not the ratio, as in TRL and
     # OpenRLHF); sequence statistics are the trainers' masked sums Σ m·log w. Masked tokens are selected away.
     log_w = torch.where(m > 0, old - samp, 0.0)
@@ -197,7 +198,7 @@ def _objective(
     old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scalar loss of SPEC §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need."""
     # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
     # since the mask's 0 would turn them into NaN, not 0
     adv = torch.where(m > 0, adv, 0.0)
@@ -284,7 +285,7 @@ def _objective(
 
 def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
              cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
-    """SPEC §4 over the masked tokens."""
+    """MATH §4 over the masked tokens."""
     rho = values["rho"]
     low, high = values["low"].float(), values["high"].float()
     out = {
@@ -315,29 +316,16 @@ def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Ten
     return out
 
 
-def policy_loss(
-    logprobs: Tensor,
-    advantages: Union[Tensor, Rewards],
-    mask: Tensor,
-    *,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
-    config: LossConfig = LossConfig(),
-) -> LossOutput:
-    """SPEC §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
-    ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t. ``logprobs``
-    (and ``entropy`` for the bonus)."""
-    advantages = resolve_advantages(advantages, config.advantage)
+def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] = None) -> LossOutput:
+    """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``). Differentiable w.r.t.
+    ``logprobs`` (and ``entropy`` for the bonus)."""
+    config, normalizer = inputs.config, inputs.normalizer
+    old_logprobs, ref_logprobs, is_weights = inputs.old_logprobs, inputs.ref_logprobs, inputs.is_weights
+    advantages = reward.resolve_advantages(inputs.advantages, config.advantage)
     shape = logprobs.shape
-    lay = TokenLayout(shape, cu_seqlens, config.max_length, logprobs.device)
+    lay = TokenLayout(shape, inputs.cu_seqlens, config.max_length, logprobs.device)
 
-    m = _acc(mask.reshape(-1))
-
+    m = _acc(inputs.mask.reshape(-1))
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
         """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding
         id far from ℓ^ref) must not turn into NaN through a multiplication by the mask."""
@@ -345,7 +333,7 @@ def policy_loss(
 
     adv = lay.per_token(advantages.detach(), shape)
     is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
-    args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs),
+    args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(inputs.sampling_logprobs),
             is_w)
     lp = flat(logprobs)
     ent = flat(entropy)

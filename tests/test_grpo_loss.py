@@ -6,8 +6,11 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
-from fastgrpo import LossConfig, kernel_ops, presets
+from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
+from fastgrpo import LossConfig, presets
+from fastgrpo.inputs import LossInputs
+from fastgrpo.kernels import params as P
+from fastgrpo.trajectory import grpo_loss as op
 from test_reference_levels import CONFIGS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
@@ -179,20 +182,37 @@ def test_clamps_reached(cfg, backend):
 
 def test_fused_path_is_taken_and_backward_scales(backend):
     cfg = presets.trl(loss_type="dapo", beta=0.04)
-    assert kernel_ops.is_token_local(cfg, has_old=True, has_is_weights=False)
-    assert not kernel_ops.is_token_local(CONFIGS["gspo"], True, False)
-    assert not kernel_ops.is_token_local(presets.trl(top_entropy_quantile=0.2), True, False)
-    assert not kernel_ops.is_token_local(presets.trl(use_vllm=True), has_old=False, has_is_weights=False)
+    one = torch.ones(1)
+
+    def token_local(config, old=True):
+        return op.is_token_local(LossInputs(one, one, config, old_logprobs=one if old else None))
+
+    assert token_local(cfg)
+    assert not token_local(CONFIGS["gspo"])
+    assert not token_local(presets.trl(top_entropy_quantile=0.2))
+    assert not token_local(presets.trl(use_vllm=True), old=False)
     logits, targets, kw = inputs((2, 3), 50, torch.float32)
     z = logits.clone().requires_grad_()
-    out = kernel_backend(backend)._fused(z, targets, kw.pop("advantages"), kw.pop("mask"), config=cfg,
-                                         return_entropy=False, old_logprobs=kw["old_logprobs"],
-                                         ref_logprobs=kw["ref_logprobs"])
+    given = LossInputs(kw["advantages"], kw["mask"], cfg, old_logprobs=kw["old_logprobs"],
+                       ref_logprobs=kw["ref_logprobs"])
+    out = op.fused(kernel_backend(backend).ops, z, targets, given, return_entropy=False, inplace_grad=False)
     (3.0 * out.loss).backward()
     ref, g_ref = run(logits, targets, dict(kw, advantages=inputs((2, 3), 50, torch.float32)[2]["advantages"],
                                            mask=inputs((2, 3), 50, torch.float32)[2]["mask"]), cfg, "reference")
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z.grad, 3.0 * g_ref, rtol=1e-5, atol=1e-6)
+
+
+def fused_args(cfg, targets, kw, w_kl=0.1, w_entropy=0.01, with_entropy=True, write_grad=True):
+    """The fused op's arguments after the logits: per-token rows by name (kernels/params.py), weights 1/n."""
+    n = targets.numel()
+    w = kw["mask"].reshape(-1).float() / kw["mask"].sum()
+    rows = dict(mask=kw["mask"].reshape(-1).float(), advantages=kw["advantages"].repeat_interleave(n // len(kw["advantages"])),
+                old_logprobs=kw["old_logprobs"].reshape(-1), ref_logprobs=kw["ref_logprobs"].reshape(-1), w_policy=w,
+                w_kl=w_kl * w, w_entropy=w_entropy * w)
+    tokens = torch.stack([rows[name] for name in P.TOKEN_INPUTS])
+    return (targets, tokens, None, None, op.loss_params(cfg, targets.device), op.loss_codes(cfg, has_old=True),
+            with_entropy, write_grad)
 
 
 def test_no_grad_writes_no_gradient(backend):
@@ -206,12 +226,8 @@ def test_no_grad_writes_no_gradient(backend):
 def test_fused_opcheck(backend):
     ops = kernel_backend(backend).ops
     logits, targets, kw = inputs((2, 3), 40, torch.float32)
-    n = targets.numel()
     cfg = presets.verl(use_kl_loss=True, entropy_coeff=0.01)
-    w = torch.full((n,), 1.0 / n, device=DEVICE)
-    args = (logits.requires_grad_(), targets, kw["mask"].reshape(-1).float(), torch.randn(n, device=DEVICE),
-            kw["old_logprobs"].reshape(-1), kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0.01 * w, None, None, None,
-            *kernel_ops.loss_params(cfg, True, logits.device), True, True)
+    args = (logits.requires_grad_(), *fused_args(cfg, targets, kw))
     # AOT dispatch is left to test_fused_torch_compile_fullgraph: eager backward scales the gradient output in
     # place (so loss.backward() costs nothing more), which opcheck's eager-vs-traced comparison reads as a
     # changed output; under tracing the scaling is out of place.
@@ -221,23 +237,22 @@ def test_fused_opcheck(backend):
 
 
 def test_float_hyper_parameters_come_as_one_checked_tensor(backend):
-    """[1/τ, the 12 scalars of csrc/token_objective.h] as one fp32 tensor on the logits' device (a float argument
-    would make torch.compile recompile for every value; unused bounds are ±inf); a short one is refused by name,
-    never read out of bounds."""
+    """The SCALARS of kernels/params.py as one fp32 tensor on the logits' device (a float argument would make
+    torch.compile recompile for every value; unused bounds are ±inf); a short one is refused by name, never read
+    out of bounds."""
     ops = kernel_backend(backend).ops
     logits, targets, kw = inputs((2, 3), 40, torch.float32)
     cfg = LossConfig(temperature=0.8, epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0, kl_output_clamp=10.0)
-    params, codes = kernel_ops.loss_params(cfg, True, logits.device)
+    params = op.loss_params(cfg, logits.device)
     inf = float("inf")
     expected = [1 / 0.8, 0.2, 0.28, inf, 3.0, inf, -inf, inf, cfg.sapo_tau_pos, cfg.sapo_tau_neg, inf, 10.0,
-                cfg.advantage.eps]
+                cfg.advantage.eps, 1.0]
     assert torch.equal(params, torch.tensor(expected, device=logits.device))
-    n = targets.numel()
-    w = torch.full((n,), 1.0 / n, device=DEVICE)
-    rest = (targets, torch.ones(n, device=DEVICE), torch.zeros(n, device=DEVICE), kw["old_logprobs"].reshape(-1),
-            None, w, w, w, None, None, None)
-    with pytest.raises((RuntimeError, ValueError), match="params must hold 13 value"):
-        ops.grpo_loss_fused(logits, *rest, params[:12], codes, False, False)
+    targets_, tokens, rewards, seq, _, codes, *_ = fused_args(cfg, targets, kw)
+    with pytest.raises((RuntimeError, ValueError), match="params must hold 14 value"):
+        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params[:13], codes, False, False)
+    with pytest.raises((RuntimeError, ValueError), match="codes must hold 11 ints"):
+        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params, codes[:10], False, False)
     with pytest.raises((RuntimeError, ValueError), match="inv_temperature must hold 1 value"):
         ops.token_logprobs(logits, targets, None, params[:2], False)
 
@@ -247,13 +262,10 @@ def test_fused_torch_compile_fullgraph(backend):
     logits, targets, kw = inputs((2, 3), 40, torch.float32)
     cfg = presets.trl(loss_type="bnpo", beta=0.1)
     n = targets.numel()
-    m, adv = kw["mask"].reshape(-1).float(), kw["advantages"].repeat_interleave(3)
-    w = m / m.sum()
+    args = fused_args(cfg, targets, kw, w_entropy=0.0, with_entropy=False)
 
     def f(z):
-        loss, *_ = ops.grpo_loss_fused(z, targets, m, adv, kw["old_logprobs"].reshape(-1),
-                                       kw["ref_logprobs"].reshape(-1), w, 0.1 * w, 0 * w, None, None, None,
-                                       *kernel_ops.loss_params(cfg, True, z.device), False, True)
+        loss, *_ = ops.grpo_loss_fused(z, *args)
         return loss
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
@@ -303,7 +315,7 @@ def test_batch_invariance_of_the_fused_loss(backend):
     def row_results(idx):
         z = logits[idx].clone().requires_grad_()
         part = {k: (v[idx] if v.dim() else v) for k, v in kw.items()}
-        out = impl.grpo_loss(z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
+        out = backend_grpo_loss(impl, z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
                           cu_seqlens=torch.tensor([0, len(idx)], device=DEVICE), **part)
         out.loss.backward()
         return out.logprobs, z.grad

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastgrpo
+from fastgrpo.trajectory import linear_grpo_loss as linear_path
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import presets
 from test_reference_levels import CONFIGS
@@ -48,8 +49,8 @@ def run(tensors, kw, cfg, backend, **extra):
 def weight_grad_order(request, monkeypatch):
     """vocab_sliced: the dW budget forced to 0, slices of 32 weight rows (70 = 32 + 32 + 6)."""
     if request.param == "vocab_sliced":
-        monkeypatch.setitem(fastgrpo.linear_loss.DW_ACCUMULATOR_BYTES, DEVICE, 0)
-        monkeypatch.setitem(fastgrpo.linear_loss.SLICE_BYTES, DEVICE, 32 * 16 * 4)
+        monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, DEVICE, 0)
+        monkeypatch.setitem(linear_path.SLICE_BYTES, DEVICE, 32 * 16 * 4)
     return request.param
 
 
@@ -172,8 +173,8 @@ def test_vocab_sliced_weight_gradient_drops_the_fp32_accumulator(monkeypatch):
         return _peak_rss_during(step) - grads
 
     token_outer = extra()
-    monkeypatch.setitem(fastgrpo.linear_loss.DW_ACCUMULATOR_BYTES, "cpu", 0)
-    monkeypatch.setitem(fastgrpo.linear_loss.SLICE_BYTES, "cpu", 4 << 20)
+    monkeypatch.setitem(linear_path.DW_ACCUMULATOR_BYTES, "cpu", 0)
+    monkeypatch.setitem(linear_path.SLICE_BYTES, "cpu", 4 << 20)
     sliced = extra()
     accumulator = v * hid * 4
     assert sliced < token_outer - 0.75 * accumulator, (sliced / 2**20, token_outer / 2**20)
@@ -188,9 +189,8 @@ def test_logit_transform_validation():
 
 
 def test_linear_token_logprobs_without_grad_is_chunked(backend, monkeypatch):
-    from fastgrpo import linear_loss
 
-    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", {"cpu": 3 * 70 * 4, "cuda": 3 * 70 * 4})  # 3 tokens a chunk
+    monkeypatch.setattr(linear_path, "CHUNK_BYTES", {"cpu": 3 * 70 * 4, "cuda": 3 * 70 * 4})  # 3 tokens a chunk
     (hidden, weight, bias, targets), _ = inputs()
     with torch.no_grad():
         lp, ent = fastgrpo.linear_token_logprobs(hidden, weight, targets, bias=bias, entropy=True, temperature=0.8,

@@ -1,5 +1,8 @@
-"""The fused linear path of a kernel backend: hidden states + LM-head weight → loss, metrics and the gradients
-of hidden, weight and bias, with the logits never alive beyond one chunk of tokens.
+"""The ``linear_grpo_loss`` op: hidden states + LM-head weight → loss, metrics and the gradients of hidden, weight
+and bias, the logits never alive beyond one chunk of tokens on the kernel backends. It runs the ``grpo_loss`` and
+``token_logprobs`` ops on chunks of logits it computes itself (no kernel of its own). This module, top to bottom:
+the chunk GEMMs, the kernel backends' host code (``kernel_linear_token_logprobs``, ``kernel_linear_grpo_loss``)
+and the public function ``linear_grpo_loss``.
 
 Masked tokens are compacted away first (one host sync: padding then costs no FLOPs), and the unmasked ones
 are processed in chunks of ``chunk_tokens`` rows, so peak extra memory is one [chunk, V] fp32 block, whatever N:
@@ -22,14 +25,18 @@ one vocabulary slice of the weight at a time (``_Gemm``).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from .trajectory import objective
-from .config import LossConfig, LossOutput, Rewards
-from .kernel_ops import is_token_local, params_tensor, precomputed_gradients
+from .. import _checks, _library, backends
+from ..config import LossConfig, LossOutput, Normalizer
+from ..inputs import LossInputs, autocast_operands, check_linear, check_logit_transform, resolve
+from ..kernels import params as P
+from . import objective
+from .grpo_loss import finish, is_token_local, prepare
+from .token_logprobs import kernel_token_logprobs
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
 # dW += dZᵀ·X runs with K = chunk rows; at N = 4096, H = 1024, V = 32000, fp32, 2 cores, fwd+bwd took
@@ -138,20 +145,26 @@ def _has_out_dtype() -> bool:
         return False
 
 
-def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                          temperature: float, entropy: bool, logit_scale: float, logit_softcap: Optional[float],
-                          chunk_tokens: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """Log-probs (and entropy) without gradients, the logits alive one chunk of tokens at a time."""
+def kernel_linear_token_logprobs(ops: _library.Ops, hidden: Tensor, weight: Tensor, targets: Tensor,
+                                 bias: Optional[Tensor], temperature: float, entropy: bool, logit_scale: float,
+                                 logit_softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-probs (and entropy) of ``linear_token_logprobs``. Without gradients (old/ref policy log-probs) the logits
+    are alive one chunk of tokens at a time; differentiable log-probs materialize the fp32 logits (the loss itself
+    never does)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+        return kernel_token_logprobs(ops, z, targets, temperature, entropy)
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
     gemm = _Gemm(weight, bias, logit_scale, logit_softcap)
     lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     ent = torch.empty(n if entropy else 0, device=hidden.device, dtype=torch.float32)
-    inv_t = params_tensor([1.0 / temperature], hidden.device)
-    step = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
+    inv_t = _library.params_tensor([1.0 / temperature], hidden.device)
+    step = default_chunk_tokens(vocab, hidden.device)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
-        lp_c, _, ent_c = backend.ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, inv_t, entropy)
+        lp_c, _, ent_c = ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, inv_t, entropy)
         lp[rows] = lp_c
         if entropy:
             ent[rows] = ent_c
@@ -160,7 +173,7 @@ def linear_token_logprobs(backend, hidden: Tensor, weight: Tensor, targets: Tens
 
 class _PrecomputedGrads(torch.autograd.Function):
     """Attaches gradients computed in the forward to (hidden, weight, bias); backward scales them by the incoming
-    gradient and hands them over (see ``kernel_ops.precomputed_gradients``: in place and without a copy when the
+    gradient and hands them over (see ``_library.precomputed_gradients``: in place and without a copy when the
     backward frees the graph, scaled copies when it keeps it, so a retained graph can be backpropagated again)."""
 
     @staticmethod
@@ -170,7 +183,7 @@ class _PrecomputedGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (None, None, None, *precomputed_gradients(ctx, grad_loss, ctx.scale_, "linear_grpo_loss"))
+        return (None, None, None, *_library.precomputed_gradients(ctx, grad_loss, ctx.scale_, "linear_grpo_loss"))
 
 
 def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
@@ -206,11 +219,10 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
     return d_weight
 
 
-def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards],
-                     mask: Tensor, *, bias: Optional[Tensor] = None, return_entropy: bool = False,
-                     config: LossConfig = LossConfig(), chunk_tokens: Optional[int] = None, logit_scale: float = 1.0,
-                     logit_softcap: Optional[float] = None, **kwargs) -> LossOutput:
-    cfg, ops = config, backend.ops
+def kernel_linear_grpo_loss(ops: _library.Ops, hidden: Tensor, weight: Tensor, targets: Tensor,
+                            bias: Optional[Tensor], inputs: LossInputs, return_entropy: bool,
+                            chunk_tokens: Optional[int], logit_scale: float, logit_softcap: Optional[float]) -> LossOutput:
+    cfg, mask = inputs.config, inputs.mask
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
@@ -228,30 +240,27 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
         if d_bias is not None:
             d_bias.add_(dz.sum(0))
 
-    has_old, has_is = kwargs.get("old_logprobs") is not None, kwargs.get("is_weights") is not None
-    if is_token_local(cfg, has_old, has_is) and not sliced:
-        f = backend._prepare(targets, advantages, mask, return_entropy=return_entropy, config=cfg,
-                             device=hidden.device, **kwargs)
-        per_token = [torch.zeros(n, **f32) for _ in range(5)]  # ℓ, H, ρ, ∂loss/∂ℓ, advantage used
+    if is_token_local(inputs) and not sliced:
+        f = prepare(ops, targets, inputs, return_entropy, hidden.device)
+        outputs = torch.zeros(len(P.TOKEN_OUTPUTS), n, **f32)
         loss = torch.zeros((), **f32)
         for rows in chunks:
             z = gemm.logits(h[rows].detach())
             args = (y[rows], *f.op_args(rows))
             if needs_grad:
-                out = ops.grpo_loss_fused_inplace_(z, *args)  # z is now ∂loss/∂z
+                loss_c, out = ops.grpo_loss_fused_inplace_(z, *args)  # z is now ∂loss/∂z
                 accumulate(rows, z)
             else:
-                out = ops.grpo_loss_fused(z, *args, False)[:6]
-            loss = loss + out[0]
-            for dst, src in zip(per_token, out[1:]):
-                dst.index_copy_(0, rows, src)
+                loss_c, out, _ = ops.grpo_loss_fused(z, *args, False)
+            loss = loss + loss_c
+            outputs.index_copy_(1, rows, out)
             del z, out  # else the next chunk's logits are allocated while these are still alive
-        result = backend._finish(f, cfg, loss, *per_token)
+        result = finish(f, cfg, loss, outputs)
     else:
         with_entropy = return_entropy or cfg.needs_entropy
         # 1/τ as the ops take it, built once for every chunk; a tensor also because a Python float living across
         # the graph breaks below would be specialized by torch.compile (a recompile per temperature)
-        inv_t = params_tensor([1.0 / cfg.temperature], hidden.device)
+        inv_t = _library.params_tensor([1.0 / cfg.temperature], hidden.device)
         lp, ent, stats = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, 2, **f32)
         for rows in chunks:
             lp_c, st_c, ent_c = ops.token_logprobs(gemm.logits(h[rows].detach()), y[rows], None, inv_t, with_entropy)
@@ -262,7 +271,7 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
         lp_leaf = lp.view(targets.shape).requires_grad_(needs_grad)
         ent_leaf = ent.view(targets.shape).requires_grad_(needs_grad and with_entropy) if with_entropy else None
         with torch.enable_grad():
-            result = objective.policy_loss(lp_leaf, advantages, mask, entropy=ent_leaf, config=cfg, **kwargs)
+            result = objective.policy_loss(lp_leaf, inputs, ent_leaf)
         if needs_grad:
             leaves = [x for x in (lp_leaf, ent_leaf) if x is not None and x.requires_grad]
             grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
@@ -284,3 +293,62 @@ def linear_grpo_loss(backend, hidden: Tensor, weight: Tensor, targets: Tensor, a
                  None if d_bias is None else d_bias.to(bias.dtype))
         result.loss = _PrecomputedGrads.apply(result.loss, grads, ops.scale_grad_, hidden, weight, bias)
     return result
+
+
+# ----------------------------------------------------------------------------------------- public function
+def linear_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    rewards: Optional[Tensor] = None,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    reward_weights: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    return_entropy: bool = False,
+    chunk_tokens: Optional[int] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    config: LossConfig = LossConfig(),
+    backend: str = "auto",
+    check_values: Optional[bool] = None,
+) -> LossOutput:
+    """The loss of SPEC §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
+    [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
+
+    The kernel backends never materialize the [N, V] logits: unmasked tokens are processed ``chunk_tokens`` at
+    a time (default: 256 MiB of fp32 logits per chunk on CUDA, 48 MiB on CPU), and the gradients are computed
+    in the forward.
+
+    ``logit_scale`` and ``logit_softcap`` c apply z = c·tanh(scale·(hidden @ weightᵀ + bias)/c) (Cohere's
+    logit_scale, Gemma's final_logit_softcapping) before the temperature. Under autocast the GEMMs take the
+    autocast dtype (as ``F.linear`` would); the logits and everything after them stay fp32.
+
+    ``check_values`` as in :func:`grpo_loss` (hidden and weight are never scanned).
+
+    PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
+    """
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+    check_logit_transform(logit_scale, logit_softcap)
+    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
+        check_linear(hidden, weight, targets, bias)
+        checks = _checks.ValueChecks(check_values, hidden)
+        inputs = resolve(
+            targets.shape, hidden.device, checks, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
+            group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
+            normalizer=normalizer, config=config)
+        checks.token_ids("targets", targets, weight.shape[0])
+        checks.run()
+        return backends.select(backend, hidden.device).linear_grpo_loss(
+            hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap)

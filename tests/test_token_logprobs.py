@@ -5,9 +5,12 @@ Accuracy is judged against PyTorch's own error in the same dtype:
     |ours − ref_fp32| ≤ K · |torch_same_dtype − ref_fp32| + ATOL[dtype]
 """
 
+import functools
+
 import pytest
 import torch
 
+from fastgrpo.trajectory.token_logprobs import kernel_token_logprobs
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import reference
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -37,7 +40,7 @@ def within_torch_error(ours, ref32, same_dtype, dtype, what):
 @pytest.fixture(params=KERNEL_BACKENDS)
 def token_logprobs(request):
     """The backend's token_logprobs(logits, targets, temperature, entropy=, mask=) -> (ℓ, H)."""
-    return kernel_backend(request.param).token_logprobs
+    return functools.partial(kernel_token_logprobs, kernel_backend(request.param).ops)
 
 
 def torch_same_dtype(logits, targets, tau):

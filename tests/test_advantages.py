@@ -45,7 +45,7 @@ def test_weighted_reward_functions_and_group_ids(backend):
 def test_opcheck(backend):
     advantages_op = kernel_backend(backend).ops.advantages
     r = torch.rand(12, device=DEVICE)
-    eps = lambda v: torch.tensor([v], device=DEVICE)  # noqa: E731
-    for args in [(r, torch.ones(1, device=DEVICE), 4, 0, True, False, False, eps(1e-4)),
-                 (r, r.std().reshape(1), 3, 1, True, True, True, eps(1e-6))]:
+    params = lambda eps, std: torch.tensor([eps, std], device=DEVICE)  # noqa: E731  (ADVANTAGE_SCALARS)
+    for args in [(r, params(1e-4, 1.0), [4, 0, 1, 0, 0]),  # ADVANTAGE_CODES
+                 (r, params(1e-6, r.std().item()), [3, 1, 1, 1, 1])]:
         torch.library.opcheck(advantages_op, args)

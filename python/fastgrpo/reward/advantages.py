@@ -1,0 +1,241 @@
+"""The reward side's op (MATH §3): rewards → group-normalized advantages.
+
+Kernel: ``kernels/advantages.py`` (Triton, one program per reward; its ``group_advantage`` also runs inside the
+fused loss kernel, which normalizes each token's reward itself), ``csrc/cpu/grpo_cpu.cpp`` and
+``csrc/cuda/grpo_cuda.cu`` (``advantages``). This module, top to bottom: the Triton launcher, the op's
+registration (fake), the PyTorch form (arbitrary ``group_ids``, and the backends without the op), the kernel
+backends' host code (``kernel_advantages``) and the public function ``advantages``.
+
+    advantages(rewards, params, codes) -> (advantages, group mean, group std)
+
+``params``: ``ADVANTAGE_SCALARS`` (eps, batch std), ``codes``: ``ADVANTAGE_CODES`` (kernels/params.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence, Union, overload
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _library, backends
+from ..config import AdvantageConfig, Rewards
+from ..inputs import check_rewards
+from ..kernels import params as P
+
+
+# ------------------------------------------------------------------------------------------ Triton launcher
+def advantages_launcher(rewards: Tensor, params: Tensor, codes: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    from ..kernels import advantages as K
+
+    _library.check_codes(codes, len(P.ADVANTAGE_CODES))
+    named = dict(zip(P.ADVANTAGE_CODES, codes))
+    groups = rewards.numel() // named["group_size"]
+    adv, mean, std = torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
+    if groups > 0:
+        _library.launch(K.advantages_kernel)[(rewards.numel(),)](
+            rewards, _library.float_params(params, rewards, len(P.ADVANTAGE_SCALARS), "params"), adv, mean, std,
+            **named, BLOCK=K.GROUP_BLOCK, num_warps=1)
+    return adv, mean, std
+
+
+# ------------------------------------------------------------------------------------------- registration
+def register_triton() -> None:
+    _library.register_triton_op("advantages", advantages_launcher)
+
+
+def _fake(rewards, params, codes):
+    groups = rewards.numel() // dict(zip(P.ADVANTAGE_CODES, codes))["group_size"]
+    return torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
+
+
+def register(prefix: str) -> None:
+    """The fake of ``fastgrpo::<prefix>advantages`` (no autograd: advantages are constants of the loss)."""
+    torch.library.register_fake(f"fastgrpo::{prefix}advantages", _fake)
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+def _acc(x: Tensor) -> Tensor:
+    """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
+    if group_ids is not None:
+        _, inverse = torch.unique(group_ids, return_inverse=True)
+        return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
+    assert group_size is not None
+    return torch.arange(num, device=device) // group_size, num // group_size
+
+
+def torch_advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    config: AdvantageConfig = AdvantageConfig(),
+    reward_weights: Optional[Tensor] = None,
+    metrics: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
+    ``metrics``).
+
+    The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
+    fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
+    r = combine_rewards(rewards, reward_weights)
+    g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
+    count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
+    mean = r.new_zeros(num_groups).index_add_(0, g, r) / count.clamp(min=1)
+    deviation = r - mean[g]
+    scale = r.new_zeros(num_groups).scatter_reduce_(0, g, deviation.abs(), "amax")
+    unit = deviation / torch.where(scale > 0, scale, 1.0)[g]
+    sq = r.new_zeros(num_groups).index_add_(0, g, unit * unit)
+    std = scale * (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
+    single = (count == 1)[g]
+
+    cfg = config
+    if cfg.singleton == "raw":  # verl: a group of one has mean 0 and std 1
+        mean_t = torch.where(single, torch.zeros_like(r), mean[g])
+        std_t = torch.where(single, torch.ones_like(r), std[g])
+    else:
+        mean_t, std_t = mean[g], std[g]
+    centered = r - mean_t
+    if cfg.estimator == "grpo":
+        if cfg.scale == "group":
+            adv = centered / (std_t + cfg.eps)
+        elif cfg.scale == "batch":
+            adv = centered / (r.std() + cfg.eps) if r.numel() > 1 else torch.zeros_like(r)
+        else:
+            adv = centered
+    elif cfg.estimator == "rloo":
+        n = count[g]
+        adv = torch.where(n > 1, centered * n / (n - 1).clamp(min=1), centered)
+    else:  # reinforce_baseline: whiten R − mean_g over the batch
+        std_b = centered.std() if centered.numel() > 1 else torch.ones(())
+        adv = (centered - centered.mean()) / (std_b + cfg.eps)
+
+    return adv, advantage_metrics(r, adv, g, mean, std) if metrics else {}
+
+
+def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: AdvantageConfig) -> Tensor:
+    """Advantages as given, or computed from :class:`Rewards`."""
+    if not isinstance(advantages_or_rewards, Rewards):
+        return advantages_or_rewards
+    r = advantages_or_rewards
+    return torch_advantages(r.rewards, r.group_size, r.group_ids, config, r.weights, metrics=False)[0]
+
+
+def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
+    """[B] rewards as they are; [B, K] reward functions summed with their weights (TRL "sum_then_normalize")."""
+    r = _acc(rewards.detach())
+    if r.dim() == 2:
+        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else _acc(reward_weights)
+        r = (r * w).sum(-1)
+    return r
+
+
+def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
+    """SPEC §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
+    All solved / all failed are the zero-std groups whose rewards are all 1 / all 0 (binary rewards)."""
+    num_groups = mean.numel()
+    zero_std = std == 0
+    nonempty = max(num_groups, 1)
+    frac = lambda x: x.float().sum() / nonempty  # noqa: E731
+    return {
+        "reward/mean": r.mean() if r.numel() else r.new_zeros(()),
+        "reward/std": r.std() if r.numel() > 1 else r.new_zeros(()),
+        "reward/group_std_mean": std.sum() / nonempty,
+        "frac_reward_zero_std": frac(zero_std),
+        "frac_groups_all_solved": frac(zero_std & (mean == 1)),
+        "frac_groups_all_failed": frac(zero_std & (mean == 0)),
+        "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device, dtype=adv.dtype)
+        .index_add_(0, g, adv).abs().max() if num_groups else r.new_zeros(()),
+    }
+
+
+# ------------------------------------------------------------------------------- kernel backends' host code
+def batch_std(r: Tensor, config: AdvantageConfig) -> tuple[bool, Tensor]:
+    """(whether TRL's batch scale applies, the batch std as a 1-element tensor; 1 where unused)."""
+    batch = config.estimator == "grpo" and config.scale == "batch"
+    return batch, (r.std().reshape(1) if batch and r.numel() > 1 else r.new_ones(1))
+
+
+def advantage_codes(config: AdvantageConfig, group_size: int, batch: bool) -> list[int]:
+    """The op's ``codes`` (``ADVANTAGE_CODES``) for ``config``."""
+    named = dict(group_size=group_size, adv_estimator=P.ADV_ESTIMATOR[config.estimator],
+                 adv_divide=int(config.scale != "none"), adv_use_batch_std=int(batch),
+                 adv_singleton_raw=int(config.singleton == "raw"))
+    return [named[name] for name in P.ADVANTAGE_CODES]
+
+
+def kernel_advantages(ops: _library.Ops, rewards: Tensor, group_size: Optional[int], group_ids: Optional[Tensor],
+                      config: AdvantageConfig, reward_weights: Optional[Tensor],
+                      metrics: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and use the
+    PyTorch form. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
+    if group_ids is not None or group_size is None:
+        return torch_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
+    r = combine_rewards(rewards, reward_weights).float().contiguous()
+    batch, std_b = batch_std(r, config)
+    params = torch.cat([_library.params_tensor([config.eps], r.device), std_b.float()])
+    adv, mean, std = ops.advantages(r, params, advantage_codes(config, group_size, batch))
+    if batch and r.numel() <= 1:
+        adv = torch.zeros_like(r)
+    if config.estimator == "reinforce_baseline":  # whiten the centered rewards over the batch
+        std_w = adv.std() if adv.numel() > 1 else adv.new_ones(())
+        adv = (adv - adv.mean()) / (std_w + config.eps)
+    if not metrics:
+        return adv, {}
+    g = torch.arange(r.numel(), device=r.device) // group_size
+    return adv, advantage_metrics(r, adv, g, mean, std)
+
+
+# ------------------------------------------------------------------------------------------ public function
+@overload
+def advantages(rewards: Tensor, group_size: Optional[int] = ..., group_ids: Optional[Tensor] = ..., *,
+               return_metrics: Literal[False] = ..., **kw) -> Tensor: ...
+@overload
+def advantages(rewards: Tensor, group_size: Optional[int] = ..., group_ids: Optional[Tensor] = ..., *,
+               return_metrics: Literal[True], **kw) -> tuple[Tensor, dict[str, Tensor]]: ...
+
+
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    *,
+    estimator: str = "grpo",
+    scale: str = "group",
+    eps: float = 1e-4,
+    singleton: str = "zero",
+    reward_weights: Optional[Tensor] = None,
+    config: Optional[AdvantageConfig] = None,
+    return_metrics: bool = False,
+    backend: str = "auto",
+    check_values: Optional[bool] = None,
+) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+    """Advantages [B] (fp32, no grad) from rewards [B] or [B, K] with weights [K].
+
+    Groups are contiguous runs of ``group_size`` rewards, or share a value of ``group_ids`` [B]. ``config``
+    (an :class:`AdvantageConfig`) replaces ``estimator``/``scale``/``eps``/``singleton`` when given.
+    PyTorch equivalent for ``estimator="grpo", scale="group"`` and contiguous groups of G::
+
+        r = rewards.view(-1, G)
+        ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+    With ``return_metrics`` also returns 0-d tensors: ``reward/mean``, ``reward/std``,
+    ``reward/group_std_mean``, ``frac_reward_zero_std``, ``advantage/group_sum_abs_max`` (≈ 0 for
+    ``grpo``/``rloo``) and, for 0/1 rewards, ``frac_groups_all_solved`` / ``frac_groups_all_failed``.
+
+    ``check_values`` (None: the global default, see ``fastgrpo.set_check_values``): reject non-finite rewards
+    and reward weights, at the cost of one host sync (none when False, under torch.compile or on meta tensors).
+    """
+    _checks.tensor("rewards", rewards)
+    checks = _checks.ValueChecks(check_values, rewards)
+    check_rewards(rewards, group_size, group_ids, reward_weights, checks)
+    if config is not None and not isinstance(config, AdvantageConfig):
+        raise TypeError(f"config must be a fastgrpo.AdvantageConfig or None, got {type(config).__name__}")
+    cfg = config if config is not None else AdvantageConfig(estimator, scale, eps, singleton)
+    checks.run()
+    impl = backends.select(backend, rewards.device)
+    adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, return_metrics)
+    return (adv, metrics) if return_metrics else adv
