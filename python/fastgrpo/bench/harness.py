@@ -13,11 +13,13 @@ import datetime
 import json
 import pathlib
 import platform
-import sys
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclasses.dataclass
@@ -118,7 +120,7 @@ def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
     return q.tolist(), peak
 
 
-def run_case(case: Case, device: str, repeats: int, progress: Optional["Progress"] = None) -> list[dict]:
+def run_case(case: Case, device: str, repeats: int, progress: Optional[tqdm] = None) -> list[dict]:
     """One row per provider: times, peak memory, achieved GB/s or TFLOP/s and its fraction of the roofline
     measured here, and the speed-up over the eager reference. A provider that fails (e.g. out of memory)
     gets a row with its error."""
@@ -130,20 +132,22 @@ def run_case(case: Case, device: str, repeats: int, progress: Optional["Progress
     entries = ([("roofline", case.roofline)] if case.roofline else []) + list(case.providers.items())
     shape = "x".join(f"{k}{v}" for k, v in case.shape.items())
     for name, provider in entries:
-        if progress:
-            progress.step(f"{case.op} {case.mode} {shape} {name}")
+        if progress is not None:  # the bar counts the providers done; its postfix names the one running
+            progress.set_postfix_str(f"{case.op} {case.mode} {shape} {name}")
         try:
             (med, p20, p80), peak = measure(provider, device, repeats)
         except Exception as exc:  # reported, not fatal: one provider must not hide the others
             rows.append(dict(base, provider=name, error=f"{type(exc).__name__}: {exc}"[:300]))
-            continue
-        rate = work / med / unit
-        roof = rate if name == "roofline" else roof
-        rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
-                         peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
-                         fraction_of_roofline=rate / roof if roof else None))
+        else:
+            rate = work / med / unit
+            roof = rate if name == "roofline" else roof
+            rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
+                             peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
+                             fraction_of_roofline=rate / roof if roof else None))
         if device == "cuda":
             torch.cuda.empty_cache()
+        if progress is not None:
+            progress.update()
     eager = next((r["median_ms"] for r in rows if r["provider"] == "eager reference" and "median_ms" in r), None)
     for r in rows:
         if eager and "median_ms" in r and r["provider"] != "roofline":
@@ -170,26 +174,6 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda":
         env["cuda"] = str(torch.version.cuda)
     return env
-
-
-class Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        """Announces the item about to run; the bar counts those finished."""
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{elapsed:5.0f}s {label[:60]:<60}")
-        sys.stderr.flush()
-        self.done += 1
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
 
 
 COLUMNS = ["op", "mode", "N", "V", "H", "B", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib",
