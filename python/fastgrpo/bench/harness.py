@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import importlib.util
 import json
 import pathlib
 import platform
@@ -17,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+import torch.utils.benchmark
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -101,21 +103,58 @@ class _CudaMeter:
         return self.t0.elapsed_time(self.t1), torch.cuda.max_memory_allocated() - self.base
 
 
+def _metered(meter, run: Callable[[Any], Any], x: Any) -> tuple[float, int]:
+    """(ms, peak bytes above the inputs) of one ``run(x)``."""
+    meter.start()
+    run(x)
+    return meter.stop()
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors of a provider's input: a tensor, or a tuple or list of them."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for item in x for t in _tensors(item)] if isinstance(x, (tuple, list)) else []
+
+
 def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
     """([median, p20, p80] ms, peak bytes above the inputs) of ``p.run(x)``, ``x = p.make()`` built outside
-    the timed region (a fresh input each call: in-place providers consume theirs). One warm-up call (and
-    torch.compile's compilation) first; on CUDA at least 10 timed calls."""
+    the timed region, after a warm-up call (and torch.compile's compilation).
+
+    ``triton.testing.do_bench`` and ``torch.utils.benchmark`` re-run one closure on one input: they cannot
+    give each call a fresh input outside the timed region. They time the providers whose ``make()`` hands
+    out the same memory every time (views of the case's tensors: the calls cannot consume it). On CUDA,
+    ``do_bench``: L2 flushed before each call, input gradients set to None between calls, about
+    ``max(repeats, 10)`` calls or 100 ms. On CPU, ``torch.utils.benchmark`` when no input needs a gradient
+    (it runs blocks of calls with nothing between them: gradients would accumulate), for ``repeats`` calls'
+    time or 0.2 s. Neither measures memory: the peak comes from one call of our own meter. The providers
+    that get a fresh copy per call (the in-place ones), and CPU backward passes, are timed call by call by
+    that meter, ``repeats`` calls (at least 10 on CUDA): CUDA events with L2 flushed, or perf_counter."""
+    first, second = p.make(), p.make()
+    # compared while both are alive: a freed block would come back at the same address
+    reusable = [t.untyped_storage().data_ptr() for t in _tensors(first)] == \
+        [t.untyped_storage().data_ptr() for t in _tensors(second)]
+    del second
+    p.run(first)
+    del first
     meter = _CudaMeter() if device == "cuda" else _CpuMeter()
-    p.run(p.make())
-    times, peak = [], 0
-    for _ in range(max(repeats, 10) if device == "cuda" else repeats):
-        x = p.make()
-        meter.start()
-        p.run(x)
-        ms, extra = meter.stop()
-        times.append(ms)
-        peak = max(peak, extra)
+    x = p.make()
+    ms, peak = _metered(meter, p.run, x)
+    grads = [t for t in _tensors(x) if t.requires_grad]
+    calls = max(repeats, 10) if device == "cuda" else repeats
+    if device == "cuda" and reusable and importlib.util.find_spec("triton"):  # Triton is Linux-only
+        from triton.testing import do_bench
+
+        # the same signature on Triton 3.2 and 3.9; "all": the quantiles below are computed alike for every path
+        times = do_bench(lambda: p.run(x), rep=max(100.0, calls * ms), grad_to_none=grads, return_mode="all")
+    elif device == "cpu" and reusable and not grads:
+        timer = torch.utils.benchmark.Timer("run(x)", globals={"run": p.run, "x": x},
+                                            num_threads=torch.get_num_threads())  # its default is 1 thread
+        times = [s * 1e3 for s in timer.blocked_autorange(min_run_time=max(0.2, calls * ms / 1e3)).times]
+    else:
         del x
+        samples = [(ms, peak)] + [_metered(meter, p.run, p.make()) for _ in range(calls - 1)]
+        times, peak = [t for t, _ in samples], max(b for _, b in samples)
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return q.tolist(), peak
 

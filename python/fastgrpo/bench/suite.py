@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", default=None, help="comma-separated vocabulary sizes V")
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes H of the linear path")
     parser.add_argument("--batch", default=None, help="comma-separated reward counts B of advantages")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (default 3 quick, 5 full)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per provider, at least (10 on CUDA; default 3 quick, 5 full)")
 
 
 def _ints(text: Optional[str], default: list[int]) -> list[int]:
