@@ -36,6 +36,24 @@ def test_rates_and_roofline_fraction():
     assert eager["p20_ms"] <= eager["median_ms"] <= eager["p80_ms"]
 
 
+def test_consumed_inputs_are_fresh_each_call():
+    """A provider consuming its input (make() hands out a fresh copy) or backpropagating into it never gets an
+    input a call has used, whichever timer runs it."""
+    zeros = torch.zeros(1000)
+
+    def consume(z):
+        assert not z.any(), "an input consumed by an earlier call"
+        z.add_(1)
+
+    def backward(z):
+        assert z.grad is None, "a gradient accumulated over calls"
+        z.sum().backward()
+
+    for run, make in ((consume, zeros.clone), (backward, lambda: zeros.detach().requires_grad_())):
+        (median, p20, p80), _ = harness.measure(harness.Provider(run, make), "cpu", repeats=3)
+        assert 0 < p20 <= median <= p80
+
+
 def test_failing_provider_is_reported():
     def boom(x):
         raise RuntimeError("out of memory")

@@ -10,14 +10,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
+import importlib.util
 import json
 import pathlib
 import platform
-import sys
 import time
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+import torch.utils.benchmark
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclasses.dataclass
@@ -99,26 +103,63 @@ class _CudaMeter:
         return self.t0.elapsed_time(self.t1), torch.cuda.max_memory_allocated() - self.base
 
 
+def _metered(meter, run: Callable[[Any], Any], x: Any) -> tuple[float, int]:
+    """(ms, peak bytes above the inputs) of one ``run(x)``."""
+    meter.start()
+    run(x)
+    return meter.stop()
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors of a provider's input: a tensor, or a tuple or list of them."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for item in x for t in _tensors(item)] if isinstance(x, (tuple, list)) else []
+
+
 def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
     """([median, p20, p80] ms, peak bytes above the inputs) of ``p.run(x)``, ``x = p.make()`` built outside
-    the timed region (a fresh input each call: in-place providers consume theirs). One warm-up call (and
-    torch.compile's compilation) first; on CUDA at least 10 timed calls."""
+    the timed region, after a warm-up call (and torch.compile's compilation).
+
+    ``triton.testing.do_bench`` and ``torch.utils.benchmark`` re-run one closure on one input: they cannot
+    give each call a fresh input outside the timed region. They time the providers whose ``make()`` hands
+    out the same memory every time (views of the case's tensors: the calls cannot consume it). On CUDA,
+    ``do_bench``: L2 flushed before each call, input gradients set to None between calls, about
+    ``max(repeats, 10)`` calls or 100 ms. On CPU, ``torch.utils.benchmark`` when no input needs a gradient
+    (it runs blocks of calls with nothing between them: gradients would accumulate), for ``repeats`` calls'
+    time or 0.2 s. Neither measures memory: the peak comes from one call of our own meter. The providers
+    that get a fresh copy per call (the in-place ones), and CPU backward passes, are timed call by call by
+    that meter, ``repeats`` calls (at least 10 on CUDA): CUDA events with L2 flushed, or perf_counter."""
+    first, second = p.make(), p.make()
+    # compared while both are alive: a freed block would come back at the same address
+    reusable = [t.untyped_storage().data_ptr() for t in _tensors(first)] == \
+        [t.untyped_storage().data_ptr() for t in _tensors(second)]
+    del second
+    p.run(first)
+    del first
     meter = _CudaMeter() if device == "cuda" else _CpuMeter()
-    p.run(p.make())
-    times, peak = [], 0
-    for _ in range(max(repeats, 10) if device == "cuda" else repeats):
-        x = p.make()
-        meter.start()
-        p.run(x)
-        ms, extra = meter.stop()
-        times.append(ms)
-        peak = max(peak, extra)
+    x = p.make()
+    ms, peak = _metered(meter, p.run, x)
+    grads = [t for t in _tensors(x) if t.requires_grad]
+    calls = max(repeats, 10) if device == "cuda" else repeats
+    if device == "cuda" and reusable and importlib.util.find_spec("triton"):  # Triton is Linux-only
+        from triton.testing import do_bench
+
+        # the same signature on Triton 3.2 and 3.9; "all": the quantiles below are computed alike for every path
+        times = do_bench(lambda: p.run(x), rep=max(100.0, calls * ms), grad_to_none=grads, return_mode="all")
+    elif device == "cpu" and reusable and not grads:
+        timer = torch.utils.benchmark.Timer("run(x)", globals={"run": p.run, "x": x},
+                                            num_threads=torch.get_num_threads())  # its default is 1 thread
+        times = [s * 1e3 for s in timer.blocked_autorange(min_run_time=max(0.2, calls * ms / 1e3)).times]
+    else:
         del x
+        samples = [(ms, peak)] + [_metered(meter, p.run, p.make()) for _ in range(calls - 1)]
+        times, peak = [t for t, _ in samples], max(b for _, b in samples)
     q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
     return q.tolist(), peak
 
 
-def run_case(case: Case, device: str, repeats: int, progress: Optional["Progress"] = None) -> list[dict]:
+def run_case(case: Case, device: str, repeats: int, progress: Optional[tqdm] = None) -> list[dict]:
     """One row per provider: times, peak memory, achieved GB/s or TFLOP/s and its fraction of the roofline
     measured here, and the speed-up over the eager reference. A provider that fails (e.g. out of memory)
     gets a row with its error."""
@@ -130,20 +171,22 @@ def run_case(case: Case, device: str, repeats: int, progress: Optional["Progress
     entries = ([("roofline", case.roofline)] if case.roofline else []) + list(case.providers.items())
     shape = "x".join(f"{k}{v}" for k, v in case.shape.items())
     for name, provider in entries:
-        if progress:
-            progress.step(f"{case.op} {case.mode} {shape} {name}")
+        if progress is not None:  # the bar counts the providers done; its postfix names the one running
+            progress.set_postfix_str(f"{case.op} {case.mode} {shape} {name}")
         try:
             (med, p20, p80), peak = measure(provider, device, repeats)
         except Exception as exc:  # reported, not fatal: one provider must not hide the others
             rows.append(dict(base, provider=name, error=f"{type(exc).__name__}: {exc}"[:300]))
-            continue
-        rate = work / med / unit
-        roof = rate if name == "roofline" else roof
-        rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
-                         peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
-                         fraction_of_roofline=rate / roof if roof else None))
+        else:
+            rate = work / med / unit
+            roof = rate if name == "roofline" else roof
+            rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
+                             peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
+                             fraction_of_roofline=rate / roof if roof else None))
         if device == "cuda":
             torch.cuda.empty_cache()
+        if progress is not None:
+            progress.update()
     eager = next((r["median_ms"] for r in rows if r["provider"] == "eager reference" and "median_ms" in r), None)
     for r in rows:
         if eager and "median_ms" in r and r["provider"] != "roofline":
@@ -170,26 +213,6 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda":
         env["cuda"] = str(torch.version.cuda)
     return env
-
-
-class Progress:
-    """A one-line progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        """Announces the item about to run; the bar counts those finished."""
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{elapsed:5.0f}s {label[:60]:<60}")
-        sys.stderr.flush()
-        self.done += 1
-
-    def close(self) -> None:
-        sys.stderr.write("\n")
 
 
 COLUMNS = ["op", "mode", "N", "V", "H", "B", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib",

@@ -10,7 +10,12 @@ import torch
 
 from . import advantages, grpo_loss, linear_grpo_loss, token_logprobs
 from .common import DTYPES, sizes
-from .harness import Case, Progress, environment, exact_cpu_peaks, run_case, table, write
+from .harness import Case, environment, exact_cpu_peaks, run_case, table, write
+
+try:
+    from tqdm import tqdm
+except ImportError:  # the bench extra brings it; without it the suite runs without a progress bar
+    tqdm = None
 
 OPS = ("token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages")
 
@@ -27,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", default=None, help="comma-separated vocabulary sizes V")
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes H of the linear path")
     parser.add_argument("--batch", default=None, help="comma-separated reward counts B of advantages")
-    parser.add_argument("--repeats", type=int, default=None, help="CPU timing repeats (default 3 quick, 5 full)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per provider, at least (10 on CUDA; default 3 quick, 5 full)")
 
 
 def _ints(text: Optional[str], default: list[int]) -> list[int]:
@@ -64,10 +70,12 @@ def run(args: argparse.Namespace) -> list[pathlib.Path]:
     rows = []
     for make_cases in collect(args):
         cases = make_cases()
-        progress = Progress(sum(len(c.providers) + (c.roofline is not None) for c in cases))
+        total = sum(len(c.providers) + (c.roofline is not None) for c in cases)
+        progress = tqdm(total=total, unit="provider") if tqdm else None  # on stderr
         for case in cases:
             rows += run_case(case, args.device, repeats, progress)
-        progress.close()
+        if progress is not None:
+            progress.close()
         del cases
     print(table(rows))
     dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
