@@ -40,8 +40,8 @@ _ROW = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_INPUTS)}
 MASK, ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS = _ROW["mask"], _ROW["advantages"], _ROW["old_logprobs"], _ROW["ref_logprobs"]
 W_POLICY, W_KL, W_ENTROPY = _ROW["w_policy"], _ROW["w_kl"], _ROW["w_entropy"]
 _OUT = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_OUTPUTS)}
-OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS, OUT_RATIO = _OUT["logprobs"], _OUT["entropy"], _OUT["loss_terms"], _OUT["ratio"]
-OUT_GRAD_LOGPROBS, OUT_ADVANTAGES = _OUT["grad_logprobs"], _OUT["advantages_used"]
+OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS_TERMS, OUT_RATIO = _OUT["logprobs"], _OUT["entropy"], _OUT["loss_terms"], _OUT["ratio"]
+OUT_GRAD_LOGPROBS, OUT_ADVANTAGES_USED = _OUT["grad_logprobs"], _OUT["advantages_used"]
 NUM_OUTPUTS = tl.constexpr(len(P.TOKEN_OUTPUTS))
 _PARAM = {name: tl.constexpr(i) for i, name in enumerate(P.SCALARS)}
 INV_TEMPERATURE, EPS_LOW, EPS_HIGH, RATIO_CAP = (_PARAM[n] for n in ("inv_temperature", "eps_low", "eps_high", "ratio_cap"))
@@ -187,10 +187,10 @@ def grpo_loss_fwd_kernel(
     c = w_policy * dp_term + w_kl * dk
     tl.store(outputs_ptr + OUT_LOGPROBS * N + row, lp)
     tl.store(outputs_ptr + OUT_ENTROPY * N + row, ent)
-    tl.store(outputs_ptr + OUT_LOSS * N + row, w_policy * p_term + w_kl * k - w_entropy * ent)
+    tl.store(outputs_ptr + OUT_LOSS_TERMS * N + row, w_policy * p_term + w_kl * k - w_entropy * ent)
     tl.store(outputs_ptr + OUT_RATIO * N + row, rho)
     tl.store(outputs_ptr + OUT_GRAD_LOGPROBS * N + row, c)
-    tl.store(outputs_ptr + OUT_ADVANTAGES * N + row, A)
+    tl.store(outputs_ptr + OUT_ADVANTAGES_USED * N + row, A)
 
     # 3. the gradient row: c·(onehot − p) − w_H·(−p(log p + H)), over τ. In place (the logits, or the linear
     #    path's z chunk), the row being overwritten is the row step 1 read, the target logit included: the
