@@ -1,4 +1,4 @@
-// The per-token objective of SPEC §2 and the group advantage of SPEC §3 on scalars, shared by the CPU and
+// The per-token objective of MATH §2 and the group advantage of MATH §3 on scalars, shared by the CPU and
 // CUDA kernels (and written to match kernels/grpo_loss.py line by line). Plain C++: no torch headers, so the
 // .cu files compile against a CPU-only PyTorch.
 #pragma once
@@ -177,7 +177,7 @@ FASTGRPO_HD GroupStats group_stats(const float* group, int64_t G) {
   return {mean, scale * sqrtf(squares / (G > 1 ? G - 1 : 1))};
 }
 
-// Advantage (SPEC §3) of the reward `own` of a group with statistics `s`.
+// Advantage (MATH §3) of the reward `own` of a group with statistics `s`.
 FASTGRPO_HD float advantage_of(float own, const GroupStats& s, const ObjectiveParams& p) {
   const int64_t G = p.group_size;
   const bool single = G == 1, raw = single && p.adv_singleton_raw;

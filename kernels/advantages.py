@@ -1,4 +1,4 @@
-"""Group-normalized advantages from rewards in contiguous groups of G (SPEC §3).
+"""Group-normalized advantages from rewards in contiguous groups of G (MATH §3).
 
 ``group_advantage`` is the per-reward math, shared by the standalone kernel (one program per reward) and the
 fused loss kernel, which normalizes a token's reward itself so rewards go to loss and gradient in one launch.

@@ -2,7 +2,7 @@
 
 One program per token row:
   1. streams the row once (online log-sum-exp in fp32, as ``token_logprobs``) → ℓ_t and H_t;
-  2. evaluates the per-token objective of SPEC §2 on scalars: ratio, policy term (ppo with ratio cap and
+  2. evaluates the per-token objective of MATH §2 on scalars: ratio, policy term (ppo with ratio cap and
      dual clip, cispo, sapo, reinforce), KL estimator with clamps / straight-through / ratio weighting, and
      their derivatives c_t = ∂L/∂ℓ_t and d_t = ∂L/∂H_t;
   3. (WRITE_GRAD) streams the row again, meant to hit L2 right after step 1, and writes
@@ -12,7 +12,7 @@ of step 2 depends on this token alone: sequence ratios (GSPO, GMPO), the entropy
 off-policy mask need a statistic over other tokens first and take the two-phase path instead.
 
 The advantage comes per token, or (``adv_from_rewards``) from the raw rewards of the token's group, normalized
-in the kernel by ``group_advantage`` (SPEC §3). Aggregation, rollout importance weights, β, the entropy
+in the kernel by ``group_advantage`` (MATH §3). Aggregation, rollout importance weights, β, the entropy
 coefficient and ``loss_scale`` arrive folded into three per-token weights (w_policy, w_kl, w_entropy) computed
 from the mask beforehand, so the loss is
 Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
@@ -30,8 +30,14 @@ import triton.language as tl
 
 from . import params as P
 from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
-from .token_logprobs import MAX_BLOCK_V, num_warps, row_statistics, write_grad_row, write_zero_row
-from .token_logprobs import block_v  # noqa: F401  (the launch table, re-exported for the launcher)
+from .token_logprobs import (
+    MAX_BLOCK_V,
+    block_v,  # noqa: F401  (the launch table, re-exported for the launcher)
+    num_warps,
+    row_statistics,
+    write_grad_row,
+    write_zero_row,
+)
 
 # The ops' named parameters (kernels/params.py) as the constexprs Triton reads from module globals: rows of
 # `tokens`, entries of `params`, values of the `policy` and `kl` codes. Looked up by name, so an order changed

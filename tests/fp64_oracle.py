@@ -1,8 +1,8 @@
-"""An independent fp64 statement of SPEC §1–§3, the truth of the property and extreme-value tests.
+"""An independent fp64 statement of MATH §1–§3, the truth of the property and extreme-value tests.
 
-Written from /work/shared/SPEC.md, not from ``fastgrpo.reference`` (an oracle that shares the library's code
+Written from docs/MATH.md, not from ``fastgrpo.reference`` (an oracle that shares the library's code
 cannot catch that code's errors). Padded [B, T] layout only; every function also runs in fp32, which the tests
-use as "PyTorch's own error at the precision the library promises" (SPEC §6: fp32 accumulation).
+use as "PyTorch's own error at the precision the library promises" (MATH §6: fp32 accumulation).
 
 Gradients come from torch.autograd on fp64 tensors. Two rules make them the exact ones by construction:
 - a clipped branch is evaluated on clipped inputs (clip(ρ) = exp(clamp(log ρ)), the KL input clamp before exp),
@@ -100,7 +100,7 @@ def _clip_ratio(log_rho: Tensor, lo: Optional[float], hi: Optional[float]) -> Te
 
 
 def aggregate(x: Tensor, m: Tensor, mode: str, cfg, normalizer: Normalizer) -> Tensor:
-    """SPEC §2.6 over rows = sequences; m may be a soft (fractional) weight."""
+    """MATH §2.6 over rows = sequences; m may be a soft (fractional) weight."""
     b, t = m.shape
     count = m.sum(1)
     num_seqs = b if cfg.count_empty_sequences else int((count > 0).sum())
@@ -140,7 +140,7 @@ def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, cfg) -> Tensor:
 def objective(lp: Tensor, adv: Tensor, mask: Tensor, cfg, *, old: Optional[Tensor] = None,
               ref: Optional[Tensor] = None, samp: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
               entropy: Optional[Tensor] = None, normalizer: Normalizer = None) -> Tensor:
-    """The scalar loss of SPEC §2 from per-token [B, T] tensors, computed in lp's dtype.
+    """The scalar loss of MATH §2 from per-token [B, T] tensors, computed in lp's dtype.
 
     adv and is_weights: per sequence [B] or per token [B, T]. ``cfg`` is a ``fastgrpo.LossConfig`` read as
     plain data."""

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import AdvantageConfig
+
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
+
 CONFIGS = [AdvantageConfig(estimator=e, scale=s, singleton=z, eps=eps)
            for e in ("grpo", "rloo", "reinforce_baseline") for s in ("group", "batch", "none")
            for z in ("zero", "raw") for eps in (1e-4,)]

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import AdvantageConfig, LossConfig, backends, presets
 from fastgrpo.trajectory import linear_grpo_loss as linear_path
+
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from test_reference_levels import CONFIGS
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]

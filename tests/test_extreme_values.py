@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import fastgrpo
-import fp64_oracle as oracle
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import LossConfig, presets
 from fastgrpo.trajectory import linear_grpo_loss as linear_path
+
+import fp64_oracle as oracle
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
 EPS32 = torch.finfo(torch.float32).eps

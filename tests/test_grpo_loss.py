@@ -6,12 +6,14 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 from fastgrpo import LossConfig, presets
 from fastgrpo.inputs import LossInputs
 from fastgrpo.kernels import params as P
 from fastgrpo.trajectory import grpo_loss as op
+
+from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 from test_reference_levels import CONFIGS
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
 ATOL = 3e-5  # fp32 rounding of the online log-sum-exp (see test_triton_token_logprobs.py)

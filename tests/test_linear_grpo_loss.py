@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import fastgrpo
-from fastgrpo.trajectory import linear_grpo_loss as linear_path
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import presets
+from fastgrpo.trajectory import linear_grpo_loss as linear_path
+
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from test_reference_levels import CONFIGS
 
 VARIANTS = dict(CONFIGS, trl_dapo=presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),

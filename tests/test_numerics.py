@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import fastgrpo
-from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 from fastgrpo import LossConfig, backends, presets
+
+from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 
 BACKENDS = ["reference", *KERNEL_BACKENDS]
 NAN, INF = float("nan"), float("inf")
@@ -29,7 +30,7 @@ def impl(request):
 
 def truth(z, y, m, adv, *, old=None, ref=None, policy="ppo", eps_low=0.2, eps_high=0.2, cap=None, dual_clip=None,
           cispo=(None, None), sapo=(1.0, 1.05), beta=0.0, kl_in=None, kl_out=None, temperature=1.0):
-    """SPEC §2 in fp64 for the configs used here (token ratio, token mean, k3): the loss, differentiable in z.
+    """MATH §2 in fp64 for the configs used here (token ratio, token mean, k3): the loss, differentiable in z.
     Masked positions are selected away, so whatever they hold stays out of the loss and its gradient."""
     z, m = z.double(), m.double()
     keep = m > 0

@@ -8,8 +8,9 @@ import re
 import pytest
 import torch
 
-from conftest import DEVICE, kernel_backend
 from fastgrpo.kernels import params as P
+
+from conftest import DEVICE, kernel_backend
 
 HEADER = (pathlib.Path(__file__).resolve().parents[1] / "csrc" / "token_objective.h").read_text()
 

@@ -7,7 +7,8 @@ import torch
 
 import fastgrpo
 from fastgrpo import presets
-from trainer_losses import (openrlhf_actor_loss, trl_importance_sampling_ratio, trl_loss, verl_actor_loss)
+
+from trainer_losses import openrlhf_actor_loss, trl_importance_sampling_ratio, trl_loss, verl_actor_loss
 
 B, T = 4, 6
 

@@ -1,10 +1,10 @@
 """Property tests: the public API (``grpo_loss``, ``policy_loss``, ``token_logprobs``, ``advantages``) on every
 backend, on random shapes, dtypes, scales, masks, temperatures and configs, against the fp64 oracle
-(tests/fp64_oracle.py, written from SPEC.md, not from fastgrpo.reference).
+(tests/fp64_oracle.py, written from docs/MATH.md, not from fastgrpo.reference).
 
 Accuracy is judged against PyTorch's own error, elementwise:
     |ours − truth| ≤ K·max|torch − truth| + 2·floor + ε(output dtype)·|truth| + 1e-6·max(1, max|truth|)
-- "torch" is the same formula in fp32 on the same inputs (SPEC §6 promises fp32 accumulation whatever the input
+- "torch" is the same formula in fp32 on the same inputs (MATH §6 promises fp32 accumulation whatever the input
   dtype), its gradient rounded to the input dtype as autograd would;
 - "floor" is the rounding no fp32 implementation avoids, propagated to first order through the fp64 truth
   (its gradient and Hessian): ℓ and H are fp32 values (ε·|ℓ|), and with τ ≠ 1 each z/τ is rounded (ε·|z/τ|,
@@ -30,9 +30,10 @@ import pytest
 import torch
 
 import fastgrpo
+from fastgrpo import LossConfig
+
 import fp64_oracle as oracle
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
-from fastgrpo import LossConfig
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, example, given, note, settings  # noqa: E402
@@ -111,7 +112,7 @@ def rounding_floors(objective, lp: torch.Tensor, ent: torch.Tensor, err_lp: torc
 
 
 def logit_errors(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> tuple:
-    """(log p, relative error of p, error of ℓ, error of H) that every fp32 implementation of SPEC §1 carries:
+    """(log p, relative error of p, error of ℓ, error of H) that every fp32 implementation of MATH §1 carries:
     with τ ≠ 1 each z/τ is rounded (δ = ε·max|z/τ|), which cancels only for the row max (everything relative to
     it); then the fp32 rounding of each log p."""
     z = logits.double() / temperature

@@ -1,5 +1,5 @@
 """The reference at its three input levels: fp64 gradcheck, agreement between levels, packed vs padded,
-and the properties every implementation must keep (SPEC §0, §1)."""
+and the properties every implementation must keep (MATH §0, §1)."""
 
 import dataclasses
 

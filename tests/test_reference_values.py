@@ -1,4 +1,4 @@
-"""The fp32 reference against values worked out by hand on tiny tensors (SPEC §1–§4).
+"""The fp32 reference against values worked out by hand on tiny tensors (MATH §1–§4).
 
 Every expected number below is written out, not recomputed with a second copy of the formula: the
 derivation is in the comment beside it.

@@ -10,9 +10,11 @@ import functools
 import pytest
 import torch
 
-from fastgrpo.trajectory.token_logprobs import kernel_token_logprobs
-from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from fastgrpo import reference
+from fastgrpo.trajectory.token_logprobs import kernel_token_logprobs
+
+from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
 # fp32: the online log-sum-exp over 150k entries and the reference's log_softmax round differently (~1e-6 of

@@ -1,4 +1,4 @@
-"""SPEC §6: every bad input gets an error naming the argument and what was expected."""
+"""MATH §6: every bad input gets an error naming the argument and what was expected."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Value checks of the public API (SPEC §6): every non-finite or out-of-range value at an unmasked position is
+"""Value checks of the public API (MATH §6): every non-finite or out-of-range value at an unmasked position is
 rejected with an error naming the argument, the value and its position; masked positions are never checked;
 all checks of a call cost one host sync, none with ``check_values=False``; meta tensors give meta outputs."""
 
@@ -9,8 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastgrpo
-from fastgrpo import LossConfig
-from fastgrpo import _checks
+from fastgrpo import LossConfig, _checks
 
 B, T, V, H = 2, 3, 5, 4
 NAN, INF = math.nan, math.inf

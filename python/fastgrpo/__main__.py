@@ -13,11 +13,11 @@ import sys
 import torch
 
 from . import backends, presets
-from .reward.advantages import advantages
 from .config import LossConfig
-from .trajectory.token_logprobs import token_logprobs
+from .reward.advantages import advantages
 from .trajectory.grpo_loss import grpo_loss
 from .trajectory.linear_grpo_loss import linear_grpo_loss
+from .trajectory.token_logprobs import token_logprobs
 
 VARIANTS: dict[str, LossConfig] = {
     "GRPO (TRL grpo)": presets.trl(loss_type="grpo", beta=0.04),

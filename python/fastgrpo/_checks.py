@@ -1,4 +1,4 @@
-"""Input validation of SPEC §6: every bad input gets an error naming the argument and what was expected.
+"""Input validation of MATH §6: every bad input gets an error naming the argument and what was expected.
 
 Shape, dtype and device checks read metadata only and always run. Value checks (token ids in range,
 ``cu_seqlens`` well formed, masks and weights non-negative, log-probs, advantages, rewards, entropy and the

@@ -1,4 +1,4 @@
-"""The loss configuration shared by every entry point and backend (SPEC §2–§3), and the output type."""
+"""The loss configuration shared by every entry point and backend (MATH §2–§3), and the output type."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ _NON_NEGATIVE = ("a finite number >= 0", lambda v: v >= 0)
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    """The reward side (SPEC §3): how rewards become advantages.
+    """The reward side (MATH §3): how rewards become advantages.
 
     estimator: ``grpo`` (R − mean_g)/(std_g + eps) with the unbiased std; ``rloo`` R − mean of the others;
         ``reinforce_baseline`` R − mean_g, then whitened over the batch (REINFORCE++ baseline).
@@ -91,7 +91,7 @@ class AdvantageConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Every knob of the trajectory side (SPEC §2), as a frozen, hashable value.
+    """Every knob of the trajectory side (MATH §2), as a frozen, hashable value.
 
     Use ``fastgrpo.presets.trl/verl/openrlhf`` to get the config that reproduces a trainer's loss. Every field's
     type and range is checked at construction; an error names the field (``err.fields``).
@@ -246,7 +246,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class Rewards:
-    """Raw rewards passed where advantages go: each backend normalizes them per group (SPEC §3, with
+    """Raw rewards passed where advantages go: each backend normalizes them per group (MATH §3, with
     ``LossConfig.advantage``) inside the loss call, in the same launch where it can."""
 
     rewards: torch.Tensor
@@ -262,7 +262,7 @@ class LossOutput:
     loss: 0-d fp32, differentiable. logprobs: per-token ℓ (fp32, detached, shaped like the targets, 0 at
     masked tokens, which no kernel reads).
     entropy: per-token entropy (fp32, detached, 0 at masked tokens) when asked or needed, else None.
-    metrics: 0-d tensors of SPEC §4 (no host sync).
+    metrics: 0-d tensors of MATH §4 (no host sync).
     """
 
     loss: torch.Tensor

@@ -1,4 +1,4 @@
-"""Trainer presets (SPEC §5): each takes the trainer's own option names and returns the :class:`LossConfig`
+"""Trainer presets (MATH §5): each takes the trainer's own option names and returns the :class:`LossConfig`
 that reproduces that trainer's loss, quirks included.
 
 Read from the trainers' sources: TRL ``trl/trainer/grpo_trainer.py`` (``_compute_loss``, v1.10–1.16),

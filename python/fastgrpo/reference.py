@@ -1,4 +1,4 @@
-"""The fp32 PyTorch reference of SPEC §2–§4: the oracle every kernel is tested against.
+"""The fp32 PyTorch reference of MATH §2–§4: the oracle every kernel is tested against.
 
 Written for reading, not speed: every token is flattened to one axis of N entries with ``seq`` [N] giving
 its sequence, so the padded [B, T] and the packed [N] + ``cu_seqlens`` layouts share one code path. Inputs
@@ -35,7 +35,7 @@ def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Log-probs and entropy (SPEC §1)
+# Log-probs and entropy (MATH §1)
 # ----------------------------------------------------------------------------------------------------------
 def token_logprobs(
     logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False, mask: Optional[Tensor] = None
@@ -95,7 +95,7 @@ def linear_token_logprobs(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reward side (SPEC §3)
+# Reward side (MATH §3)
 # ----------------------------------------------------------------------------------------------------------
 def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
     if group_ids is not None:
@@ -113,7 +113,7 @@ def advantages(
     reward_weights: Optional[Tensor] = None,
     metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
+    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of MATH §3 (``{}`` without
     ``metrics``).
 
     The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
@@ -171,7 +171,7 @@ def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor
 
 
 def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
-    """SPEC §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
+    """MATH §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
     All solved / all failed are the zero-std groups whose rewards are all 1 / all 0 (binary rewards)."""
     num_groups = mean.numel()
     zero_std = std == 0
@@ -190,7 +190,7 @@ def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tens
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Trajectory side (SPEC §2)
+# Trajectory side (MATH §2)
 # ----------------------------------------------------------------------------------------------------------
 class TokenLayout:
     """Which sequence each token belongs to, for segment sums over the flattened token axis."""
@@ -221,7 +221,7 @@ class TokenLayout:
 
 
 def aggregation_weights(m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
-    """SPEC §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
+    """MATH §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
     if mode == "token_mean":
         return m / (normalizer if normalizer is not None else m.sum().clamp(min=1))
     count = lay.seg_sum(m)
@@ -264,7 +264,7 @@ class _K3(torch.autograd.Function):
 
 
 def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
-    """SPEC §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
+    """MATH §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
@@ -285,7 +285,7 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
 
 
 def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
-    """SPEC §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
+    """MATH §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
     # A token's weight is its own ratio (a fractional mask weights the loss, not the ratio, as in TRL and
     # OpenRLHF); sequence statistics are the trainers' masked sums Σ m·log w. Masked tokens are selected away.
     log_w = torch.where(m > 0, old - samp, 0.0)
@@ -350,7 +350,7 @@ def _objective(
     old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scalar loss of SPEC §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need."""
     # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
     # since the mask's 0 would turn them into NaN, not 0
     adv = torch.where(m > 0, adv, 0.0)
@@ -437,7 +437,7 @@ def _objective(
 
 def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
              cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
-    """SPEC §4 over the masked tokens."""
+    """MATH §4 over the masked tokens."""
     rho = values["rho"]
     low, high = values["low"].float(), values["high"].float()
     out = {
@@ -482,7 +482,7 @@ def policy_loss(
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
 ) -> LossOutput:
-    """SPEC §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
+    """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
     ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t. ``logprobs``
     (and ``entropy`` for the bonus)."""
     advantages = resolve_advantages(advantages, config.advantage)
@@ -518,7 +518,7 @@ def grpo_loss(
     logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
     return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
 ) -> LossOutput:
-    """SPEC §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
+    """MATH §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
     safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))  # masked ids may be padding
     lp, ent = token_logprobs(logits, safe_targets, config.temperature,
                              entropy=return_entropy or config.needs_entropy, mask=mask)
@@ -530,7 +530,7 @@ def linear_grpo_loss(
     bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(),
     chunk_tokens: Optional[int] = None, logit_scale: float = 1.0, logit_softcap: Optional[float] = None, **kwargs,
 ) -> LossOutput:
-    """SPEC §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]. The oracle materializes
+    """MATH §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]. The oracle materializes
     the fp32 logits (``chunk_tokens`` is accepted and ignored)."""
     return grpo_loss(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, advantages, mask,
                      return_entropy=return_entropy, config=config, **kwargs)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..reward.advantages import advantages
 from ..config import AdvantageConfig
+from ..reward.advantages import advantages
 from .common import generator, kernel_backends, reference_providers, timed
 from .harness import Case, Provider
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..trajectory.linear_grpo_loss import _Gemm
 from ..trajectory.grpo_loss import grpo_loss
-from ..trajectory.linear_grpo_loss import linear_grpo_loss
+from ..trajectory.linear_grpo_loss import _Gemm, linear_grpo_loss
 from .common import CONFIG, DTYPES, generator, kernel_backends, leaf, timed
 from .harness import Case, Provider
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
-from ..trajectory.token_logprobs import linear_token_logprobs
 from ..trajectory.grpo_loss import policy_loss
 from ..trajectory.objective import kl_estimate
+from ..trajectory.token_logprobs import linear_token_logprobs
 from ._rows import labels_per_row, logprobs_per_row
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")

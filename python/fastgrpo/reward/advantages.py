@@ -76,7 +76,7 @@ def torch_advantages(
     reward_weights: Optional[Tensor] = None,
     metrics: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of SPEC §3 (``{}`` without
+    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of MATH §3 (``{}`` without
     ``metrics``).
 
     The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
@@ -134,7 +134,7 @@ def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor
 
 
 def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
-    """SPEC §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
+    """MATH §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
     All solved / all failed are the zero-std groups whose rewards are all 1 / all 0 (binary rewards)."""
     num_groups = mean.numel()
     zero_std = std == 0

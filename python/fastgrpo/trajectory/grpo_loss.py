@@ -344,7 +344,7 @@ def policy_loss(
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LossOutput:
-    """The loss of SPEC §2 from per-token log-probs ``logprobs`` [B, T] (or packed [N] + ``cu_seqlens``).
+    """The loss of MATH §2 from per-token log-probs ``logprobs`` [B, T] (or packed [N] + ``cu_seqlens``).
 
     advantages: per sequence [B] / [B, 1] / [S], or per token [B, T]; or pass ``rewards`` [B] ([B, K] with
         ``reward_weights``) and ``group_size``/``group_ids`` to normalize them first (``config.advantage``).
@@ -414,7 +414,7 @@ def grpo_loss(
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LossOutput:
-    """The loss of SPEC §2 from ``logits`` [B, T, V] (or packed [N, V]) and ``targets`` [B, T] / [N].
+    """The loss of MATH §2 from ``logits`` [B, T, V] (or packed [N, V]) and ``targets`` [B, T] / [N].
 
     Same keywords as :func:`policy_loss`; log-probs and entropy come from the logits divided by
     ``config.temperature``. Leading dims of ``logits`` may be any view (e.g. ``logits[:, :-1]``); the

@@ -322,7 +322,7 @@ def linear_grpo_loss(
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LossOutput:
-    """The loss of SPEC §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
+    """The loss of MATH §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
     [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
 
     The kernel backends never materialize the [N, V] logits: unmasked tokens are processed ``chunk_tokens`` at

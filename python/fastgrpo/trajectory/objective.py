@@ -22,6 +22,7 @@ from ..config import LossConfig, LossOutput, Normalizer
 from ..inputs import LossInputs
 from ..reward import advantages as reward
 
+
 def _acc(x: Tensor) -> Tensor:
     """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
     return x if x.dtype == torch.float64 else x.float()
