@@ -40,7 +40,8 @@ def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) ->
 
 
 def _sums(member: Tensor, x: Tensor) -> Tensor:
-    """Σ of x over the members of each set: member [sets, N], x [N] → [sets]."""
+    """Σ of x over the members of each set: member [sets, N], x [N] → [sets]. Selected, not M @ x: an inf of one
+    set would make 0·inf = NaN in all the others."""
     return torch.where(member, x, 0.0).sum(-1)
 
 
@@ -110,14 +111,9 @@ def linear_token_logprobs(
 
 
 # -------------------------------------------------------------------------------------- MATH §3 reward side
-def advantages(
-    rewards: Tensor,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    config: AdvantageConfig = AdvantageConfig(),
-    reward_weights: Optional[Tensor] = None,
-    metrics: bool = True,
-) -> tuple[Tensor, dict[str, Tensor]]:
+def advantages(rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+               config: AdvantageConfig = AdvantageConfig(), reward_weights: Optional[Tensor] = None,
+               metrics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """Advantages [B] (fp32, detached) from rewards [B], or [B, K] reward functions summed with their weights (TRL
     "sum_then_normalize"), in contiguous groups of ``group_size`` or one group per distinct ``group_ids`` value;
     and the reward metrics of MATH §3 (``{}`` without ``metrics``)."""
@@ -126,22 +122,25 @@ def advantages(
     if r.dim() == 2:
         r = r @ (torch.ones_like(r[0]) if reward_weights is None else reward_weights.double())
     num = r.shape[0]
-    if group_ids is not None:
-        group = torch.unique(group_ids)[:, None] == group_ids
-    else:
-        index = torch.arange(num, device=r.device)
-        group = index[: num // group_size, None] == index // group_size
-    size = group.sum(-1).double()
-    total = _sums(group, r)
+    if group_ids is not None:  # one group per distinct id: a membership matrix [groups, B]
+        member = torch.unique(group_ids)[:, None] == group_ids
+        num_groups = member.shape[0]
+        sums, of_group = (lambda x: _sums(member, x)), (lambda v: _spread(member, v))
+    else:  # contiguous groups: the rows of a [groups, group_size] view (the membership matrix has B²/size entries)
+        num_groups = num // group_size
+        sums = lambda x: x.reshape(num_groups, group_size).sum(-1)  # noqa: E731
+        of_group = lambda v: v.repeat_interleave(group_size)  # noqa: E731
+    size = sums(torch.ones_like(r))
+    total = sums(r)
     mean = total / size.clamp(min=1)
-    std = (_sums(group, (r - _spread(group, mean)) ** 2) / (size - 1).clamp(min=1)).sqrt()  # unbiased; 0 alone
+    std = (sums((r - of_group(mean)) ** 2) / (size - 1).clamp(min=1)).sqrt()  # unbiased; 0 for a group of one
 
-    n, baseline, spread = _spread(group, size), _spread(group, mean), _spread(group, std)
+    n, baseline, spread = of_group(size), of_group(mean), of_group(std)
     if config.singleton == "raw":  # verl: a group of one has mean 0 and std 1
         baseline, spread = torch.where(n == 1, 0.0, baseline), torch.where(n == 1, 1.0, spread)
     centered = r - baseline
     if config.estimator == "rloo":  # R − the mean of the others in its group; a group of one keeps R − baseline
-        adv = torch.where(n > 1, r - (_spread(group, total) - r) / (n - 1).clamp(min=1), centered)
+        adv = torch.where(n > 1, r - (of_group(total) - r) / (n - 1).clamp(min=1), centered)
     elif config.estimator == "reinforce_baseline":  # R − mean_g, whitened over the batch
         adv = (centered - centered.mean()) / ((centered.std() if num > 1 else 1.0) + config.eps)
     elif config.scale == "group":
@@ -154,7 +153,7 @@ def advantages(
     if not metrics:
         return adv, {}
     zero_std = std == 0
-    groups = max(group.shape[0], 1)
+    groups = max(num_groups, 1)
     values = {
         "reward/mean": r.mean() if num else r.new_zeros(()),
         "reward/std": r.std() if num > 1 else r.new_zeros(()),
@@ -162,7 +161,7 @@ def advantages(
         "frac_reward_zero_std": zero_std.sum() / groups,
         "frac_groups_all_solved": (zero_std & (mean == 1)).sum() / groups,  # binary rewards
         "frac_groups_all_failed": (zero_std & (mean == 0)).sum() / groups,
-        "advantage/group_sum_abs_max": _sums(group, adv).abs().amax() if group.shape[0] else r.new_zeros(()),
+        "advantage/group_sum_abs_max": sums(adv).abs().amax() if num_groups else r.new_zeros(()),
     }
     return adv, {key: v.to(out) for key, v in values.items()}
 
@@ -226,7 +225,7 @@ class _Batch(NamedTuple):
 
 
 def _masked(m: Tensor, x: Tensor) -> Tensor:
-    """m·x, with masked tokens selected away."""
+    """m·x, with masked tokens selected away (0·inf would be NaN, in the value or in the gradient)."""
     return torch.where(m > 0, m * x, 0.0)
 
 
@@ -387,18 +386,10 @@ def _metrics(lp: Tensor, ent: Optional[Tensor], b: _Batch, rho: Tensor, log_r: T
 
 
 def policy_loss(
-    logprobs: Tensor,
-    advantages: Union[Tensor, Rewards],
-    mask: Tensor,
-    *,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
-    config: LossConfig = LossConfig(),
+    logprobs: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *, old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None, entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None, config: LossConfig = LossConfig(),
 ) -> LossOutput:
     """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages and ``is_weights``
     per sequence ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t.
