@@ -174,9 +174,9 @@ def _from_rewards(given: Union[Tensor, Rewards], config: AdvantageConfig) -> Ten
 
 # ---------------------------------------------------------------------------------- MATH §2 trajectory side
 class _Exp(torch.autograd.Function):
-    """exp(x) or k3(x) = expm1(−x) + x, with the derivative (e^x; −expm1(−x), which keeps the digits near x = 0)
-    applied only where a gradient flows in: past x ≈ 88 e^x is inf in fp32, and a branch that is flat there (a clip,
-    a clamp, SAPO's saturated gate) passes 0, whose true product with the derivative is 0, not 0·inf = NaN."""
+    """exp(x), or k3(x) = expm1(−x) + x (the forms that lose least near x = 0), with the derivative (e^x; −expm1(−x))
+    applied only where a gradient flows in: past |x| ≈ 88 it is inf in fp32, and a branch that is flat there (a clip,
+    a clamp, SAPO's saturated gate, the KL output clamp) passes 0, whose true product with it is 0, not NaN."""
 
     @staticmethod
     def forward(x: Tensor, k3: bool) -> Tensor:
