@@ -1,527 +1,439 @@
-"""The fp32 PyTorch reference of MATH §2–§4: the oracle every kernel is tested against.
+"""The oracle: a short PyTorch statement of the contract (MATH §1–§4) that every backend is tested against, and
+``backend="reference"``.
 
-Written for reading, not speed: every token is flattened to one axis of N entries with ``seq`` [N] giving
-its sequence, so the padded [B, T] and the packed [N] + ``cu_seqlens`` layouts share one code path. Inputs
-are assumed valid (``fastgrpo`` validates them before any backend runs).
+It imports nothing of the production layer (``fastgrpo.trajectory``, ``fastgrpo.reward``, the kernels), so an error
+there cannot hide in a kernel-vs-reference test. Written for reading, not speed:
+- tokens lie on one axis of N entries; a membership matrix M [sets, N] says which sequence each token is in (the
+  rows of [B, T], or the spans of ``cu_seqlens``), and another which group each reward is in. A per-set sum is a row
+  sum of M-selected entries, a per-set value reaches its members through Mᵀ: static shapes, no host sync;
+- each aggregation is its formula of MATH §2.6; group statistics are computed in fp64, where (r − mean)² of
+  rewards near 1e20 does not overflow;
+- anything at a masked position (NaN, inf, padding ids) is selected away with torch.where, never multiplied by 0,
+  and an inf in one sequence stays in that sequence.
+Values are fp32, or fp64 for fp64 inputs (gradcheck). Inputs are valid: the public functions validate them first.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .config import AdvantageConfig, LossConfig, LossOutput, Rewards
+from .config import AdvantageConfig, LossConfig, LossOutput, Normalizer, Rewards
 
-Normalizer = Union[float, Tensor, None]
+INF = float("inf")
 
 
 def _acc(x: Tensor) -> Tensor:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _as(x: Tensor, value: Optional[float]) -> Optional[Tensor]:
-    """A config float as a 0-d tensor of ``x``'s dtype (None stays None), for clamp bounds and where() branches:
-    torch.compile specializes a float passed to those (a recompile for every new value), not one added to a
-    tensor. The same value as the float: the op would round it to ``x``'s dtype too."""
-    return None if value is None else x.new_zeros(()) + value
+def _const(like: Tensor, value: Optional[float]) -> Optional[Tensor]:
+    """A config float as a 0-d tensor: torch.compile specializes a float bound of clamp (a recompilation for every new
+    value), not a float added to a tensor."""
+    return None if value is None else like.new_zeros(()) + value
 
 
 def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) -> Tensor:
-    """``x.clamp(lo, hi)``, with the bounds as tensors (see ``_as``)."""
-    return x.clamp(_as(x, lo), _as(x, hi))
+    return x if lo is None and hi is None else x.clamp(_const(x, lo), _const(x, hi))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Log-probs and entropy (MATH §1)
-# ----------------------------------------------------------------------------------------------------------
-def token_logprobs(
-    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False, mask: Optional[Tensor] = None
-) -> tuple[Tensor, Optional[Tensor]]:
-    """ℓ = z_y/τ − logsumexp(z/τ) and H = logsumexp(z/τ) − Σ p·z/τ, in fp32, differentiable. Rows where ``mask``
-    is 0 give ℓ = H = 0 and a zero gradient whatever their logits hold (as the kernels, which skip them)."""
-    z = _acc(logits) / temperature
-    if mask is not None:  # selected, not multiplied: a NaN logit of a masked row must not reach its gradient
-        z = torch.where(mask.unsqueeze(-1) != 0, z, 0.0)
-    lp = _TargetLogprob.apply(z, targets.long())
-    ent = None
-    if entropy:  # a banned token (z = −inf) has p = 0 and adds nothing, not 0·(−inf)
-        logp = torch.log_softmax(z, dim=-1)
-        ent = -(logp.exp() * torch.where(torch.isfinite(logp), logp, 0.0)).sum(-1)
-    if mask is not None:
-        lp = torch.where(mask != 0, lp, 0.0)
-        ent = None if ent is None else torch.where(mask != 0, ent, 0.0)
-    return lp, ent
+def _sums(member: Tensor, x: Tensor) -> Tensor:
+    """Σ of x over the members of each set: member [sets, N], x [N] → [sets]. Selected, not M @ x: an inf of one
+    set would make 0·inf = NaN in all the others."""
+    return torch.where(member, x, 0.0).sum(-1)
 
 
+def _spread(member: Tensor, v: Tensor) -> Tensor:
+    """Mᵀ v: each of the N members gets its set's value. member [sets, N], v [sets] → [N]."""
+    return torch.where(member, v[:, None], 0.0).sum(0)
+
+
+def _at_least_1(n: Union[int, Tensor]) -> Union[int, Tensor]:
+    return n.clamp(min=1) if isinstance(n, Tensor) else max(n, 1)
+
+
+# ------------------------------------------------------------------------------------------ MATH §1 log-probs
 class _TargetLogprob(torch.autograd.Function):
-    """ℓ = log_softmax(z)[y], with ∂ℓ/∂z_v = 1[v = y] − p_v applied as g·(1[v = y] − p_v) and 0 where that
-    coefficient is 0. Autograd's own g − p·Σg is the same value, except when g is ±inf (the loss itself beyond
-    fp32, e.g. an unclipped ratio e^100 with A < 0): then inf − inf = NaN at the target and 0·inf where p
-    underflowed, where the true values are ±inf and 0."""
+    """ℓ = log_softmax(z)[y], whose gradient g·(1[v = y] − p_v) is taken as 0 wherever 1[v = y] − p_v is 0: for
+    g = ±inf (a loss beyond fp32, e.g. an unclipped ρ = e^100 with A < 0) autograd's g − p·Σg gives inf − inf at
+    the target and 0·inf where p underflowed, where the true values are ±inf and 0."""
 
     @staticmethod
-    def forward(z: Tensor, targets: Tensor) -> Tensor:
-        return torch.log_softmax(z, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    def forward(z: Tensor, y: Tensor) -> Tensor:
+        return torch.log_softmax(z, -1).gather(-1, y[..., None]).squeeze(-1)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # (not in forward: torch.func transforms need it apart)
+    def setup_context(ctx, inputs, output) -> None:  # apart from forward: torch.func transforms need it so
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        z, targets = ctx.saved_tensors
-        coef = (-torch.softmax(z, dim=-1)).scatter_add(-1, targets.unsqueeze(-1), torch.ones_like(z[..., :1]))
-        return torch.where(coef == 0, 0.0, grad.unsqueeze(-1) * coef), None
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        z, y = ctx.saved_tensors
+        slope = (torch.arange(z.shape[-1], device=z.device) == y[..., None]).to(z.dtype) - torch.softmax(z, -1)
+        return torch.where(slope == 0, 0.0, g[..., None] * slope), None
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False,
+                   mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """ℓ = log softmax(z/τ)[y] and, with ``entropy``, H = −Σ p·log p, p = softmax(z/τ); differentiable. Rows where
+    ``mask`` is 0 give ℓ = H = 0 and a zero gradient whatever their logits hold (the kernels skip them)."""
+    z = _acc(logits) / temperature
+    keep = None if mask is None else mask != 0
+    if keep is not None:  # a NaN logit of a masked row must not reach the gradient
+        z = torch.where(keep[..., None], z, 0.0)
+    lp = _TargetLogprob.apply(z, targets.long())
+    ent = None
+    if entropy:  # a banned token (z = −inf) has p = 0 and adds 0, not 0·(−inf)
+        logp = torch.log_softmax(z, -1)
+        ent = -(logp.exp() * torch.where(logp.isfinite(), logp, 0.0)).sum(-1)
+    if keep is not None:
+        lp = torch.where(keep, lp, 0.0)
+        ent = None if ent is None else torch.where(keep, ent, 0.0)
+    return lp, ent
 
 
 def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
                      logit_softcap: Optional[float] = None) -> Tensor:
-    """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32 (the oracle never rounds a product to the input
-    dtype); softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
-    z = _acc(hidden) @ _acc(weight).t()
-    z = (z if bias is None else z + _acc(bias)) * logit_scale
+    """z = c·tanh(s·(h Wᵀ + b)/c) (Gemma's final-logit softcap c, Cohere's logit scale s), in fp32: the oracle never
+    rounds a product to the input dtype."""
+    z = torch.nn.functional.linear(_acc(hidden), _acc(weight), None if bias is None else _acc(bias)) * logit_scale
     return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
-    temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, temperature: float = 1.0,
+    entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
-    return token_logprobs(z, targets, temperature, entropy)
+    return token_logprobs(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, temperature,
+                          entropy)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reward side (MATH §3)
-# ----------------------------------------------------------------------------------------------------------
-def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
-    if group_ids is not None:
-        _, inverse = torch.unique(group_ids, return_inverse=True)
-        return inverse, int(inverse.max()) + 1 if inverse.numel() else 0
-    assert group_size is not None
-    return torch.arange(num, device=device) // group_size, num // group_size
-
-
-def advantages(
-    rewards: Tensor,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    config: AdvantageConfig = AdvantageConfig(),
-    reward_weights: Optional[Tensor] = None,
-    metrics: bool = True,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Group-normalized advantages [B] (fp32, detached) and the reward metrics of MATH §3 (``{}`` without
-    ``metrics``).
-
-    The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
-    fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
-    r = combine_rewards(rewards, reward_weights)
-    g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
-    count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
-    mean = r.new_zeros(num_groups).index_add_(0, g, r) / count.clamp(min=1)
-    deviation = r - mean[g]
-    scale = r.new_zeros(num_groups).scatter_reduce_(0, g, deviation.abs(), "amax")
-    unit = deviation / torch.where(scale > 0, scale, 1.0)[g]
-    sq = r.new_zeros(num_groups).index_add_(0, g, unit * unit)
-    std = scale * (sq / (count - 1).clamp(min=1)).sqrt()  # unbiased; a group of one has std 0
-    single = (count == 1)[g]
-
-    cfg = config
-    if cfg.singleton == "raw":  # verl: a group of one has mean 0 and std 1
-        mean_t = torch.where(single, torch.zeros_like(r), mean[g])
-        std_t = torch.where(single, torch.ones_like(r), std[g])
-    else:
-        mean_t, std_t = mean[g], std[g]
-    centered = r - mean_t
-    if cfg.estimator == "grpo":
-        if cfg.scale == "group":
-            adv = centered / (std_t + cfg.eps)
-        elif cfg.scale == "batch":
-            adv = centered / (r.std() + cfg.eps) if r.numel() > 1 else torch.zeros_like(r)
-        else:
-            adv = centered
-    elif cfg.estimator == "rloo":
-        n = count[g]
-        adv = torch.where(n > 1, centered * n / (n - 1).clamp(min=1), centered)
-    else:  # reinforce_baseline: whiten R − mean_g over the batch
-        std_b = centered.std() if centered.numel() > 1 else torch.ones(())
-        adv = (centered - centered.mean()) / (std_b + cfg.eps)
-
-    return adv, advantage_metrics(r, adv, g, mean, std) if metrics else {}
-
-
-def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: AdvantageConfig) -> Tensor:
-    """Advantages as given, or computed from :class:`Rewards`."""
-    if not isinstance(advantages_or_rewards, Rewards):
-        return advantages_or_rewards
-    r = advantages_or_rewards
-    return advantages(r.rewards, r.group_size, r.group_ids, config, r.weights, metrics=False)[0]
-
-
-def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
-    """[B] rewards as they are; [B, K] reward functions summed with their weights (TRL "sum_then_normalize")."""
-    r = _acc(rewards.detach())
+# -------------------------------------------------------------------------------------- MATH §3 reward side
+def advantages(rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
+               config: AdvantageConfig = AdvantageConfig(), reward_weights: Optional[Tensor] = None,
+               metrics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """Advantages [B] (fp32, detached) from rewards [B], or [B, K] reward functions summed with their weights (TRL
+    "sum_then_normalize"), in contiguous groups of ``group_size`` or one group per distinct ``group_ids`` value;
+    and the reward metrics of MATH §3 (``{}`` without ``metrics``)."""
+    out = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    r = rewards.detach().double()
     if r.dim() == 2:
-        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else _acc(reward_weights)
-        r = (r * w).sum(-1)
-    return r
+        r = r @ (torch.ones_like(r[0]) if reward_weights is None else reward_weights.double())
+    num = r.shape[0]
+    if group_ids is not None:  # one group per distinct id: a membership matrix [groups, B]
+        member = torch.unique(group_ids)[:, None] == group_ids
+        num_groups = member.shape[0]
+        sums, of_group = (lambda x: _sums(member, x)), (lambda v: _spread(member, v))
+    else:  # contiguous groups: the rows of a [groups, group_size] view (the membership matrix has B²/size entries)
+        num_groups = num // group_size
+        sums = lambda x: x.reshape(num_groups, group_size).sum(-1)  # noqa: E731
+        of_group = lambda v: v.repeat_interleave(group_size)  # noqa: E731
+    size = sums(torch.ones_like(r))
+    total = sums(r)
+    mean = total / size.clamp(min=1)
+    std = (sums((r - of_group(mean)) ** 2) / (size - 1).clamp(min=1)).sqrt()  # unbiased; 0 for a group of one
 
-
-def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tensor) -> dict[str, Tensor]:
-    """MATH §3 metrics from the rewards, the advantages, each reward's group and the group statistics.
-    All solved / all failed are the zero-std groups whose rewards are all 1 / all 0 (binary rewards)."""
-    num_groups = mean.numel()
+    n, baseline, spread = of_group(size), of_group(mean), of_group(std)
+    if config.singleton == "raw":  # verl: a group of one has mean 0 and std 1
+        baseline, spread = torch.where(n == 1, 0.0, baseline), torch.where(n == 1, 1.0, spread)
+    centered = r - baseline
+    if config.estimator == "rloo":  # R − the mean of the others in its group; a group of one keeps R − baseline
+        adv = torch.where(n > 1, r - (of_group(total) - r) / (n - 1).clamp(min=1), centered)
+    elif config.estimator == "reinforce_baseline":  # R − mean_g, whitened over the batch
+        adv = (centered - centered.mean()) / ((centered.std() if num > 1 else 1.0) + config.eps)
+    elif config.scale == "group":
+        adv = centered / (spread + config.eps)
+    elif config.scale == "batch":
+        adv = centered / (r.std() + config.eps) if num > 1 else torch.zeros_like(r)
+    else:  # Dr. GRPO: no division
+        adv = centered
+    adv = adv.to(out)
+    if not metrics:
+        return adv, {}
     zero_std = std == 0
-    nonempty = max(num_groups, 1)
-    frac = lambda x: x.float().sum() / nonempty  # noqa: E731
-    return {
-        "reward/mean": r.mean() if r.numel() else r.new_zeros(()),
-        "reward/std": r.std() if r.numel() > 1 else r.new_zeros(()),
-        "reward/group_std_mean": std.sum() / nonempty,
-        "frac_reward_zero_std": frac(zero_std),
-        "frac_groups_all_solved": frac(zero_std & (mean == 1)),
-        "frac_groups_all_failed": frac(zero_std & (mean == 0)),
-        "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device, dtype=adv.dtype)
-        .index_add_(0, g, adv).abs().max() if num_groups else r.new_zeros(()),
+    groups = max(num_groups, 1)
+    values = {
+        "reward/mean": r.mean() if num else r.new_zeros(()),
+        "reward/std": r.std() if num > 1 else r.new_zeros(()),
+        "reward/group_std_mean": std.sum() / groups,
+        "frac_reward_zero_std": zero_std.sum() / groups,
+        "frac_groups_all_solved": (zero_std & (mean == 1)).sum() / groups,  # binary rewards
+        "frac_groups_all_failed": (zero_std & (mean == 0)).sum() / groups,
+        "advantage/group_sum_abs_max": sums(adv).abs().amax() if num_groups else r.new_zeros(()),
     }
+    return adv, {key: v.to(out) for key, v in values.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Trajectory side (MATH §2)
-# ----------------------------------------------------------------------------------------------------------
-class TokenLayout:
-    """Which sequence each token belongs to, for segment sums over the flattened token axis."""
-
-    def __init__(self, shape: torch.Size, cu_seqlens: Optional[Tensor], max_length: Optional[int], device):
-        if cu_seqlens is None:
-            b, t = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-            self.seq = torch.arange(b, device=device).repeat_interleave(t)
-            self.num_seqs = b
-            self.max_length: Union[int, Tensor] = t if max_length is None else max_length
-        else:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            self.num_seqs = lengths.numel()
-            # output_size: the token count is known, so no host sync to size the result
-            self.seq = torch.arange(self.num_seqs, device=device).repeat_interleave(lengths, output_size=shape[0])
-            self.max_length = (lengths.max() if self.num_seqs else 0) if max_length is None else max_length
-
-    def seg_sum(self, x: Tensor) -> Tensor:
-        return torch.zeros(self.num_seqs, device=x.device, dtype=x.dtype).index_add(0, self.seq, x)
-
-    def per_token(self, x: Tensor, token_shape: torch.Size) -> Tensor:
-        """A per-sequence ([B], [B, 1], packed [S]) or per-token tensor as a per-token [N] fp32 tensor.
-
-        Packed input with S == N is read per token (the only case where the two shapes coincide)."""
-        per_sequence = x.numel() != token_shape.numel() or (len(token_shape) == 2 and x.shape != token_shape)
-        x = _acc(x).reshape(-1)
-        return x[self.seq] if per_sequence else x
+def _from_rewards(given: Union[Tensor, Rewards], config: AdvantageConfig) -> Tensor:
+    if not isinstance(given, Rewards):
+        return given
+    return advantages(given.rewards, given.group_size, given.group_ids, config, given.weights, metrics=False)[0]
 
 
-def aggregation_weights(m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
-    """MATH §2.6 as per-token weights a_t: the aggregate of per-token values x is Σ_t a_t·x_t."""
-    if mode == "token_mean":
-        return m / (normalizer if normalizer is not None else m.sum().clamp(min=1))
-    count = lay.seg_sum(m)
-
-    def at_least_1(n: Union[int, Tensor]) -> Union[int, Tensor]:
-        return max(n, 1) if isinstance(n, int) else n.clamp(min=1)
-
-    def num_seqs() -> Union[int, Tensor]:
-        return at_least_1(lay.num_seqs if cfg.count_empty_sequences else (count > 0).sum())
-
-    if mode == "token_sum_norm":
-        if normalizer is None:
-            normalizer = at_least_1((num_seqs() if cfg.divide_by_num_sequences else 1) * lay.max_length)
-        return m / normalizer
-    if mode == "seq_mean_token_mean":
-        m = m / count.clamp(min=1)[lay.seq]
-    return m / (num_seqs() if normalizer is None else normalizer)
-
-
-def _aggregate(x: Tensor, m: Tensor, mode: str, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer) -> Tensor:
-    return (aggregation_weights(m, mode, lay, cfg, normalizer) * x).sum()
-
-
-class _K3(torch.autograd.Function):
-    """k3 = e^(−D) − 1 + D as expm1(−D) + D, with derivative −expm1(−D): the forms that lose the least to
-    cancellation near D = 0 (autograd of expm1 would take 1 − (expm1(−D) + 1) and lose it again)."""
+# ---------------------------------------------------------------------------------- MATH §2 trajectory side
+class _Exp(torch.autograd.Function):
+    """exp(x), or k3(x) = expm1(−x) + x (the forms that lose least near x = 0), with the derivative (e^x; −expm1(−x))
+    applied only where a gradient flows in: past |x| ≈ 88 it is inf in fp32, and a branch that is flat there (a clip,
+    a clamp, SAPO's saturated gate, the KL output clamp) passes 0, whose true product with it is 0, not NaN."""
 
     @staticmethod
-    def forward(d: Tensor) -> Tensor:
-        return torch.expm1(-d) + d
+    def forward(x: Tensor, k3: bool) -> Tensor:
+        return torch.expm1(-x) + x if k3 else torch.exp(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
+        ctx.k3 = inputs[1]
+        ctx.save_for_backward(inputs[0], output)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (d,) = ctx.saved_tensors
-        return -grad * torch.expm1(-d)
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:
+        x, y = ctx.saved_tensors
+        return torch.where(g == 0, 0.0, g * (-torch.expm1(-x) if ctx.k3 else y)), None
 
 
 def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
-    """MATH §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
+    """MATH §2.5: the per-token estimate K of the KL to the reference policy, from D = ℓ − ℓ^ref."""
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
-    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x,
-                "k3": _K3.apply}[cfg.kl_estimator.rstrip("+")]
-    k = estimate(d)
-    if cfg.kl_output_clamp is not None:
-        # Where the estimate saturates its derivative is 0: selected, with the estimate evaluated there on a
-        # constant, so that k3 = inf (D < −88 without an input clamp: OpenRLHF, which clamps D at −10 for this)
-        # gives 0 and not 0·inf = NaN.
+    kind = cfg.kl_estimator.rstrip("+")
+    k = _Exp.apply(d, True) if kind == "k3" else d if kind == "k1" else d.abs() if kind == "abs" else 0.5 * d * d
+    if cfg.kl_output_clamp is not None:  # beyond the clamp: the bound, and no gradient (where() passes none)
         c = cfg.kl_output_clamp
-        saturated = k.detach().abs() > c
-        k = torch.where(saturated, _clamp(k.detach(), -c, c), estimate(torch.where(saturated, 0.0, d)))
-    if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
+        k = torch.where(k.detach().abs() > c, _clamp(k.detach(), -c, c), k)
+    if cfg.kl_estimator.endswith("+"):  # verl's straight-through: the value of the estimate, the gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
-        k = k2 - k2.detach() + k.detach()
+        k = k.detach() + (k2 - k2.detach())
     return k
 
 
-def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
-    """MATH §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
-    # A token's weight is its own ratio (a fractional mask weights the loss, not the ratio, as in TRL and
-    # OpenRLHF); sequence statistics are the trainers' masked sums Σ m·log w. Masked tokens are selected away.
-    log_w = torch.where(m > 0, old - samp, 0.0)
-    seq_log_w = lay.seg_sum(m * log_w)
-    mode = cfg.rollout_correction
-    lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
-    hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
-    if mode == "sequence_geomean_mask":
-        geo = torch.exp(seq_log_w / lay.seg_sum(m).clamp(min=1))
-        keep = (geo >= lo) & (geo <= hi)
-        return torch.exp(log_w) * keep[lay.seq]
-    w = torch.exp(seq_log_w)[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
-    if mode.endswith("truncate"):
+class _Batch(NamedTuple):
+    """A batch on the token axis [N] (0 at masked tokens), all but ℓ and H."""
+
+    m: Tensor  # loss mask
+    adv: Tensor
+    old: Optional[Tensor]
+    ref: Optional[Tensor]
+    samp: Optional[Tensor]
+    is_weights: Optional[Tensor]
+    seq: Tensor  # membership [num_seqs, N]
+    max_length: Union[int, Tensor]  # L_max of token_sum_norm
+    normalizer: Normalizer
+    cfg: LossConfig
+
+
+def _masked(m: Tensor, x: Tensor) -> Tensor:
+    """m·x, with masked tokens selected away (0·inf would be NaN, in the value or in the gradient)."""
+    return torch.where(m > 0, m * x, 0.0)
+
+
+def _seq_mean(b: _Batch, x: Tensor) -> Tensor:
+    """Σ_t m·x / max(1, Σ_t m) per sequence."""
+    return _sums(b.seq, _masked(b.m, x)) / _sums(b.seq, b.m).clamp(min=1)
+
+
+def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
+    """MATH §2.6: per-token values x [N] → the loss, under token weights m (the loss mask, or fewer tokens);
+    a call's ``normalizer`` replaces the denominator."""
+    cfg = b.cfg
+    mode = mode or cfg.aggregation
+    per_seq = _sums(b.seq, m)
+    num_seqs = _at_least_1(b.seq.shape[0] if cfg.count_empty_sequences else (per_seq > 0).sum())
+    if mode == "token_mean":  # Σ m·x / Σ m
+        total, denominator = _masked(m, x).sum(), m.sum().clamp(min=1)
+    elif mode == "seq_mean_token_mean":  # Σ_i [Σ_t m·x / max(1, Σ_t m)] / S
+        total, denominator = (_sums(b.seq, _masked(m, x)) / per_seq.clamp(min=1)).sum(), num_seqs
+    elif mode == "seq_mean_token_sum":  # Σ_i Σ_t m·x / S
+        total, denominator = _sums(b.seq, _masked(m, x)).sum(), num_seqs
+    else:  # token_sum_norm: Σ m·x / (S·L_max), or / L_max alone
+        total = _masked(m, x).sum()
+        denominator = _at_least_1((num_seqs if cfg.divide_by_num_sequences else 1) * b.max_length)
+    return total / (denominator if b.normalizer is None else b.normalizer)
+
+
+def _rollout_weight(old: Tensor, b: _Batch) -> Tensor:
+    """MATH §2.4: w = e^(ℓ^old − ℓ^samp) per token, or e^Σ_t m·(ℓ^old − ℓ^samp) per sequence; ``truncate`` clamps w
+    to [min, max], ``mask`` zeroes it outside; ``sequence_geomean_mask`` keeps the token's own w and zeroes the
+    sequences whose geometric-mean weight lies outside. A soft mask weights the loss, not the ratio (TRL, OpenRLHF)."""
+    cfg, log_w = b.cfg, old - b.samp
+    lo = -INF if cfg.rollout_min is None else cfg.rollout_min
+    hi = INF if cfg.rollout_max is None else cfg.rollout_max
+    if cfg.rollout_correction == "sequence_geomean_mask":
+        geo = _spread(b.seq, torch.exp(_seq_mean(b, log_w)))
+        return torch.where((geo < lo) | (geo > hi), 0.0, torch.exp(log_w))
+    if cfg.rollout_correction.startswith("sequence"):
+        log_w = _spread(b.seq, _sums(b.seq, _masked(b.m, log_w)))
+    w = torch.exp(log_w)
+    if cfg.rollout_correction.endswith("truncate"):
         return _clamp(w, cfg.rollout_min, cfg.rollout_max)
-    return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+    return torch.where((w < lo) | (w > hi), 0.0, w)
 
 
-def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
-    """TRL's top-entropy mask: tokens with H ≥ the (1 − q) quantile of the masked entropies. Masked tokens enter
-    the quantile as NaN, which nanquantile skips (no data-dependent shape: it compiles without a graph break); with
-    no unmasked token the threshold is NaN and no token is kept."""
-    if ent.numel() == 0:  # (a static shape: no graph break)
-        return torch.zeros_like(m)
-    threshold = torch.nanquantile(torch.where(m > 0, ent, float("nan")), 1.0 - q)
-    return ((ent >= threshold) & (m > 0)).float()
+def _policy_term(lp: Tensor, rho: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+    """P_t of MATH §2.3 for the token-level terms."""
+    if cfg.policy_loss == "ppo":
+        capped = _clamp(rho, hi=cfg.ratio_cap)  # TRL's delta
+        p = -torch.minimum(capped * adv, _clamp(rho, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high) * adv)
+        return p if cfg.dual_clip is None else torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
+    if cfg.policy_loss == "cispo":
+        return -_clamp(rho, cfg.cispo_low, cfg.cispo_high).detach() * adv * lp
+    if cfg.policy_loss == "sapo":
+        kappa = torch.where(adv > 0, _const(adv, cfg.sapo_tau_pos), _const(adv, cfg.sapo_tau_neg))
+        return -(4.0 / kappa) * torch.sigmoid(kappa * (rho - 1.0)) * adv
+    return -adv * lp  # reinforce
 
 
-def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (torch.where(m > 0, x, 0.0) * m).sum() / m.sum().clamp(min=1)  # a NaN where m = 0 is not counted
+def _gmpo(log_r: Tensor, w: Tensor, b: _Batch) -> Tensor:
+    """MATH §2.3 GMPO, a mean over sequences of −Ā_i·ρ_i: ρ_i the geometric mean of the sign-aware clipped token
+    ratios, each sequence weighted by the geometric mean of its token weights (log(w + 1e-10): w = 0 drops it)."""
+    cfg, sign = b.cfg, torch.sign(b.adv)
+    d = sign * torch.minimum(sign * log_r, sign * _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high))
+    mean = lambda x: _sums(b.seq, _masked(b.m, x)) / (_sums(b.seq, b.m) + 1e-8)  # noqa: E731
+    per_seq = -mean(b.adv) * torch.exp(mean(d)) * torch.exp(mean(torch.log(w + 1e-10)))
+    return per_seq.sum() / (max(b.seq.shape[0], 1) if b.normalizer is None else b.normalizer)
 
 
-def _masked_extreme(x: Tensor, m: Tensor, largest: bool) -> Tensor:
-    if x.numel() == 0:
-        return x.new_zeros(())
-    fill = float("-inf") if largest else float("inf")
-    v = torch.where(m > 0, x, torch.full_like(x, fill))
-    v = v.max() if largest else v.min()
-    return torch.where(m.sum() > 0, v, torch.zeros_like(v))
-
-
-class _RatioExp(torch.autograd.Function):
-    """ρ = exp(log r), whose derivative ρ is applied only where a gradient flows in. Past log r ≈ 88 (no clamp)
-    ρ = inf in fp32, and a branch that is flat there (a clipped ratio, SAPO's saturated gate, a dual clip) passes
-    0: the true derivative is then 0, where autograd's 0·inf would give NaN."""
-
-    @staticmethod
-    def forward(log_r: Tensor) -> Tensor:
-        return torch.exp(log_r)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (rho,) = ctx.saved_tensors
-        return torch.where(grad == 0, 0.0, grad * rho)
-
-
-def _objective(
-    lp: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer,
-    old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
-    ent: Optional[Tensor],
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need."""
-    # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
-    # since the mask's 0 would turn them into NaN, not 0
-    adv = torch.where(m > 0, adv, 0.0)
-    is_w = None if is_w is None else torch.where(m > 0, is_w, 0.0)
-    old = lp.detach() if old is None else old
+def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss of MATH §2 (differentiable in ℓ and H), the ratio ρ, the log-ratio and the rollout weight."""
+    cfg, m, adv = b.cfg, b.m, b.adv
+    old = lp.detach() if b.old is None else b.old  # on-policy: ρ = 1 with the gradient of ℓ
     log_r = lp - old  # §2.1
     if cfg.log_ratio_clamp is not None:
         log_r = _clamp(log_r, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
-    count = lay.seg_sum(m)
-    if cfg.ratio_level == "sequence":  # §2.2 GSPO
-        log_s = lay.seg_sum(log_r * m) / count.clamp(min=1)
-        log_rho = log_s[lay.seq]
-        if cfg.sequence_ratio_grad == "token":  # verl's GSPO-token: the value of s_i, the gradient of ℓ_t
+    log_rho = log_r
+    if cfg.ratio_level == "sequence":  # §2.2 GSPO: log s_i on every token of sequence i
+        log_rho = _spread(b.seq, _seq_mean(b, log_r))
+        if cfg.sequence_ratio_grad == "token":  # verl's GSPO-token: the value of log s_i, the gradient of ℓ_t
             log_rho = lp - lp.detach() + log_rho.detach()
-        if cfg.seq_log_ratio_max is not None:
-            log_rho = _clamp(log_rho, hi=cfg.seq_log_ratio_max)
-        rho = _RatioExp.apply(log_rho)
-    else:
-        rho = _RatioExp.apply(log_r)
+        log_rho = _clamp(log_rho, hi=cfg.seq_log_ratio_max)
+    rho = _Exp.apply(log_rho, False)
 
     # §2.4 weights, all detached
-    weight = torch.ones_like(lp)
-    if is_w is not None:
-        weight = is_w
+    if b.is_weights is not None:
+        w_rollout = b.is_weights
     elif cfg.rollout_correction is not None:
-        weight = rollout_weights(old, samp, m, lay, cfg)
-    is_weight = weight
-    emask = None
-    if cfg.top_entropy_quantile < 1.0:
-        emask = _entropy_mask(ent.detach(), m, cfg.top_entropy_quantile)
-        weight = weight * emask
-    if cfg.off_policy_mask_threshold is not None:
-        samp_or_old = old if samp is None else samp
-        seq_kl = lay.seg_sum((samp_or_old - lp.detach()) * m) / count.clamp(min=1)
-        keep = (adv >= 0) | (seq_kl[lay.seq] <= cfg.off_policy_mask_threshold)
-        weight = weight * keep
-
-    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
-    values = {"rho": rho.detach(), "is_weight": is_weight}
-    if cfg.policy_loss == "gmpo":  # §2.3: a sequence loss, always a mean over sequences
-        sgn = torch.sign(adv)
-        d_clip = _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high)
-        d = sgn * torch.minimum(sgn * log_r, sgn * d_clip)
-        rho_seq = torch.exp(lay.seg_sum(m * d) / (count + 1e-8))
-        adv_seq = lay.seg_sum(m * adv) / (count + 1e-8)
-        seq_weight = torch.exp(lay.seg_sum(torch.log(weight + 1e-10) * m) / (count + 1e-8))
-        seq_loss = -adv_seq * rho_seq * seq_weight
-        policy = seq_loss.sum() / (normalizer if normalizer is not None else max(lay.num_seqs, 1))
-        values["low"] = (log_r < -cfg.epsilon_low) & (adv < 0)
-        values["high"] = (log_r > cfg.epsilon_high) & (adv > 0)
+        w_rollout = _rollout_weight(old.detach(), b)
     else:
-        if cfg.policy_loss == "ppo":  # §2.3
-            unclipped = rho if cfg.ratio_cap is None else _clamp(rho, hi=cfg.ratio_cap)
-            p = -torch.minimum(unclipped * adv, _clamp(rho, lo, hi) * adv)
-            if cfg.dual_clip is not None:
-                p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
-        elif cfg.policy_loss == "cispo":
-            unbounded = cfg.cispo_low is None and cfg.cispo_high is None  # clamp() needs at least one bound
-            p = -(rho if unbounded else _clamp(rho, cfg.cispo_low, cfg.cispo_high)).detach() * adv * lp
-        elif cfg.policy_loss == "sapo":
-            tau = torch.where(adv > 0, _as(adv, cfg.sapo_tau_pos), _as(adv, cfg.sapo_tau_neg))
-            p = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
-        else:  # reinforce
-            p = -adv * lp
-        policy = _aggregate(p * weight, m, cfg.aggregation, lay, cfg, normalizer)
-        values["low"] = (rho < lo) & (adv < 0)
-        values["high"] = (rho > hi) & (adv > 0)
+        w_rollout = torch.ones_like(m)
+    w, top = w_rollout, None
+    if cfg.top_entropy_quantile < 1.0:  # TRL: H_t ≥ the (1 − q) quantile of the unmasked entropies
+        h = ent.detach()
+        top = m > 0
+        if h.numel():  # nanquantile skips the masked tokens (no data-dependent shape); none unmasked: NaN, none kept
+            top = top & (h >= torch.nanquantile(torch.where(top, h, float("nan")), 1.0 - cfg.top_entropy_quantile))
+        w = torch.where(top, w, 0.0)
+    if cfg.off_policy_mask_threshold is not None:  # TRL: drop a stale sequence with A < 0
+        drift = _spread(b.seq, _seq_mean(b, (old if b.samp is None else b.samp).detach() - lp.detach()))
+        w = torch.where((adv >= 0) | (drift <= cfg.off_policy_mask_threshold), w, 0.0)
 
-    loss = policy
+    if cfg.policy_loss == "gmpo":
+        loss = _gmpo(log_r, w, b)
+    else:
+        loss = _aggregate(_policy_term(lp, rho, adv, cfg) * w, m, None, b)
     if cfg.beta != 0.0:  # §2.5
-        k = kl_estimate(lp, ref, cfg)
-        if cfg.kl_ratio_weighted:
-            k = k * rho
-        loss = loss + cfg.beta * _aggregate(k, m, cfg.kl_aggregation or cfg.aggregation, lay, cfg, normalizer)
-    if ref is not None:
-        values["kl"] = kl_estimate(lp.detach(), ref, cfg).detach()
-    if cfg.entropy_coef != 0.0:  # §2.7
-        ent_mask = m if emask is None else m * emask
-        loss = loss - cfg.entropy_coef * _aggregate(
-            ent, ent_mask, cfg.entropy_aggregation or cfg.aggregation, lay, cfg, normalizer)
-    values["ppo_kl"] = (old - lp).detach()
-    return loss * cfg.loss_scale, values
+        k = kl_estimate(lp, b.ref, cfg)
+        loss = loss + cfg.beta * _aggregate(k * rho if cfg.kl_ratio_weighted else k, m, cfg.kl_aggregation, b)
+    if cfg.entropy_coef != 0.0:  # §2.7, over the tokens the entropy mask keeps
+        loss = loss - cfg.entropy_coef * _aggregate(ent, m if top is None else torch.where(top, m, 0.0),
+                                                    cfg.entropy_aggregation, b)
+    return loss * cfg.loss_scale, rho.detach(), log_r.detach(), w_rollout
 
 
-def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
-             cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
-    """MATH §4 over the masked tokens."""
-    rho = values["rho"]
-    low, high = values["low"].float(), values["high"].float()
+def _metrics(lp: Tensor, ent: Optional[Tensor], b: _Batch, rho: Tensor, log_r: Tensor, w_rollout: Tensor,
+             grad_lp: Tensor) -> dict[str, Tensor]:
+    """MATH §4: token means over the unmasked tokens (and min/max)."""
+    cfg, m, adv = b.cfg, b.m, b.adv
+    keep = m > 0
+    mean = lambda x: _masked(m, x.to(m.dtype)).sum() / m.sum().clamp(min=1)  # noqa: E731
+
+    def extreme(x: Tensor, largest: bool) -> Tensor:  # 0 without an unmasked token
+        if x.numel() == 0:
+            return x.new_zeros(())
+        v = torch.where(keep, x, -INF if largest else INF)
+        return torch.where(keep.any(), v.amax() if largest else v.amin(), 0.0)
+
+    if cfg.policy_loss == "gmpo":  # GMPO clips the log-ratio
+        low, high = (log_r < -cfg.epsilon_low) & (adv < 0), (log_r > cfg.epsilon_high) & (adv > 0)
+    else:
+        low, high = (rho < 1.0 - cfg.epsilon_low) & (adv < 0), (rho > 1.0 + cfg.epsilon_high) & (adv > 0)
+    old = lp.detach() if b.old is None else b.old
     out = {
-        "clip_ratio/low_mean": _masked_mean(low, m),
-        "clip_ratio/high_mean": _masked_mean(high, m),
-        "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), m),
-        "clip_ratio/dual": _masked_mean(((adv < 0) & (rho > cfg.dual_clip)).float(), m)
-        if cfg.dual_clip is not None else m.new_zeros(()),
-        "ppo_kl": _masked_mean(values["ppo_kl"], m),
-        "ratio/mean": _masked_mean(rho, m),
-        "ratio/min": _masked_extreme(rho, m, largest=False),
-        "ratio/max": _masked_extreme(rho, m, largest=True),
-        "grad_active_fraction": _masked_mean((grad_lp != 0).float(), m),
+        "clip_ratio/low_mean": mean(low),
+        "clip_ratio/high_mean": mean(high),
+        "clip_ratio/region_mean": mean(low | high),
+        "clip_ratio/dual": m.new_zeros(()) if cfg.dual_clip is None else mean((adv < 0) & (rho > cfg.dual_clip)),
+        "ppo_kl": mean(old.detach() - lp.detach()),
+        "ratio/mean": mean(rho),
+        "ratio/min": extreme(rho, largest=False),
+        "ratio/max": extreme(rho, largest=True),
+        "grad_active_fraction": mean(grad_lp != 0),
     }
     if cfg.policy_loss == "cispo":
-        above = (rho > cfg.cispo_high) & (adv > 0) if cfg.cispo_high is not None else torch.zeros_like(m, dtype=torch.bool)
-        below = (rho < cfg.cispo_low) & (adv < 0) if cfg.cispo_low is not None else torch.zeros_like(m, dtype=torch.bool)
-        out["cispo_clip_ratio"] = _masked_mean((above | below).float(), m)
-    if "kl" in values:
-        out["kl"] = _masked_mean(values["kl"], m)
+        lo = -INF if cfg.cispo_low is None else cfg.cispo_low
+        hi = INF if cfg.cispo_high is None else cfg.cispo_high
+        out["cispo_clip_ratio"] = mean(((rho > hi) & (adv > 0)) | ((rho < lo) & (adv < 0)))
+    if b.ref is not None:
+        out["kl"] = mean(kl_estimate(lp.detach(), b.ref, cfg).detach())
     if ent is not None:
-        out["entropy"] = _masked_mean(ent.detach(), m)
-    if weights_used:
-        w = values["is_weight"]
-        out["is_weight/mean"] = _masked_mean(w, m)
-        out["is_weight/min"] = _masked_extreme(w, m, largest=False)
-        out["is_weight/max"] = _masked_extreme(w, m, largest=True)
+        out["entropy"] = mean(ent.detach())
+    if b.is_weights is not None or cfg.rollout_correction is not None:
+        out["is_weight/mean"] = mean(w_rollout)
+        out["is_weight/min"] = extreme(w_rollout, largest=False)
+        out["is_weight/max"] = extreme(w_rollout, largest=True)
     return out
 
 
 def policy_loss(
-    logprobs: Tensor,
-    advantages: Union[Tensor, Rewards],
-    mask: Tensor,
-    *,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None,
-    entropy: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
-    config: LossConfig = LossConfig(),
+    logprobs: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *, old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None, entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None, config: LossConfig = LossConfig(),
 ) -> LossOutput:
-    """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages per sequence
-    ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t. ``logprobs``
-    (and ``entropy`` for the bonus)."""
-    advantages = resolve_advantages(advantages, config.advantage)
-    shape = logprobs.shape
-    lay = TokenLayout(shape, cu_seqlens, config.max_length, logprobs.device)
+    """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages and ``is_weights``
+    per sequence ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t.
+    ``logprobs`` (and ``entropy`` for the bonus)."""
+    shape, device = logprobs.shape, logprobs.device
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    n = shape.numel()
+    if cu_seqlens is None:  # the rows of [B, T]; a 1-D [N] is one sequence
+        rows, length = (shape[0], shape[1]) if len(shape) == 2 else (1, n)
+        cu_seqlens = torch.arange(rows + 1, device=device) * length
+    position = torch.arange(n, device=device)
+    seq = (cu_seqlens[:-1, None] <= position) & (position < cu_seqlens[1:, None])
+    m = mask.to(dtype).reshape(-1)
 
-    m = _acc(mask.reshape(-1))
+    def per_token(x: Optional[Tensor]) -> Optional[Tensor]:
+        """[N], a per-sequence x spread over its tokens (packed with S == N: read per token); masked tokens 0."""
+        if x is None:
+            return None
+        per_seq = x.numel() != n or (len(shape) == 2 and x.shape != shape)
+        x = x.to(dtype).reshape(-1)
+        return torch.where(m > 0, _spread(seq, x) if per_seq else x, 0.0)
 
-    def flat(x: Optional[Tensor]) -> Optional[Tensor]:
-        """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding
-        id far from ℓ^ref) must not turn into NaN through a multiplication by the mask."""
-        return None if x is None else torch.where(m > 0, _acc(x.reshape(-1)), 0.0)
-
-    adv = lay.per_token(advantages.detach(), shape)
-    is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
-    args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(sampling_logprobs),
-            is_w)
-    lp = flat(logprobs)
-    ent = flat(entropy)
-    loss, values = _objective(lp, *args, ent)
-
-    # grad_active_fraction needs ∂L/∂ℓ: autodiff of a second, detached evaluation keeps the oracle plain.
-    # torch.func.grad, not torch.autograd.grad: torch.compile traces the former into the graph.
-    ent_probe = None if ent is None else ent.detach()
-    grad_lp = torch.func.grad(lambda leaf: _objective(leaf, *args, ent_probe)[0])(lp.detach())
-    weights_used = is_weights is not None or config.rollout_correction is not None
-    metrics = loss_metrics(values, grad_lp, adv, m, ent, config, weights_used)
+    longest = _sums(seq, torch.ones_like(m)).amax() if seq.shape[0] else 0
+    b = _Batch(m, per_token(_from_rewards(advantages, config.advantage).detach()), per_token(old_logprobs),
+               per_token(ref_logprobs), per_token(sampling_logprobs),
+               None if is_weights is None else per_token(is_weights.detach()), seq,
+               longest if config.max_length is None else config.max_length, normalizer, config)
+    lp, ent = per_token(logprobs), per_token(entropy)
+    loss, rho, log_r, w_rollout = _objective(lp, ent, b)
+    # ∂L/∂ℓ for grad_active_fraction, by autodiff of a second, detached evaluation: torch.func.grad, which
+    # torch.compile traces (torch.autograd.grad it does not)
+    grad_lp = torch.func.grad(lambda x: _objective(x, None if ent is None else ent.detach(), b)[0])(lp.detach())
     return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
-                      entropy=None if ent is None else ent.detach().reshape(shape), metrics=metrics)
+                      entropy=None if ent is None else ent.detach().reshape(shape),
+                      metrics=_metrics(lp, ent, b, rho, log_r, w_rollout, grad_lp))
 
 
 def grpo_loss(
     logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
     return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
 ) -> LossOutput:
-    """MATH §2 on logits [B, T, V] (or packed [N, V]); same keywords as :func:`policy_loss`."""
-    safe_targets = torch.where(mask.bool(), targets, torch.zeros_like(targets))  # masked ids may be padding
-    lp, ent = token_logprobs(logits, safe_targets, config.temperature,
-                             entropy=return_entropy or config.needs_entropy, mask=mask)
+    """MATH §2 on logits [B, T, V] (or packed [N, V]); the keywords of :func:`policy_loss`."""
+    targets = torch.where(mask != 0, targets, 0)  # a masked id may be padding (−100)
+    lp, ent = token_logprobs(logits, targets, config.temperature, return_entropy or config.needs_entropy, mask)
     return policy_loss(lp, advantages, mask, entropy=ent, config=config, **kwargs)
 
 
@@ -530,7 +442,7 @@ def linear_grpo_loss(
     bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(),
     chunk_tokens: Optional[int] = None, logit_scale: float = 1.0, logit_softcap: Optional[float] = None, **kwargs,
 ) -> LossOutput:
-    """MATH §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]. The oracle materializes
-    the fp32 logits (``chunk_tokens`` is accepted and ignored)."""
+    """MATH §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]: the oracle materializes the
+    fp32 logits (``chunk_tokens`` is accepted and ignored)."""
     return grpo_loss(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, advantages, mask,
                      return_entropy=return_entropy, config=config, **kwargs)
