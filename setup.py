@@ -34,11 +34,24 @@ def cpu_arch_flags():
         except OSError:
             flags = ""
         has = lambda *names: all(f" {n}" in flags for n in names)  # noqa: E731
-        arch = ("avx512" if has("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
-                else "avx2" if has("avx2", "fma") else "default")
+        arch = (
+            "avx512"
+            if has("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
+            else "avx2"
+            if has("avx2", "fma")
+            else "default"
+        )
     if arch == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
-                "-DCPU_CAPABILITY_AVX512"]
+        return [
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512dq",
+            "-mfma",
+            "-mf16c",
+            "-DCPU_CAPABILITY=AVX512",
+            "-DCPU_CAPABILITY_AVX512",
+        ]
     if arch == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
@@ -49,8 +62,12 @@ def cuda_home():
     if os.environ.get("FASTGRPO_NO_CUDA") == "1":
         return None
     nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
+        "/usr/local/cuda",
+    ]
     for home in candidates:
         if home and all(os.path.exists(os.path.join(home, *p)) for p in (("bin", "nvcc"), ("include", "cuda.h"))):
             return home
@@ -65,8 +82,19 @@ def compile_cuda(home, build_dir):
     objects = []
     for src in sorted(glob.glob("csrc/cuda/*.cu")):
         obj = os.path.join(build_dir, os.path.basename(src) + ".o")
-        cmd = [os.path.join(home, "bin", "nvcc"), "-c", src, "-o", obj, "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
-               "--expt-relaxed-constexpr", *gencode]
+        cmd = [
+            os.path.join(home, "bin", "nvcc"),
+            "-c",
+            src,
+            "-o",
+            obj,
+            "-O3",
+            "-std=c++17",
+            "-Xcompiler",
+            "-fPIC",
+            "--expt-relaxed-constexpr",
+            *gencode,
+        ]
         print(" ".join(cmd))
         subprocess.check_call(cmd)
         objects.append(obj)
@@ -90,13 +118,19 @@ def warn_on_runtime_mismatch(home):
     major = nvcc_major(home)
     torch_cuda = torch_cuda_version()
     if torch_cuda is None:
-        warnings.warn(f"fastgrpo: compiling the CUDA kernels with CUDA {major} for a CPU-only torch: they are built "
-                      "and checked, but run only with a CUDA build of torch whose CUDA major version is "
-                      f"{major}", stacklevel=1)
+        warnings.warn(
+            f"fastgrpo: compiling the CUDA kernels with CUDA {major} for a CPU-only torch: they are built "
+            "and checked, but run only with a CUDA build of torch whose CUDA major version is "
+            f"{major}",
+            stacklevel=1,
+        )
     elif major is not None and int(torch_cuda.split(".")[0]) != major:
-        warnings.warn(f"fastgrpo: nvcc is CUDA {major} but torch uses CUDA {torch_cuda}: fastgrpo._C_cuda will need "
-                      f"libcudart.so.{major} and a driver for CUDA {major}; build with the toolkit matching "
-                      f"torch (CUDA_HOME=...) or FASTGRPO_NO_CUDA=1", stacklevel=1)
+        warnings.warn(
+            f"fastgrpo: nvcc is CUDA {major} but torch uses CUDA {torch_cuda}: fastgrpo._C_cuda will need "
+            f"libcudart.so.{major} and a driver for CUDA {major}; build with the toolkit matching "
+            f"torch (CUDA_HOME=...) or FASTGRPO_NO_CUDA=1",
+            stacklevel=1,
+        )
 
 
 def stream_native_handle():
@@ -114,30 +148,46 @@ def extensions():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:  # an isolated build environment without torch: install --no-build-isolation instead
-        print("fastgrpo: torch is not importable at build time, building without the C++/CUDA extension "
-              "(pip install --no-build-isolation -e . builds it against the installed torch)")
+        print(
+            "fastgrpo: torch is not importable at build time, building without the C++/CUDA extension "
+            "(pip install --no-build-isolation -e . builds it against the installed torch)"
+        )
         return [], {}
 
     # -fopenmp: at::parallel_for is header code, parallel only where the extension itself is built with OpenMP
     cxx = ["-O3", "-std=c++17", "-fopenmp", *cpu_arch_flags()]
-    exts = [CppExtension("fastgrpo._C", ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
-                         extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    exts = [
+        CppExtension(
+            "fastgrpo._C",
+            ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
     home = cuda_home()
     native_handle = home is not None and stream_native_handle()
     if home and not native_handle and torch_cuda_version() is None:
-        print("fastgrpo: this CPU-only torch has no c10::Stream::native_handle (torch < 2.7?): skipping the CUDA kernels")
+        print(
+            "fastgrpo: this CPU-only torch has no c10::Stream::native_handle (torch < 2.7?): skipping the CUDA kernels"
+        )
         home = None
     if home:
         warn_on_runtime_mismatch(home)
         lib = os.path.join(home, "lib64") if os.path.isdir(os.path.join(home, "lib64")) else os.path.join(home, "lib")
-        exts.append(CppExtension(
-            "fastgrpo._C_cuda", sorted(glob.glob("csrc/cuda/*.cpp")), extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
-            extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
-            define_macros=[("FASTGRPO_STREAM_NATIVE_HANDLE", None)] if native_handle else [],
-            include_dirs=[os.path.join(home, "include")], library_dirs=[lib],
-            libraries=["cudart"] if native_handle else ["cudart", "c10_cuda"],
-            # the toolkit's runtime as the fallback; a runtime of the same major torch loaded already is used first
-            extra_link_args=[f"-Wl,-rpath,{lib}"]))
+        exts.append(
+            CppExtension(
+                "fastgrpo._C_cuda",
+                sorted(glob.glob("csrc/cuda/*.cpp")),
+                extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+                extra_objects=compile_cuda(home, os.path.join("build", "cuda_objects")),
+                define_macros=[("FASTGRPO_STREAM_NATIVE_HANDLE", None)] if native_handle else [],
+                include_dirs=[os.path.join(home, "include")],
+                library_dirs=[lib],
+                libraries=["cudart"] if native_handle else ["cudart", "c10_cuda"],
+                # the toolkit's runtime as the fallback; a runtime of the same major torch loaded already is used first
+                extra_link_args=[f"-Wl,-rpath,{lib}"],
+            )
+        )
     return exts, {"build_ext": BuildExtension}
 
 

@@ -23,8 +23,9 @@ GRPO, RLOO = tl.constexpr(P.ADV_ESTIMATOR["grpo"]), tl.constexpr(P.ADV_ESTIMATOR
 
 
 @triton.jit
-def group_advantage(rewards_ptr, seq, G, estimator, divide, use_batch_std, singleton_raw, eps, batch_std,
-                    BLOCK: tl.constexpr):
+def group_advantage(
+    rewards_ptr, seq, G, estimator, divide, use_batch_std, singleton_raw, eps, batch_std, BLOCK: tl.constexpr
+):
     """(advantage of reward ``seq``, its group's mean, its group's std)."""
     first = (seq // G) * G
     offs = tl.arange(0, BLOCK)
@@ -52,22 +53,43 @@ def group_advantage(rewards_ptr, seq, G, estimator, divide, use_batch_std, singl
     scale = tl.where(use_batch_std != 0, batch_std, tl.where(raw, 1.0, std))
     grpo = tl.where(divide != 0, centered / (scale + eps), centered)
     rloo = tl.where(single, centered, centered * G / tl.maximum(G - 1, 1))
-    return tl.where(estimator == GRPO, grpo, tl.where(estimator == RLOO, rloo, centered)), mean, std  # else REINFORCE_BASELINE
+    return (
+        tl.where(estimator == GRPO, grpo, tl.where(estimator == RLOO, rloo, centered)),
+        mean,
+        std,
+    )  # else REINFORCE_BASELINE
 
 
 @triton.jit
 def advantages_kernel(
     # pointers (params_ptr: ADVANTAGE_SCALARS, fp32, loaded per program: torch.compile would specialize floats)
-    rewards_ptr, params_ptr, advantages_ptr, group_mean_ptr, group_std_ptr,
+    rewards_ptr,
+    params_ptr,
+    advantages_ptr,
+    group_mean_ptr,
+    group_std_ptr,
     # variant codes (ADVANTAGE_CODES)
-    group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
+    group_size,
+    adv_estimator,
+    adv_divide,
+    adv_use_batch_std,
+    adv_singleton_raw,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
-    adv, mean, std = group_advantage(rewards_ptr, seq, group_size, adv_estimator, adv_divide, adv_use_batch_std,
-                                     adv_singleton_raw, tl.load(params_ptr + ADV_EPS), tl.load(params_ptr + BATCH_STD),
-                                     BLOCK)
+    adv, mean, std = group_advantage(
+        rewards_ptr,
+        seq,
+        group_size,
+        adv_estimator,
+        adv_divide,
+        adv_use_batch_std,
+        adv_singleton_raw,
+        tl.load(params_ptr + ADV_EPS),
+        tl.load(params_ptr + BATCH_STD),
+        BLOCK,
+    )
     tl.store(advantages_ptr + seq, adv)
     if seq % group_size == 0:
         tl.store(group_mean_ptr + seq // group_size, mean)

@@ -43,18 +43,32 @@ from .token_logprobs import (
 # `tokens`, entries of `params`, values of the `policy` and `kl` codes. Looked up by name, so an order changed
 # there is followed here; tests/test_op_params.py pins them.
 _ROW = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_INPUTS)}
-MASK, ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS = _ROW["mask"], _ROW["advantages"], _ROW["old_logprobs"], _ROW["ref_logprobs"]
+MASK, ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS = (
+    _ROW["mask"],
+    _ROW["advantages"],
+    _ROW["old_logprobs"],
+    _ROW["ref_logprobs"],
+)
 W_POLICY, W_KL, W_ENTROPY = _ROW["w_policy"], _ROW["w_kl"], _ROW["w_entropy"]
 _OUT = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_OUTPUTS)}
-OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS_TERMS, OUT_RATIO = _OUT["logprobs"], _OUT["entropy"], _OUT["loss_terms"], _OUT["ratio"]
+OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS_TERMS, OUT_RATIO = (
+    _OUT["logprobs"],
+    _OUT["entropy"],
+    _OUT["loss_terms"],
+    _OUT["ratio"],
+)
 OUT_GRAD_LOGPROBS, OUT_ADVANTAGES_USED = _OUT["grad_logprobs"], _OUT["advantages_used"]
 NUM_OUTPUTS = tl.constexpr(len(P.TOKEN_OUTPUTS))
 _PARAM = {name: tl.constexpr(i) for i, name in enumerate(P.SCALARS)}
-INV_TEMPERATURE, EPS_LOW, EPS_HIGH, RATIO_CAP = (_PARAM[n] for n in ("inv_temperature", "eps_low", "eps_high", "ratio_cap"))
-DUAL_CLIP, LOG_RATIO_CLAMP, CISPO_LOW, CISPO_HIGH = (_PARAM[n] for n in ("dual_clip", "log_ratio_clamp", "cispo_low",
-                                                                       "cispo_high"))
-SAPO_TAU_POS, SAPO_TAU_NEG, KL_INPUT_CLAMP, KL_OUTPUT_CLAMP = (_PARAM[n] for n in ("sapo_tau_pos", "sapo_tau_neg",
-                                                                                  "kl_input_clamp", "kl_output_clamp"))
+INV_TEMPERATURE, EPS_LOW, EPS_HIGH, RATIO_CAP = (
+    _PARAM[n] for n in ("inv_temperature", "eps_low", "eps_high", "ratio_cap")
+)
+DUAL_CLIP, LOG_RATIO_CLAMP, CISPO_LOW, CISPO_HIGH = (
+    _PARAM[n] for n in ("dual_clip", "log_ratio_clamp", "cispo_low", "cispo_high")
+)
+SAPO_TAU_POS, SAPO_TAU_NEG, KL_INPUT_CLAMP, KL_OUTPUT_CLAMP = (
+    _PARAM[n] for n in ("sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")
+)
 ADV_EPS, BATCH_STD = _PARAM["adv_eps"], _PARAM["batch_std"]
 PPO, CISPO, SAPO = tl.constexpr(P.POLICY["ppo"]), tl.constexpr(P.POLICY["cispo"]), tl.constexpr(P.POLICY["sapo"])
 KL_NONE, KL_K1, KL_ABS, KL_K2 = (tl.constexpr(P.KL[n]) for n in ("none", "k1", "abs", "k2"))
@@ -98,17 +112,40 @@ def _expm1(x):
 @triton.jit
 def grpo_loss_fwd_kernel(
     # pointers: inputs. tokens_ptr: [TOKEN_INPUTS, N] fp32 rows; params_ptr: the float hyper-parameters (SCALARS)
-    logits_ptr, targets_ptr, tokens_ptr, rewards_ptr, seq_ptr, params_ptr,
+    logits_ptr,
+    targets_ptr,
+    tokens_ptr,
+    rewards_ptr,
+    seq_ptr,
+    params_ptr,
     # pointers: outputs. outputs_ptr: [TOKEN_OUTPUTS, N] fp32 rows; grad_logits_ptr may be the logits buffer
     # itself (inplace_grad): each element is read before the same program overwrites it
-    outputs_ptr, grad_logits_ptr,
+    outputs_ptr,
+    grad_logits_ptr,
     # shapes and the strides of the leading dims (the vocabulary dims are contiguous)
-    N, T, V, stride_b, stride_t, grad_stride_b, grad_stride_t,
+    N,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    grad_stride_b,
+    grad_stride_t,
     # variant codes (CODES)
-    policy, kl, kl_straight, kl_ratio_weighted, has_old,
-    adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw,
+    policy,
+    kl,
+    kl_straight,
+    kl_ratio_weighted,
+    has_old,
+    adv_from_rewards,
+    group_size,
+    adv_estimator,
+    adv_divide,
+    adv_use_batch_std,
+    adv_singleton_raw,
     # meta-parameters
-    HAS_ENTROPY: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
@@ -130,8 +167,17 @@ def grpo_loss_fwd_kernel(
     A = tl.load(tokens_ptr + ADVANTAGES * N + row)
     if adv_from_rewards != 0:
         A, _group_mean, _group_std = group_advantage(
-            rewards_ptr, tl.load(seq_ptr + row), group_size, adv_estimator, adv_divide, adv_use_batch_std,
-            adv_singleton_raw, tl.load(params_ptr + ADV_EPS), tl.load(params_ptr + BATCH_STD), GROUP_BLOCK_CONSTEXPR)
+            rewards_ptr,
+            tl.load(seq_ptr + row),
+            group_size,
+            adv_estimator,
+            adv_divide,
+            adv_use_batch_std,
+            adv_singleton_raw,
+            tl.load(params_ptr + ADV_EPS),
+            tl.load(params_ptr + BATCH_STD),
+            GROUP_BLOCK_CONSTEXPR,
+        )
     old = tl.where(has_old != 0, tl.load(tokens_ptr + OLD_LOGPROBS * N + row), lp)
     log_r_raw = lp - old
     log_ratio_clamp = tl.load(params_ptr + LOG_RATIO_CLAMP)
@@ -161,10 +207,14 @@ def grpo_loss_fwd_kernel(
     d_gate = gate * (1.0 - gate)
     dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
-    p_term = tl.where(policy == PPO, p_ppo, tl.where(policy == CISPO, -w_cispo * A * lp,
-                      tl.where(policy == SAPO, -(4.0 / tau) * gate * A, -A * lp)))  # else REINFORCE
-    dp_term = tl.where(policy == PPO, dp_ppo, tl.where(policy == CISPO, -w_cispo * A,
-                       tl.where(policy == SAPO, dp_sapo, -A)))
+    p_term = tl.where(
+        policy == PPO,
+        p_ppo,
+        tl.where(policy == CISPO, -w_cispo * A * lp, tl.where(policy == SAPO, -(4.0 / tau) * gate * A, -A * lp)),
+    )  # else REINFORCE
+    dp_term = tl.where(
+        policy == PPO, dp_ppo, tl.where(policy == CISPO, -w_cispo * A, tl.where(policy == SAPO, dp_sapo, -A))
+    )
 
     # KL estimate of D = ℓ − ℓ^ref; k3 = e^(−D) − 1 + D as expm1(−D) + D, which loses the least to cancellation
     d = lp - tl.load(tokens_ptr + REF_LOGPROBS * N + row)
@@ -174,15 +224,21 @@ def grpo_loss_fwd_kernel(
     d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
     em1 = _expm1(-dc)
     k = tl.where(kl == KL_K1, dc, tl.where(kl == KL_ABS, tl.abs(dc), tl.where(kl == KL_K2, 0.5 * dc * dc, em1 + dc)))
-    dk = tl.where(kl == KL_K1, 1.0, tl.where(kl == KL_ABS, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
-                  tl.where(kl == KL_K2, dc, -em1)))  # else KL_K3
+    dk = tl.where(
+        kl == KL_K1,
+        1.0,
+        tl.where(kl == KL_ABS, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)), tl.where(kl == KL_K2, dc, -em1)),
+    )  # else KL_K3
     # a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
     # are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
     dk = tl.where((d_dc != 0.0) & (tl.abs(k) <= kl_output_clamp), dk, 0.0)
     k = _clamp(k, -kl_output_clamp, kl_output_clamp)
     dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
-    dk = tl.where(kl_ratio_weighted != 0,  # ρ or k may be inf: each product only where its factor is non-zero
-                  tl.where(dk == 0.0, 0.0, dk * rho) + tl.where(d_rho == 0.0, 0.0, k * d_rho), dk)
+    dk = tl.where(
+        kl_ratio_weighted != 0,  # ρ or k may be inf: each product only where its factor is non-zero
+        tl.where(dk == 0.0, 0.0, dk * rho) + tl.where(d_rho == 0.0, 0.0, k * d_rho),
+        dk,
+    )
     k = tl.where(kl_ratio_weighted != 0, k * rho, k)
     k = tl.where(kl == KL_NONE, 0.0, k)
     dk = tl.where(kl == KL_NONE, 0.0, dk)
@@ -210,11 +266,14 @@ def grpo_loss_fwd_kernel(
 @triton.jit
 def scale_grad_kernel(
     # pointers
-    grad_ptr, scale_ptr,
+    grad_ptr,
+    scale_ptr,
     # shapes
-    T, V,
+    T,
+    V,
     # strides of the leading dims (the last dim is contiguous)
-    stride_b, stride_t,
+    stride_b,
+    stride_t,
     # meta-parameters
     BLOCK: tl.constexpr,
 ):
@@ -239,9 +298,22 @@ def aot_specializations():
         for block in (16, MAX_BLOCK_V):
             for has_entropy in (False, True):
                 for write_grad in (False, True):
-                    sig = P.aot_signature(grpo_loss_fwd_kernel.arg_names, logits_ptr=f"*{dtype}", targets_ptr="*i64",
-                                          seq_ptr="*i64", grad_logits_ptr=f"*{dtype}")
-                    yield (grpo_loss_fwd_kernel, sig,
-                           {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}, num_warps(block))
-        yield (scale_grad_kernel, P.aot_signature(scale_grad_kernel.arg_names, grad_ptr=f"*{dtype}"),
-               {"BLOCK": SCALE_BLOCK}, 4)
+                    sig = P.aot_signature(
+                        grpo_loss_fwd_kernel.arg_names,
+                        logits_ptr=f"*{dtype}",
+                        targets_ptr="*i64",
+                        seq_ptr="*i64",
+                        grad_logits_ptr=f"*{dtype}",
+                    )
+                    yield (
+                        grpo_loss_fwd_kernel,
+                        sig,
+                        {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block},
+                        num_warps(block),
+                    )
+        yield (
+            scale_grad_kernel,
+            P.aot_signature(scale_grad_kernel.arg_names, grad_ptr=f"*{dtype}"),
+            {"BLOCK": SCALE_BLOCK},
+            4,
+        )

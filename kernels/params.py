@@ -18,15 +18,40 @@ TOKEN_OUTPUTS = ("logprobs", "entropy", "loss_terms", "ratio", "grad_logprobs", 
 
 # The fused op's ``params``: unused bounds are ±inf (a clamp to ±inf is the identity). ``batch_std`` is the std of
 # all rewards (TRL's scale_rewards="batch"), used when the kernel normalizes rewards by it.
-SCALARS = ("inv_temperature", "eps_low", "eps_high", "ratio_cap", "dual_clip", "log_ratio_clamp", "cispo_low",
-           "cispo_high", "sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp", "adv_eps", "batch_std")
+SCALARS = (
+    "inv_temperature",
+    "eps_low",
+    "eps_high",
+    "ratio_cap",
+    "dual_clip",
+    "log_ratio_clamp",
+    "cispo_low",
+    "cispo_high",
+    "sapo_tau_pos",
+    "sapo_tau_neg",
+    "kl_input_clamp",
+    "kl_output_clamp",
+    "adv_eps",
+    "batch_std",
+)
 
 # The fused op's ``codes``. The last six (from adv_from_rewards) are also the advantages op's codes.
-CODES = ("policy", "kl", "kl_straight", "kl_ratio_weighted", "has_old",
-         "adv_from_rewards", "group_size", "adv_estimator", "adv_divide", "adv_use_batch_std", "adv_singleton_raw")
-ADVANTAGE_CODES = CODES[CODES.index("group_size"):]
+CODES = (
+    "policy",
+    "kl",
+    "kl_straight",
+    "kl_ratio_weighted",
+    "has_old",
+    "adv_from_rewards",
+    "group_size",
+    "adv_estimator",
+    "adv_divide",
+    "adv_use_batch_std",
+    "adv_singleton_raw",
+)
+ADVANTAGE_CODES = CODES[CODES.index("group_size") :]
 # The advantages op's ``params``: the tail of SCALARS
-ADVANTAGE_SCALARS = SCALARS[SCALARS.index("adv_eps"):]
+ADVANTAGE_SCALARS = SCALARS[SCALARS.index("adv_eps") :]
 
 # Values of the codes
 POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3}
@@ -38,6 +63,8 @@ def aot_signature(arg_names, **types):
     """Triton types of a kernel's arguments for the ahead-of-time compile gate (tests/aot_compile.py), by naming
     convention: ``*_ptr`` fp32 pointers, ``*stride*`` i64, the rest (shapes, codes) i32; ``types`` overrides by
     name. Constexpr arguments are the gate's to fill."""
+
     def default(name):
         return "*fp32" if name.endswith("_ptr") else "i64" if "stride" in name else "i32"
+
     return {name: types.get(name, default(name)) for name in arg_names}

@@ -79,24 +79,51 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
 
 
 @triton.jit
-def write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature,
-                   HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def write_grad_row(
+    out,
+    base,
+    target,
+    V,
+    m_row,
+    log_s,
+    ent,
+    g_lp,
+    g_ent,
+    inv_temperature,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it).
 
     When g_ℓ itself is beyond fp32 (the loss is ±inf, e.g. an unclipped ratio e^100 with A < 0), the row is
     ±inf where 1[v = y] − p_v is non-zero and 0 where it is (p_v underflowed), never 0·inf = NaN; a scalar
     branch per row, so the usual rows run the loop without the extra select."""
     if (g_lp == float("inf")) | (g_lp == float("-inf")):
-        _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY,
-                        True, BLOCK_V)
+        _write_grad_row(
+            out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, True, BLOCK_V
+        )
     else:
-        _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY,
-                        False, BLOCK_V)
+        _write_grad_row(
+            out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, False, BLOCK_V
+        )
 
 
 @triton.jit
-def _write_grad_row(out, base, target, V, m_row, log_s, ent, g_lp, g_ent, inv_temperature,
-                    HAS_GRAD_ENTROPY: tl.constexpr, SATURATED: tl.constexpr, BLOCK_V: tl.constexpr):
+def _write_grad_row(
+    out,
+    base,
+    target,
+    V,
+    m_row,
+    log_s,
+    ent,
+    g_lp,
+    g_ent,
+    inv_temperature,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    SATURATED: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
@@ -123,13 +150,23 @@ def write_zero_row(out, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def token_logprobs_fwd_kernel(
     # pointers (inv_temperature_ptr: 1/τ, one fp32 loaded per program)
-    logits_ptr, targets_ptr, mask_ptr, inv_temperature_ptr, logprobs_ptr, stats_ptr, entropy_ptr,
+    logits_ptr,
+    targets_ptr,
+    mask_ptr,
+    inv_temperature_ptr,
+    logprobs_ptr,
+    stats_ptr,
+    entropy_ptr,
     # shapes
-    T, V,
+    T,
+    V,
     # strides (of logits' leading dims; the vocabulary dim is contiguous)
-    stride_b, stride_t,
+    stride_b,
+    stride_t,
     # meta-parameters
-    HAS_MASK: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if HAS_MASK:
@@ -153,14 +190,25 @@ def token_logprobs_fwd_kernel(
 @triton.jit
 def token_logprobs_bwd_kernel(
     # pointers (inv_temperature_ptr: 1/τ, one fp32 loaded per program)
-    grad_logits_ptr, logits_ptr, targets_ptr, mask_ptr, stats_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
+    grad_logits_ptr,
+    logits_ptr,
+    targets_ptr,
+    mask_ptr,
+    stats_ptr,
+    entropy_ptr,
+    grad_logprobs_ptr,
+    grad_entropy_ptr,
     inv_temperature_ptr,
     # shapes
-    T, V,
+    T,
+    V,
     # strides (logits' leading dims; grad_logits is contiguous [rows, V])
-    stride_b, stride_t,
+    stride_b,
+    stride_t,
     # meta-parameters
-    HAS_MASK: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     out = grad_logits_ptr + row * V
@@ -180,8 +228,20 @@ def token_logprobs_bwd_kernel(
     else:
         base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
         target = tl.load(targets_ptr + row).to(tl.int64)
-        write_grad_row(out, base, target, V, tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1), ent,
-                       g_lp, g_ent, tl.load(inv_temperature_ptr), HAS_GRAD_ENTROPY, BLOCK_V)
+        write_grad_row(
+            out,
+            base,
+            target,
+            V,
+            tl.load(stats_ptr + 2 * row),
+            tl.load(stats_ptr + 2 * row + 1),
+            ent,
+            g_lp,
+            g_ent,
+            tl.load(inv_temperature_ptr),
+            HAS_GRAD_ENTROPY,
+            BLOCK_V,
+        )
 
 
 def aot_specializations():
@@ -192,9 +252,15 @@ def aot_specializations():
         for block in (16, MAX_BLOCK_V):
             for has_mask in (False, True):
                 for has_entropy in (False, True):
-                    types = dict(logits_ptr=f"*{dtype}", grad_logits_ptr=f"*{dtype}", targets_ptr="*i64",
-                                 mask_ptr="*u8" if has_mask else "*fp32")
-                    for kernel, flag in ((token_logprobs_fwd_kernel, "HAS_ENTROPY"),
-                                         (token_logprobs_bwd_kernel, "HAS_GRAD_ENTROPY")):
+                    types = dict(
+                        logits_ptr=f"*{dtype}",
+                        grad_logits_ptr=f"*{dtype}",
+                        targets_ptr="*i64",
+                        mask_ptr="*u8" if has_mask else "*fp32",
+                    )
+                    for kernel, flag in (
+                        (token_logprobs_fwd_kernel, "HAS_ENTROPY"),
+                        (token_logprobs_bwd_kernel, "HAS_GRAD_ENTROPY"),
+                    ):
                         sig = P.aot_signature(kernel.arg_names, **types)
                         yield kernel, sig, {"HAS_MASK": has_mask, flag: has_entropy, "BLOCK_V": block}, num_warps(block)

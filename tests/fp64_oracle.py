@@ -31,8 +31,9 @@ def _no_overflow(x: Tensor, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- §1 log-probs
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
-                   dtype: torch.dtype = F64) -> tuple[Tensor, Tensor]:
+def token_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, dtype: torch.dtype = F64
+) -> tuple[Tensor, Tensor]:
     """ℓ = z_y/τ − logsumexp(z/τ) and H = −Σ p log p with p = softmax(z/τ), in ``dtype``, differentiable.
     Negative ids (padding) read entry 0: callers mask those tokens."""
     logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -42,9 +43,17 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0,
 
 
 # ------------------------------------------------------------------------------------------ §3 advantages
-def advantages(rewards: Tensor, group_size: int, *, estimator: str = "grpo", scale: str = "group",
-               eps: float = 1e-4, singleton: str = "zero", reward_weights: Optional[Tensor] = None,
-               dtype: torch.dtype = F64) -> Tensor:
+def advantages(
+    rewards: Tensor,
+    group_size: int,
+    *,
+    estimator: str = "grpo",
+    scale: str = "group",
+    eps: float = 1e-4,
+    singleton: str = "zero",
+    reward_weights: Optional[Tensor] = None,
+    dtype: torch.dtype = F64,
+) -> Tensor:
     """Advantages [B] from rewards [B] (or [B, K] summed with ``reward_weights``) in contiguous groups."""
     r = rewards.to(dtype)
     if r.dim() == 2:
@@ -71,8 +80,9 @@ def advantages(rewards: Tensor, group_size: int, *, estimator: str = "grpo", sca
 
 
 # ------------------------------------------------------------------------------------ §2 trajectory side
-def kl_estimate(lp: Tensor, ref: Tensor, estimator: str, input_clamp: Optional[float],
-                output_clamp: Optional[float]) -> Tensor:
+def kl_estimate(
+    lp: Tensor, ref: Tensor, estimator: str, input_clamp: Optional[float], output_clamp: Optional[float]
+) -> Tensor:
     """K of D = ℓ − ℓ^ref; k3 as expm1(−D) + D (no cancellation near D = 0); a trailing ``+`` keeps the value
     and takes the gradient of k2 of the unclamped D (verl's straight-through)."""
     d = lp - ref
@@ -81,8 +91,7 @@ def kl_estimate(lp: Tensor, ref: Tensor, estimator: str, input_clamp: Optional[f
     name = estimator.rstrip("+")
     if name == "k3":
         _no_overflow(d, "KL log-ratio D")
-    k = {"k1": lambda: d, "abs": lambda: d.abs(), "k2": lambda: 0.5 * d * d,
-         "k3": lambda: torch.expm1(-d) + d}[name]()
+    k = {"k1": lambda: d, "abs": lambda: d.abs(), "k2": lambda: 0.5 * d * d, "k3": lambda: torch.expm1(-d) + d}[name]()
     if output_clamp is not None:
         k = k.clamp(-output_clamp, output_clamp)
     if estimator.endswith("+"):
@@ -137,9 +146,19 @@ def _rollout_weights(old: Tensor, samp: Tensor, m: Tensor, cfg) -> Tensor:
     return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
 
 
-def objective(lp: Tensor, adv: Tensor, mask: Tensor, cfg, *, old: Optional[Tensor] = None,
-              ref: Optional[Tensor] = None, samp: Optional[Tensor] = None, is_weights: Optional[Tensor] = None,
-              entropy: Optional[Tensor] = None, normalizer: Normalizer = None) -> Tensor:
+def objective(
+    lp: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    cfg,
+    *,
+    old: Optional[Tensor] = None,
+    ref: Optional[Tensor] = None,
+    samp: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+) -> Tensor:
     """The scalar loss of MATH §2 from per-token [B, T] tensors, computed in lp's dtype.
 
     adv and is_weights: per sequence [B] or per token [B, T]. ``cfg`` is a ``fastgrpo.LossConfig`` read as
@@ -229,13 +248,15 @@ def objective(lp: Tensor, adv: Tensor, mask: Tensor, cfg, *, old: Optional[Tenso
     # 7. entropy bonus
     if cfg.entropy_coef != 0.0:
         m_ent = m if entropy_keep is None else m * entropy_keep
-        loss = loss - cfg.entropy_coef * aggregate(ent, m_ent, cfg.entropy_aggregation or cfg.aggregation, cfg,
-                                                   normalizer)
+        loss = loss - cfg.entropy_coef * aggregate(
+            ent, m_ent, cfg.entropy_aggregation or cfg.aggregation, cfg, normalizer
+        )
     return loss * cfg.loss_scale
 
 
-def grpo_loss(logits: Tensor, targets: Tensor, adv: Tensor, mask: Tensor, cfg, *, dtype: torch.dtype = F64,
-              **kw) -> tuple[Tensor, Tensor, Tensor]:
+def grpo_loss(
+    logits: Tensor, targets: Tensor, adv: Tensor, mask: Tensor, cfg, *, dtype: torch.dtype = F64, **kw
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ℓ, H) from logits [B, T, V] in ``dtype``; differentiable w.r.t. ``logits``."""
     lp, ent = token_logprobs(logits, targets, cfg.temperature, dtype)
     return objective(lp, adv, mask, cfg, entropy=ent, **kw), lp, ent

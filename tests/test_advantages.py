@@ -9,9 +9,13 @@ from fastgrpo import AdvantageConfig
 
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 
-CONFIGS = [AdvantageConfig(estimator=e, scale=s, singleton=z, eps=eps)
-           for e in ("grpo", "rloo", "reinforce_baseline") for s in ("group", "batch", "none")
-           for z in ("zero", "raw") for eps in (1e-4,)]
+CONFIGS = [
+    AdvantageConfig(estimator=e, scale=s, singleton=z, eps=eps)
+    for e in ("grpo", "rloo", "reinforce_baseline")
+    for s in ("group", "batch", "none")
+    for z in ("zero", "raw")
+    for eps in (1e-4,)
+]
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -37,17 +41,23 @@ def test_matches_reference(config, group_size, groups, backend):
 def test_weighted_reward_functions_and_group_ids(backend):
     rewards = torch.rand(8, 3, device=DEVICE)
     w = torch.tensor([1.0, 0.5, 2.0], device=DEVICE)
-    torch.testing.assert_close(fastgrpo.advantages(rewards, 4, reward_weights=w, backend=backend),
-                               fastgrpo.advantages(rewards, 4, reward_weights=w, backend="reference"))
+    torch.testing.assert_close(
+        fastgrpo.advantages(rewards, 4, reward_weights=w, backend=backend),
+        fastgrpo.advantages(rewards, 4, reward_weights=w, backend="reference"),
+    )
     ids = torch.tensor([3, 1, 3, 1, 9, 9, 9, 1], device=DEVICE)
-    torch.testing.assert_close(fastgrpo.advantages(rewards[:, 0], group_ids=ids, backend=backend),
-                               fastgrpo.advantages(rewards[:, 0], group_ids=ids, backend="reference"))
+    torch.testing.assert_close(
+        fastgrpo.advantages(rewards[:, 0], group_ids=ids, backend=backend),
+        fastgrpo.advantages(rewards[:, 0], group_ids=ids, backend="reference"),
+    )
 
 
 def test_opcheck(backend):
     advantages_op = kernel_backend(backend).ops.advantages
     r = torch.rand(12, device=DEVICE)
     params = lambda eps, std: torch.tensor([eps, std], device=DEVICE)  # noqa: E731  (ADVANTAGE_SCALARS)
-    for args in [(r, params(1e-4, 1.0), [4, 0, 1, 0, 0]),  # ADVANTAGE_CODES
-                 (r, params(1e-6, r.std().item()), [3, 1, 1, 1, 1])]:
+    for args in [
+        (r, params(1e-4, 1.0), [4, 0, 1, 0, 0]),  # ADVANTAGE_CODES
+        (r, params(1e-6, r.std().item()), [3, 1, 1, 1, 1]),
+    ]:
         torch.library.opcheck(advantages_op, args)

@@ -25,8 +25,9 @@ def test_readme_example_runs():
 
 
 def test_cli_check_passes():
-    result = subprocess.run([sys.executable, "-m", "fastgrpo", "check", "--device", "cpu"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastgrpo", "check", "--device", "cpu"], capture_output=True, text=True, check=True
+    )
     assert "all passed" in result.stdout and "FAIL" not in result.stdout
 
 
@@ -36,8 +37,9 @@ def test_module_wrapper_matches_function():
     targets, adv = torch.randint(0, 11, (2, 3)), torch.tensor([0.5, -1.0])
     module = fastgrpo.GRPOLoss(cfg)
     assert "ratio_level='sequence'" in repr(module)
-    torch.testing.assert_close(module(logits, targets, adv).loss,
-                               fastgrpo.grpo_loss(logits, targets, adv, config=cfg).loss)
+    torch.testing.assert_close(
+        module(logits, targets, adv).loss, fastgrpo.grpo_loss(logits, targets, adv, config=cfg).loss
+    )
 
 
 def test_backend_selection():
@@ -63,9 +65,11 @@ def test_cpu_extension_is_built_and_auto_uses_it():
 
 
 def test_triton_on_cpu_needs_the_interpreter():
-    code = ("import os, torch, fastgrpo.backends as b; os.environ.pop('TRITON_INTERPRET', None)\n"
-            "try: b.select('triton', torch.device('cpu'))\n"
-            "except RuntimeError as e: assert 'TRITON_INTERPRET=1' in str(e); print('ok')")
+    code = (
+        "import os, torch, fastgrpo.backends as b; os.environ.pop('TRITON_INTERPRET', None)\n"
+        "try: b.select('triton', torch.device('cpu'))\n"
+        "except RuntimeError as e: assert 'TRITON_INTERPRET=1' in str(e); print('ok')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "ok"
@@ -75,14 +79,32 @@ def test_output_contract():
     logits = torch.randn(2, 4, 9, dtype=torch.bfloat16, requires_grad=True)
     targets = torch.randint(0, 9, (2, 4))
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
-    out = fastgrpo.grpo_loss(logits, targets, torch.ones(2), mask, return_entropy=True,
-                             config=fastgrpo.LossConfig(beta=0.1), ref_logprobs=torch.zeros(2, 4))
+    out = fastgrpo.grpo_loss(
+        logits,
+        targets,
+        torch.ones(2),
+        mask,
+        return_entropy=True,
+        config=fastgrpo.LossConfig(beta=0.1),
+        ref_logprobs=torch.zeros(2, 4),
+    )
     assert out.loss.dtype == torch.float32 and out.loss.dim() == 0
     assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == (2, 4) and not out.logprobs.requires_grad
     assert out.entropy.shape == (2, 4) and torch.all(out.logprobs[mask == 0] == 0)
     assert all(v.dim() == 0 for v in out.metrics.values())
-    assert {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/dual", "kl",
-            "ppo_kl", "entropy", "ratio/mean", "ratio/min", "ratio/max", "grad_active_fraction"} <= set(out.metrics)
+    assert {
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "clip_ratio/dual",
+        "kl",
+        "ppo_kl",
+        "entropy",
+        "ratio/mean",
+        "ratio/min",
+        "ratio/max",
+        "grad_active_fraction",
+    } <= set(out.metrics)
     out.loss.backward()
     assert logits.grad.dtype == torch.bfloat16 and torch.all(logits.grad[mask == 0] == 0)
 

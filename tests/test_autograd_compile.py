@@ -120,11 +120,16 @@ def weight_grad_order(request, monkeypatch):
 def test_linear_grpo_loss_backward_twice(backend, cfg, weight_grad_order):
     params, targets, kw = linear_inputs()
     leaves = [x.double().requires_grad_() for x in params]
-    truth = torch.autograd.grad(fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets, bias=leaves[2], config=cfg,
-                                                          backend="reference", **fp64(kw)).loss, leaves)
+    truth = torch.autograd.grad(
+        fastgrpo.linear_grpo_loss(
+            leaves[0], leaves[1], targets, bias=leaves[2], config=cfg, backend="reference", **fp64(kw)
+        ).loss,
+        leaves,
+    )
     leaves = [x.clone().requires_grad_() for x in params]
-    loss = fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets, bias=leaves[2], config=cfg, backend=backend,
-                                     chunk_tokens=2, **kw).loss
+    loss = fastgrpo.linear_grpo_loss(
+        leaves[0], leaves[1], targets, bias=leaves[2], config=cfg, backend=backend, chunk_tokens=2, **kw
+    ).loss
     (loss / 4).backward(retain_graph=True)
     (loss * 3).backward(retain_graph=True)
     again = torch.autograd.grad(loss, leaves)
@@ -139,6 +144,7 @@ def test_linear_grpo_loss_backward_twice(backend, cfg, weight_grad_order):
 def compiled_equals_eager(fn, *args):
     """fn compiled with fullgraph=True (no graph break anywhere) gives the eager outputs and gradients; the first
     backend selection happens inside the compiled region."""
+
     def run(f):
         leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in args]
         out = f(*leaves)
@@ -196,6 +202,7 @@ def no_recompilation_after_warmup(f, args, values, fullgraph=True):
     """Compiles ``f(*args, value)`` and calls it with each of ``values`` (configs, or floats). The second value makes
     Dynamo recompile once with the changed float as a symbol (automatic dynamic); any later recompilation is an
     error. The loss and its gradients w.r.t. ``args`` (where it has any) match eager throughout."""
+
     def run(fn, value):
         leaves = [x.clone().requires_grad_() for x in args]
         loss = fn(*leaves, value)
@@ -227,13 +234,22 @@ def test_no_recompilation_when_weights_change(backend, field):
 EPS = [0.3, 0.25, 0.35, 0.4]
 
 
-@pytest.mark.parametrize("field, values, base", [
-    ("epsilon_low", EPS, {}), ("epsilon_high", EPS, {}), ("ratio_cap", [4.0, 3.0, 5.0, 6.0], {}),
-    ("dual_clip", [4.0, 3.0, 5.0, 6.0], {}), ("log_ratio_clamp", EPS, {}), ("kl_input_clamp", EPS, {}),
-    ("kl_output_clamp", EPS, {}), ("temperature", [1.0, 0.7, 0.9, 1.2], {}),
-    ("cispo_high", [1.2, 1.1, 1.3, 1.4], {"policy_loss": "cispo", "cispo_low": 0.8}),
-    ("sapo_tau_neg", [1.05, 1.1, 1.2, 1.3], {"policy_loss": "sapo"}),
-], ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "field, values, base",
+    [
+        ("epsilon_low", EPS, {}),
+        ("epsilon_high", EPS, {}),
+        ("ratio_cap", [4.0, 3.0, 5.0, 6.0], {}),
+        ("dual_clip", [4.0, 3.0, 5.0, 6.0], {}),
+        ("log_ratio_clamp", EPS, {}),
+        ("kl_input_clamp", EPS, {}),
+        ("kl_output_clamp", EPS, {}),
+        ("temperature", [1.0, 0.7, 0.9, 1.2], {}),
+        ("cispo_high", [1.2, 1.1, 1.3, 1.4], {"policy_loss": "cispo", "cispo_low": 0.8}),
+        ("sapo_tau_neg", [1.05, 1.1, 1.2, 1.3], {"policy_loss": "sapo"}),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
 def test_no_recompilation_when_clip_or_temperature_change(backend, field, values, base):
     """The kernel ops take these in one device tensor (a float argument of an op is specialized: a recompile per
     value); the reference passes its clamp bounds as tensors for the same reason."""
@@ -300,8 +316,9 @@ def test_linear_grpo_loss_no_recompilation(backend, cfg, field, values, weight_g
     params, targets, kw = linear_inputs()
 
     def f(hidden, weight, bias, cfg):
-        return fastgrpo.linear_grpo_loss(hidden, weight, targets, bias=bias, config=cfg, backend=backend,
-                                         chunk_tokens=2, **kw).loss
+        return fastgrpo.linear_grpo_loss(
+            hidden, weight, targets, bias=bias, config=cfg, backend=backend, chunk_tokens=2, **kw
+        ).loss
 
     configs = [dataclasses.replace(cfg, **{field: value}) for value in values]
     no_recompilation_after_warmup(f, list(params), configs, fullgraph=False)
@@ -315,8 +332,9 @@ def test_linear_grpo_loss_graph_breaks_do_not_grow_with_chunks(backend):
 
     def graphs(cfg, chunk_tokens):
         def f(hidden, weight, bias):
-            return fastgrpo.linear_grpo_loss(hidden, weight, targets, bias=bias, config=cfg, backend=backend,
-                                             chunk_tokens=chunk_tokens, **kw).loss
+            return fastgrpo.linear_grpo_loss(
+                hidden, weight, targets, bias=bias, config=cfg, backend=backend, chunk_tokens=chunk_tokens, **kw
+            ).loss
 
         torch._dynamo.reset()
         return torch._dynamo.explain(f)(*(x.clone().requires_grad_() for x in params)).graph_count
@@ -366,12 +384,14 @@ def test_linear_vocab_sliced_gradient_at_large_logits(backend_name, offset, monk
 
     def grads(dtype, backend):
         leaves = [x.to(dtype).requires_grad_() for x in params]
-        loss = fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets.to(DEVICE), bias=leaves[2], backend=backend,
-                                         **kw).loss
+        loss = fastgrpo.linear_grpo_loss(
+            leaves[0], leaves[1], targets.to(DEVICE), bias=leaves[2], backend=backend, **kw
+        ).loss
         return torch.autograd.grad(loss, leaves)
 
-    for name, ours, truth in zip(("hidden", "weight", "bias"), grads(torch.float32, backend_name),
-                                 grads(torch.float64, "reference")):
+    for name, ours, truth in zip(
+        ("hidden", "weight", "bias"), grads(torch.float32, backend_name), grads(torch.float64, "reference")
+    ):
         err = ((ours.double() - truth).abs().max() / truth.abs().max()).item()
         assert err < 1e-5, f"{name}: relative error {err:.2e}"
 
@@ -394,8 +414,16 @@ def test_linear_fp32_weight_slices_match_the_reference(backend, cfg, weight_grad
 
     def grads(dtype, backend):
         leaves = [x.to(dtype).requires_grad_() for x in params]
-        loss = fastgrpo.linear_grpo_loss(leaves[0], leaves[1], targets, bias=leaves[2], config=cfg, backend=backend,
-                                         chunk_tokens=2, **(fp64(kw) if dtype == torch.float64 else kw)).loss
+        loss = fastgrpo.linear_grpo_loss(
+            leaves[0],
+            leaves[1],
+            targets,
+            bias=leaves[2],
+            config=cfg,
+            backend=backend,
+            chunk_tokens=2,
+            **(fp64(kw) if dtype == torch.float64 else kw),
+        ).loss
         return torch.autograd.grad(loss, leaves)
 
     for ours, truth in zip(grads(torch.bfloat16, backend), grads(torch.float64, "reference")):
@@ -424,8 +452,9 @@ def test_linear_path_never_copies_the_whole_weight_to_fp32(monkeypatch):
     fp32_copy = v * hid * 4
 
     def train_step():
-        fastgrpo.linear_grpo_loss(hidden, weight, targets, torch.ones(1), backend=backend,
-                                  chunk_tokens=32).loss.backward()
+        fastgrpo.linear_grpo_loss(
+            hidden, weight, targets, torch.ones(1), backend=backend, chunk_tokens=32
+        ).loss.backward()
 
     def logprobs():
         with torch.no_grad():
@@ -463,6 +492,6 @@ def test_op_signatures_infer_a_schema_on_torch_2_6():
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, ast.FunctionDef) and any("register_op" in ast.unparse(d) for d in fn.decorator_list):
                 for arg in fn.args.args:
-                    assert not ast.unparse(arg.annotation).startswith(("list[", "dict[", "tuple[")), \
+                    assert not ast.unparse(arg.annotation).startswith(("list[", "dict[", "tuple[")), (
                         f"{path.name}: {fn.name}({arg.arg}: {ast.unparse(arg.annotation)})"
-
+                    )

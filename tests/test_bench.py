@@ -27,8 +27,9 @@ def test_byte_and_flop_counts():
 def test_rates_and_roofline_fraction():
     slow = harness.Provider(run=lambda x: sum(range(20000)), make=lambda: None)
     fast = harness.Provider(run=lambda x: None, make=lambda: None)
-    case = harness.Case("grpo_loss", "fwd", dict(N=1, V=1), "fp32", {"eager reference": slow}, bytes=10**6,
-                        roofline=fast)
+    case = harness.Case(
+        "grpo_loss", "fwd", dict(N=1, V=1), "fp32", {"eager reference": slow}, bytes=10**6, roofline=fast
+    )
     roof, eager = harness.run_case(case, "cpu", repeats=3)
     assert roof["provider"] == "roofline" and roof["fraction_of_roofline"] == 1.0
     assert eager["rate"] == pytest.approx(10**6 / eager["median_ms"] / 1e6)
@@ -58,15 +59,28 @@ def test_failing_provider_is_reported():
     def boom(x):
         raise RuntimeError("out of memory")
 
-    case = harness.Case("grpo_loss", "fwd", dict(N=1, V=1), "fp32",
-                        {"broken": harness.Provider(boom, lambda: None)}, bytes=1)
+    case = harness.Case(
+        "grpo_loss", "fwd", dict(N=1, V=1), "fp32", {"broken": harness.Provider(boom, lambda: None)}, bytes=1
+    )
     (row,) = harness.run_case(case, "cpu", repeats=1)
     assert "out of memory" in row["error"]
 
 
 def test_cli_quick_end_to_end(tmp_path, capsys):
-    argv = ["bench", "--quick", "--tokens", "64", "--vocab", "500", "--hidden", "32", "--batch", "256",
-            "--out", str(tmp_path)]
+    argv = [
+        "bench",
+        "--quick",
+        "--tokens",
+        "64",
+        "--vocab",
+        "500",
+        "--hidden",
+        "32",
+        "--batch",
+        "256",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "fastgrpo (cpu)" in printed and "eager reference" in printed
@@ -85,10 +99,29 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
 def test_report_markdown(tmp_path):
     from fastgrpo.bench import report
 
-    rows = [dict(op="grpo_loss", mode="fwd+bwd", dtype="fp32", N=8, V=10, provider=p, median_ms=t, p20_ms=t,
-                 p80_ms=t, peak_extra_mib=1.0, rate=1.0, rate_unit="GB/s", fraction_of_roofline=f,
-                 speedup_vs_eager=s) for p, t, f, s in (("roofline", 1.0, 1.0, None), ("fastgrpo (cpu)", 2.0, 0.5, 4.0),
-                                                        ("eager reference", 8.0, 0.125, 1.0))]
+    rows = [
+        dict(
+            op="grpo_loss",
+            mode="fwd+bwd",
+            dtype="fp32",
+            N=8,
+            V=10,
+            provider=p,
+            median_ms=t,
+            p20_ms=t,
+            p80_ms=t,
+            peak_extra_mib=1.0,
+            rate=1.0,
+            rate_unit="GB/s",
+            fraction_of_roofline=f,
+            speedup_vs_eager=s,
+        )
+        for p, t, f, s in (
+            ("roofline", 1.0, 1.0, None),
+            ("fastgrpo (cpu)", 2.0, 0.5, 4.0),
+            ("eager reference", 8.0, 0.125, 1.0),
+        )
+    ]
     env = dict(date="2026-11-23T00:00:00+00:00", device="Test CPU", torch="2.13.0")
     (tmp_path / "bench_cpu.json").write_text(json.dumps(dict(environment=env, rows=rows)))
     text = report.markdown(tmp_path)
@@ -109,9 +142,12 @@ def test_peers_compute_the_same_loss():
     x, w = torch.randn(2, 8, 16, generator=g), torch.randn(50, 16, generator=g) / 4
     targets = torch.randint(0, 50, (2, 8), generator=g)
     lp = fastgrpo.linear_token_logprobs(x, w, targets)
-    kw = dict(advantages=torch.randn(2, generator=g), mask=torch.ones(2, 8),
-              old_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g),
-              ref_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g))
+    kw = dict(
+        advantages=torch.randn(2, generator=g),
+        mask=torch.ones(2, 8),
+        old_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g),
+        ref_logprobs=lp + 0.1 * torch.randn(2, 8, generator=g),
+    )
     ours = fastgrpo.linear_grpo_loss(x, w, targets, config=linear_grpo_loss.CONFIG, **kw).loss
     torch.testing.assert_close(linear_grpo_loss._trl_loss(x.view(-1, 16), w, targets, kw), ours)
     pytest.importorskip("liger_kernel")

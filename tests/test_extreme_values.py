@@ -44,8 +44,9 @@ def expect(ours: torch.Tensor, truth: torch.Tensor, what: str, rtol: float = 1e-
     assert not nan.any(), f"{what}: NaN at {nan.nonzero()[:4].tolist()} (truth there {truth[nan][:4].tolist()})"
     beyond = truth.abs() > FP32_MAX
     wrong = beyond & (ours != truth.sign() * torch.inf)
-    assert not wrong.any(), f"{what}: truth {truth[wrong][:4].tolist()} exceeds fp32, expected ±inf, got " \
-                            f"{ours[wrong][:4].tolist()}"
+    assert not wrong.any(), (
+        f"{what}: truth {truth[wrong][:4].tolist()} exceeds fp32, expected ±inf, got {ours[wrong][:4].tolist()}"
+    )
     finite = ~beyond
     if not finite.any():
         return
@@ -55,7 +56,8 @@ def expect(ours: torch.Tensor, truth: torch.Tensor, what: str, rtol: float = 1e-
     worst = int((err - bound).argmax())
     assert bool((err <= bound).all()), (
         f"{what}: error {err[worst]:.3e} > {bound[worst]:.3e} (ours {ours[finite][worst].item():.6e}, truth "
-        f"{truth[finite][worst].item():.6e}, max|truth| {scale:.3e})")
+        f"{truth[finite][worst].item():.6e}, max|truth| {scale:.3e})"
+    )
 
 
 def truth_of(logits: torch.Tensor, targets, adv, mask, cfg, **kw):
@@ -69,15 +71,21 @@ def truth_of(logits: torch.Tensor, targets, adv, mask, cfg, **kw):
 def run_grpo(logits, targets, adv, mask, cfg, backend, **kw):
     z = logits.detach().clone().to(DEVICE).requires_grad_()
     to = lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    out = fastgrpo.grpo_loss(z, to(targets), to(adv), to(mask), config=cfg, backend=backend,
-                             **{k: to(v) for k, v in kw.items()})
+    out = fastgrpo.grpo_loss(
+        z, to(targets), to(adv), to(mask), config=cfg, backend=backend, **{k: to(v) for k, v in kw.items()}
+    )
     out.loss.backward()
     return out, z.grad
 
 
 def oracle_kw(kw: dict) -> dict:
-    names = {"old_logprobs": "old", "ref_logprobs": "ref", "sampling_logprobs": "samp", "is_weights": "is_weights",
-             "normalizer": "normalizer"}
+    names = {
+        "old_logprobs": "old",
+        "ref_logprobs": "ref",
+        "sampling_logprobs": "samp",
+        "is_weights": "is_weights",
+        "normalizer": "normalizer",
+    }
     return {names[k]: v for k, v in kw.items()}
 
 
@@ -87,8 +95,9 @@ def shift_first_fp32(logits: torch.Tensor, targets, adv, mask, cfg, **kw) -> tor
     z − max z is exact for these rows (Sterbenz), so this is the accuracy fp32 can reach."""
     z = logits.detach().float().requires_grad_()
     scaled = (z - z.detach().amax(-1, keepdim=True)) * torch.tensor(1.0 / cfg.temperature, dtype=torch.float32)
-    loss, _, _ = oracle.grpo_loss(scaled, targets, adv, mask, dataclasses.replace(cfg, temperature=1.0),
-                                  dtype=torch.float32, **kw)
+    loss, _, _ = oracle.grpo_loss(
+        scaled, targets, adv, mask, dataclasses.replace(cfg, temperature=1.0), dtype=torch.float32, **kw
+    )
     return torch.autograd.grad(loss, z)[0]
 
 
@@ -126,17 +135,22 @@ def test_large_logit_offset(offset, temperature, backend):
     cfg = dataclasses.replace(OFFSET_CFG, temperature=temperature)
     logits, targets, adv, mask, g = offset_inputs(offset)
     lp64, _ = oracle.token_logprobs(logits, targets, temperature)
-    kw = dict(old_logprobs=(lp64 + 0.1 * torch.randn(lp64.shape, generator=g, dtype=torch.float64)).float(),
-              ref_logprobs=(lp64 + 0.3 * torch.randn(lp64.shape, generator=g, dtype=torch.float64)).float())
+    kw = dict(
+        old_logprobs=(lp64 + 0.1 * torch.randn(lp64.shape, generator=g, dtype=torch.float64)).float(),
+        ref_logprobs=(lp64 + 0.3 * torch.randn(lp64.shape, generator=g, dtype=torch.float64)).float(),
+    )
     loss64, grad64, lp_true = truth_of(logits, targets, adv, mask, cfg, **oracle_kw(kw))
     # fp32 relative to the row max, or PyTorch's own fp32 error where that is larger: with τ ≠ 1 the contract
     # (and every trainer) rounds z/τ at its own magnitude before the max is subtracted
     loss32, grad32, lp32 = torch_fp32(logits, targets, adv, mask, cfg, **oracle_kw(kw))
-    reachable = max(relative_error(shift_first_fp32(logits, targets, adv, mask, cfg, **oracle_kw(kw)), grad64),
-                    relative_error(grad32, grad64))
+    reachable = max(
+        relative_error(shift_first_fp32(logits, targets, adv, mask, cfg, **oracle_kw(kw)), grad64),
+        relative_error(grad32, grad64),
+    )
     out, grad = run_grpo(logits, targets, adv, mask, cfg, backend, **kw)
     assert relative_error(grad, grad64) <= 2 * reachable + 4 * EPS32, (
-        f"gradient relative error {relative_error(grad, grad64):.2e}, fp32 reaches {reachable:.2e}")
+        f"gradient relative error {relative_error(grad, grad64):.2e}, fp32 reaches {reachable:.2e}"
+    )
     expect(out.loss, loss64, "loss", rtol=max(1e-5, 2 * relative_error(loss32, loss64)))
     expect(out.logprobs, lp_true, "logprobs", rtol=max(1e-6, 2 * relative_error(lp32, lp_true)))
 
@@ -146,7 +160,8 @@ def test_large_logit_offset(offset, temperature, backend):
     z64 = logits.double().requires_grad_()
     (g64,) = torch.autograd.grad(oracle.token_logprobs(z64, targets, temperature)[0].sum(), z64)
     assert relative_error(z.grad, g64) <= 2 * reachable + 4 * EPS32, (
-        f"token_logprobs gradient relative error {relative_error(z.grad, g64):.2e}, fp32 reaches {reachable:.2e}")
+        f"token_logprobs gradient relative error {relative_error(z.grad, g64):.2e}, fp32 reaches {reachable:.2e}"
+    )
 
 
 @pytest.mark.parametrize("sliced", [False, True], ids=["chunked", "vocab_sliced"])
@@ -168,14 +183,24 @@ def test_large_logit_offset_linear(offset, sliced, backend, monkeypatch):
     params64 = [x.double().requires_grad_() for x in (hidden, weight, bias)]
     logits64 = params64[0] @ params64[1].t() + params64[2]
     lp64, _ = oracle.token_logprobs(logits64.detach(), targets)
-    kw = dict(old_logprobs=(lp64 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).float(),
-              ref_logprobs=(lp64 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).float())
+    kw = dict(
+        old_logprobs=(lp64 + 0.1 * torch.randn(shape, generator=g, dtype=torch.float64)).float(),
+        ref_logprobs=(lp64 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).float(),
+    )
     loss64, _, _ = oracle.grpo_loss(logits64, targets, adv, mask, cfg, **oracle_kw(kw))
     grads64 = torch.autograd.grad(loss64, params64)
     params = [x.clone().to(DEVICE).requires_grad_() for x in (hidden, weight, bias)]
-    out = fastgrpo.linear_grpo_loss(params[0], params[1], targets.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE),
-                                    bias=params[2], config=cfg, backend=backend,
-                                    **{k: v.to(DEVICE) for k, v in kw.items()})
+    out = fastgrpo.linear_grpo_loss(
+        params[0],
+        params[1],
+        targets.to(DEVICE),
+        adv.to(DEVICE),
+        mask.to(DEVICE),
+        bias=params[2],
+        config=cfg,
+        backend=backend,
+        **{k: v.to(DEVICE) for k, v in kw.items()},
+    )
     out.loss.backward()
     for name, p, t in zip(("hidden", "weight", "bias"), params, grads64):
         assert relative_error(p.grad, t) <= 1e-5, f"{name} gradient relative error {relative_error(p.grad, t):.2e}"
@@ -250,8 +275,9 @@ def test_ratio_overflow(variant, log_ratio, adv_sign, entry, backend):
         loss64 = oracle.objective(x, adv, mask, cfg, old=old)
         (grad64,) = torch.autograd.grad(loss64, x)
         lp = lp64.float().to(DEVICE).requires_grad_()
-        out = fastgrpo.policy_loss(lp, adv.to(DEVICE), mask.to(DEVICE), old_logprobs=old.to(DEVICE), config=cfg,
-                                   backend=backend)
+        out = fastgrpo.policy_loss(
+            lp, adv.to(DEVICE), mask.to(DEVICE), old_logprobs=old.to(DEVICE), config=cfg, backend=backend
+        )
         out.loss.backward()
         grad = lp.grad
     expect(out.loss, loss64.detach(), "loss")
@@ -327,12 +353,15 @@ def masked_inputs(mask: torch.Tensor, vocab: int = 11, seed: int = 6, poison: bo
     targets = torch.randint(0, vocab, shape, generator=g)
     lp64, _ = oracle.token_logprobs(logits, targets)
     noise = lambda: 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)  # noqa: E731
-    kw = dict(old_logprobs=(lp64 + noise()).float(), ref_logprobs=(lp64 + noise()).float(),
-              sampling_logprobs=(lp64 + noise()).float())
+    kw = dict(
+        old_logprobs=(lp64 + noise()).float(),
+        ref_logprobs=(lp64 + noise()).float(),
+        sampling_logprobs=(lp64 + noise()).float(),
+    )
     adv = torch.randn(shape, generator=g)
     keep = mask > 0
     if poison:
-        bad = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(shape.numel())[:shape.numel()]
+        bad = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(shape.numel())[: shape.numel()]
         bad = bad.reshape(shape)
         adv = torch.where(keep, adv, bad)
         kw = {k: torch.where(keep, v, bad) for k, v in kw.items()}
@@ -358,8 +387,15 @@ def test_nonfinite_values_at_masked_positions(variant, entry, backend):
         loss64 = oracle.objective(x, adv, mask, cfg, entropy=ent64, **oracle_kw(kw))
         (grad64,) = torch.autograd.grad(loss64, x)
         lp = torch.where(mask > 0, lp64, float("nan")).float().to(DEVICE).requires_grad_()
-        out = fastgrpo.policy_loss(lp, adv.to(DEVICE), mask.to(DEVICE), entropy=ent64.float().to(DEVICE),
-                                   config=cfg, backend=backend, **{k: v.to(DEVICE) for k, v in kw.items()})
+        out = fastgrpo.policy_loss(
+            lp,
+            adv.to(DEVICE),
+            mask.to(DEVICE),
+            entropy=ent64.float().to(DEVICE),
+            config=cfg,
+            backend=backend,
+            **{k: v.to(DEVICE) for k, v in kw.items()},
+        )
         out.loss.backward()
         grad = lp.grad
     expect(out.loss, loss64.detach(), "loss")
@@ -417,8 +453,15 @@ def test_rewards_near_1e20(variant, entry, backend):
     mask = torch.ones(8, 2)
     loss64, grad64, _ = truth_of(logits, targets, truth, mask, cfg)
     z = logits.clone().to(DEVICE).requires_grad_()
-    out = fastgrpo.grpo_loss(z, targets.to(DEVICE), mask=mask.to(DEVICE), rewards=rewards.to(DEVICE), group_size=4,
-                             config=cfg, backend=backend)
+    out = fastgrpo.grpo_loss(
+        z,
+        targets.to(DEVICE),
+        mask=mask.to(DEVICE),
+        rewards=rewards.to(DEVICE),
+        group_size=4,
+        config=cfg,
+        backend=backend,
+    )
     out.loss.backward()
     expect(out.loss, loss64, "loss", scale=truth.abs().max().item())
     expect(z.grad, grad64, "grad")
@@ -435,11 +478,17 @@ def test_empty_vocabulary_is_a_clear_error(entry, masked, backend):
     adv = torch.ones(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"(?i)vocab|V ?= ?0|empty"):
         if entry == "grpo_loss":
-            fastgrpo.grpo_loss(torch.zeros(2, 3, 0, device=DEVICE, requires_grad=True), targets, adv, mask,
-                               backend=backend)
+            fastgrpo.grpo_loss(
+                torch.zeros(2, 3, 0, device=DEVICE, requires_grad=True), targets, adv, mask, backend=backend
+            )
         elif entry == "token_logprobs":
             fastgrpo.token_logprobs(torch.zeros(2, 3, 0, device=DEVICE, requires_grad=True), targets, backend=backend)
         else:
-            fastgrpo.linear_grpo_loss(torch.ones(2, 3, 4, device=DEVICE, requires_grad=True),
-                                      torch.zeros(0, 4, device=DEVICE, requires_grad=True), targets, adv, mask,
-                                      backend=backend)
+            fastgrpo.linear_grpo_loss(
+                torch.ones(2, 3, 4, device=DEVICE, requires_grad=True),
+                torch.zeros(0, 4, device=DEVICE, requires_grad=True),
+                targets,
+                adv,
+                mask,
+                backend=backend,
+            )

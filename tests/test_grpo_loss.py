@@ -18,13 +18,17 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 K = 2.0
 ATOL = 3e-5  # fp32 rounding of the online log-sum-exp (see test_triton_token_logprobs.py)
 
-VARIANTS = dict(CONFIGS, **{
-    "trl_dapo": presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
-    "verl_vanilla_k3+": presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
-    "verl_gspo": presets.verl(loss_mode="gspo", loss_agg_mode="token-mean"),
-    "openrlhf_tis": presets.openrlhf(is_correction_level="token", is_correction_mode="clip",
-                                     is_correction_threshold=(0.8, 1.2)),
-})
+VARIANTS = dict(
+    CONFIGS,
+    **{
+        "trl_dapo": presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
+        "verl_vanilla_k3+": presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
+        "verl_gspo": presets.verl(loss_mode="gspo", loss_agg_mode="token-mean"),
+        "openrlhf_tis": presets.openrlhf(
+            is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.8, 1.2)
+        ),
+    },
+)
 
 # (token shape, V, why)
 SHAPES = [
@@ -46,13 +50,18 @@ def inputs(shape, vocab, dtype, seed=0):
     targets = torch.randint(0, vocab, shape, generator=g)
     mask = torch.ones(shape)
     if len(shape) == 2 and shape[0] > 1:
-        mask[1, shape[1] // 2:] = 0  # a partly masked sequence
+        mask[1, shape[1] // 2 :] = 0  # a partly masked sequence
         mask[-1] = 0 if shape[0] > 2 else mask[-1]  # and a fully masked one
         targets[mask == 0] = -100
     lp, _ = fastgrpo.reference.token_logprobs(logits.float(), targets.clamp(min=0))
     noise = lambda: 0.2 * torch.randn(shape, generator=g)  # noqa: E731
-    kw = dict(advantages=torch.randn(shape[0], generator=g), mask=mask, old_logprobs=lp + noise(),
-              ref_logprobs=lp + noise(), sampling_logprobs=lp + noise())
+    kw = dict(
+        advantages=torch.randn(shape[0], generator=g),
+        mask=mask,
+        old_logprobs=lp + noise(),
+        ref_logprobs=lp + noise(),
+        sampling_logprobs=lp + noise(),
+    )
     to = lambda x: x.to(DEVICE)  # noqa: E731
     return to(logits), to(targets), {k: to(v) for k, v in kw.items()}
 
@@ -119,16 +128,24 @@ def test_packed_with_cu_seqlens(backend):
     torch.testing.assert_close(g_ours.float(), g_ref, rtol=2e-2, atol=1e-3)  # bf16 gradient rounding
 
 
-@pytest.mark.parametrize("advantage", [
-    dict(), dict(scale="batch"), dict(scale="none"), dict(estimator="rloo"), dict(estimator="reinforce_baseline"),
-    dict(singleton="raw", eps=1e-6)], ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "grpo")
+@pytest.mark.parametrize(
+    "advantage",
+    [
+        dict(),
+        dict(scale="batch"),
+        dict(scale="none"),
+        dict(estimator="rloo"),
+        dict(estimator="reinforce_baseline"),
+        dict(singleton="raw", eps=1e-6),
+    ],
+    ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()) or "grpo",
+)
 @pytest.mark.parametrize("group_size", [1, 2, 4])
 def test_rewards_in_the_same_call(advantage, group_size, backend):
     """Raw rewards + group_size: normalized inside the loss launch (grpo, rloo) or just before it."""
     import dataclasses
 
-    cfg = dataclasses.replace(presets.trl(loss_type="bnpo", beta=0.1),
-                              advantage=fastgrpo.AdvantageConfig(**advantage))
+    cfg = dataclasses.replace(presets.trl(loss_type="bnpo", beta=0.1), advantage=fastgrpo.AdvantageConfig(**advantage))
     logits, targets, kw = inputs((4, 3), 200, torch.float32)
     kw.pop("advantages")
     rewards = torch.tensor([1.0, 0.0, 0.5, 1.0], device=DEVICE)
@@ -165,11 +182,17 @@ def test_full_size_on_gpu(variant, backend):
     bound_ok(g_ours, g_ref, g_same, "grad")
 
 
-@pytest.mark.parametrize("cfg", [presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
-                                 presets.verl(use_kl_loss=True, kl_loss_type="low_var_kl"),
-                                 presets.openrlhf(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
-                                 presets.verl(loss_mode="cispo"), presets.verl(loss_mode="sapo")],
-                         ids=["verl_k3+", "verl_k3", "openrlhf_k2", "verl_cispo", "verl_sapo"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        presets.verl(use_kl_loss=True, kl_loss_type="k3+"),
+        presets.verl(use_kl_loss=True, kl_loss_type="low_var_kl"),
+        presets.openrlhf(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
+        presets.verl(loss_mode="cispo"),
+        presets.verl(loss_mode="sapo"),
+    ],
+    ids=["verl_k3+", "verl_k3", "openrlhf_k2", "verl_cispo", "verl_sapo"],
+)
 def test_clamps_reached(cfg, backend):
     """Far old/ref policies drive the ±20 log-ratio and the KL input/output clamps."""
     logits, targets, kw = inputs((3, 4), 97, torch.float32)
@@ -195,12 +218,22 @@ def test_fused_path_is_taken_and_backward_scales(backend):
     assert not token_local(presets.trl(use_vllm=True), old=False)
     logits, targets, kw = inputs((2, 3), 50, torch.float32)
     z = logits.clone().requires_grad_()
-    given = LossInputs(kw["advantages"], kw["mask"], cfg, old_logprobs=kw["old_logprobs"],
-                       ref_logprobs=kw["ref_logprobs"])
+    given = LossInputs(
+        kw["advantages"], kw["mask"], cfg, old_logprobs=kw["old_logprobs"], ref_logprobs=kw["ref_logprobs"]
+    )
     out = op.fused(kernel_backend(backend).ops, z, targets, given, return_entropy=False, inplace_grad=False)
     (3.0 * out.loss).backward()
-    ref, g_ref = run(logits, targets, dict(kw, advantages=inputs((2, 3), 50, torch.float32)[2]["advantages"],
-                                           mask=inputs((2, 3), 50, torch.float32)[2]["mask"]), cfg, "reference")
+    ref, g_ref = run(
+        logits,
+        targets,
+        dict(
+            kw,
+            advantages=inputs((2, 3), 50, torch.float32)[2]["advantages"],
+            mask=inputs((2, 3), 50, torch.float32)[2]["mask"],
+        ),
+        cfg,
+        "reference",
+    )
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(z.grad, 3.0 * g_ref, rtol=1e-5, atol=1e-6)
 
@@ -209,12 +242,26 @@ def fused_args(cfg, targets, kw, w_kl=0.1, w_entropy=0.01, with_entropy=True, wr
     """The fused op's arguments after the logits: per-token rows by name (kernels/params.py), weights 1/n."""
     n = targets.numel()
     w = kw["mask"].reshape(-1).float() / kw["mask"].sum()
-    rows = dict(mask=kw["mask"].reshape(-1).float(), advantages=kw["advantages"].repeat_interleave(n // len(kw["advantages"])),
-                old_logprobs=kw["old_logprobs"].reshape(-1), ref_logprobs=kw["ref_logprobs"].reshape(-1), w_policy=w,
-                w_kl=w_kl * w, w_entropy=w_entropy * w)
+    rows = dict(
+        mask=kw["mask"].reshape(-1).float(),
+        advantages=kw["advantages"].repeat_interleave(n // len(kw["advantages"])),
+        old_logprobs=kw["old_logprobs"].reshape(-1),
+        ref_logprobs=kw["ref_logprobs"].reshape(-1),
+        w_policy=w,
+        w_kl=w_kl * w,
+        w_entropy=w_entropy * w,
+    )
     tokens = torch.stack([rows[name] for name in P.TOKEN_INPUTS])
-    return (targets, tokens, None, None, op.loss_params(cfg, targets.device), op.loss_codes(cfg, has_old=True),
-            with_entropy, write_grad)
+    return (
+        targets,
+        tokens,
+        None,
+        None,
+        op.loss_params(cfg, targets.device),
+        op.loss_codes(cfg, has_old=True),
+        with_entropy,
+        write_grad,
+    )
 
 
 def test_no_grad_writes_no_gradient(backend):
@@ -233,8 +280,9 @@ def test_fused_opcheck(backend):
     # AOT dispatch is left to test_fused_torch_compile_fullgraph: eager backward scales the gradient output in
     # place (so loss.backward() costs nothing more), which opcheck's eager-vs-traced comparison reads as a
     # changed output; under tracing the scaling is out of place.
-    torch.library.opcheck(ops.grpo_loss_fused, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(
+        ops.grpo_loss_fused, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
     torch.library.opcheck(ops.scale_grad_, (torch.randn(3, 5, device=DEVICE), torch.tensor(2.0, device=DEVICE)))
 
 
@@ -247,8 +295,22 @@ def test_float_hyper_parameters_come_as_one_checked_tensor(backend):
     cfg = LossConfig(temperature=0.8, epsilon_low=0.2, epsilon_high=0.28, dual_clip=3.0, kl_output_clamp=10.0)
     params = op.loss_params(cfg, logits.device)
     inf = float("inf")
-    expected = [1 / 0.8, 0.2, 0.28, inf, 3.0, inf, -inf, inf, cfg.sapo_tau_pos, cfg.sapo_tau_neg, inf, 10.0,
-                cfg.advantage.eps, 1.0]
+    expected = [
+        1 / 0.8,
+        0.2,
+        0.28,
+        inf,
+        3.0,
+        inf,
+        -inf,
+        inf,
+        cfg.sapo_tau_pos,
+        cfg.sapo_tau_neg,
+        inf,
+        10.0,
+        cfg.advantage.eps,
+        1.0,
+    ]
     assert torch.equal(params, torch.tensor(expected, device=logits.device))
     targets_, tokens, rewards, seq, _, codes, *_ = fused_args(cfg, targets, kw)
     with pytest.raises((RuntimeError, ValueError), match="params must hold 14 value"):
@@ -317,8 +379,17 @@ def test_batch_invariance_of_the_fused_loss(backend):
     def row_results(idx):
         z = logits[idx].clone().requires_grad_()
         part = {k: (v[idx] if v.dim() else v) for k, v in kw.items()}
-        out = backend_grpo_loss(impl, z, targets[idx], part.pop("advantages"), part.pop("mask"), config=cfg, normalizer=100.0,
-                          cu_seqlens=torch.tensor([0, len(idx)], device=DEVICE), **part)
+        out = backend_grpo_loss(
+            impl,
+            z,
+            targets[idx],
+            part.pop("advantages"),
+            part.pop("mask"),
+            config=cfg,
+            normalizer=100.0,
+            cu_seqlens=torch.tensor([0, len(idx)], device=DEVICE),
+            **part,
+        )
         out.loss.backward()
         return out.logprobs, z.grad
 

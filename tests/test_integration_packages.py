@@ -63,10 +63,15 @@ def data():
     mask[1, 4:] = False
     mask[3, 2:] = False
     adv = torch.tensor([1.2, -0.7, -1.5, 0.4, -0.2], dtype=torch.float64)[:, None].expand(B, T)
-    return dict(lp=lp, old=lp.detach() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
-                ref=lp.detach() + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64),
-                rollout=lp.detach() + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64), adv=adv, mask=mask,
-                weights=torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5)
+    return dict(
+        lp=lp,
+        old=lp.detach() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        ref=lp.detach() + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        rollout=lp.detach() + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64),
+        adv=adv,
+        mask=mask,
+        weights=torch.rand(B, T, generator=g, dtype=torch.float64) + 0.5,
+    )
 
 
 def assert_same(ours, theirs, lp):
@@ -81,19 +86,40 @@ def assert_same(ours, theirs, lp):
 @pytest.mark.parametrize("batch_info", ["local", "global"])
 def test_verl_policy_losses(data, loss_mode, loss_agg_mode, batch_info):
     d = data
-    config = FSDPActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_high=0.28, clip_ratio_c=2.0, rollout_n=1,
-                             ppo_micro_batch_size_per_gpu=1, tau_pos=1.2, tau_neg=0.9)
+    config = FSDPActorConfig(
+        strategy="fsdp",
+        clip_ratio=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=2.0,
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        tau_pos=1.2,
+        tau_neg=0.9,
+    )
     if loss_mode == "gspo":
-        config = FSDPActorConfig(strategy="fsdp", clip_ratio=3e-4, clip_ratio_high=4e-4, rollout_n=1,
-                                 ppo_micro_batch_size_per_gpu=1)
+        config = FSDPActorConfig(
+            strategy="fsdp", clip_ratio=3e-4, clip_ratio_high=4e-4, rollout_n=1, ppo_micro_batch_size_per_gpu=1
+        )
     if batch_info == "global":
         config.global_batch_info.update(dp_size=2, batch_num_tokens=50, global_batch_size=12, loss_scale_factor=16)
     theirs, their_metrics = verl_core.get_policy_loss_fn(loss_mode)(
-        d["old"], d["lp"], d["adv"], d["mask"], loss_agg_mode=loss_agg_mode, config=config,
-        rollout_is_weights=d["weights"])
+        d["old"],
+        d["lp"],
+        d["adv"],
+        d["mask"],
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=d["weights"],
+    )
     ours, our_metrics = fg_verl.policy_loss_fn(loss_mode)(
-        d["old"], d["lp"], d["adv"], d["mask"], loss_agg_mode=loss_agg_mode, config=config,
-        rollout_is_weights=d["weights"])
+        d["old"],
+        d["lp"],
+        d["adv"],
+        d["mask"],
+        loss_agg_mode=loss_agg_mode,
+        config=config,
+        rollout_is_weights=d["weights"],
+    )
     assert_same(ours, theirs, d["lp"])
     assert our_metrics.keys() == their_metrics.keys()
     for name, value in their_metrics.items():
@@ -104,18 +130,21 @@ def test_verl_registry(data):
     names = fg_verl.register_policy_losses()
     config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
     for name, mode in zip(names, fg_verl.LOSS_MODES):
-        theirs, _ = verl_core.get_policy_loss_fn(mode)(data["old"], data["lp"], data["adv"], data["mask"],
-                                                       config=config)
-        ours, _ = verl_core.get_policy_loss_fn(name)(data["old"], data["lp"], data["adv"], data["mask"],
-                                                     config=config)
+        theirs, _ = verl_core.get_policy_loss_fn(mode)(
+            data["old"], data["lp"], data["adv"], data["mask"], config=config
+        )
+        ours, _ = verl_core.get_policy_loss_fn(name)(data["old"], data["lp"], data["adv"], data["mask"], config=config)
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-6), name
 
 
 @pytest.mark.parametrize("kl_type", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "k3+", "low_var_kl+"])
 def test_verl_kl_penalty(data, kl_type):
     ref = data["lp"].detach() + 25 * torch.randn(B, T, dtype=torch.float64)  # beyond the ±20 clamps
-    assert_same(fg_verl.kl_penalty(data["lp"], ref, kl_type).sum(),
-                verl_core.kl_penalty(data["lp"], ref, kl_type).sum(), data["lp"])
+    assert_same(
+        fg_verl.kl_penalty(data["lp"], ref, kl_type).sum(),
+        verl_core.kl_penalty(data["lp"], ref, kl_type).sum(),
+        data["lp"],
+    )
 
 
 def test_verl_logprobs_from_logits():
@@ -247,17 +276,28 @@ def test_verl_linear_cross_entropy():
         fg_verl.linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
 
 
-@pytest.mark.parametrize("opts", [
-    dict(), dict(dual_clip=1.5), dict(token_level_loss=False, clip_eps_high=0.28),
-    dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
-    dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=[0.9, 1.2]),
-    dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
-    dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
-    dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=[0.0, 0.01]),
-    dict(is_correction_level="seq", is_correction_gating="tv", is_correction_threshold=[0.0, 0.03]),
-    dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4, is_correction_level="token",
-         is_correction_threshold=[0.9, 1.2]),
-], ids=str)
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(dual_clip=1.5),
+        dict(token_level_loss=False, clip_eps_high=0.28),
+        dict(policy_loss_type="gspo", clip_eps_low=3e-4, clip_eps_high=4e-4),
+        dict(is_correction_level="token", is_correction_mode="clip", is_correction_threshold=[0.9, 1.2]),
+        dict(is_correction_level="token", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
+        dict(is_correction_level="seq", is_correction_mode="mask", is_correction_threshold=[0.9, 1.2]),
+        dict(is_correction_level="token", is_correction_gating="binary_kl", is_correction_threshold=[0.0, 0.01]),
+        dict(is_correction_level="seq", is_correction_gating="tv", is_correction_threshold=[0.0, 0.03]),
+        dict(
+            policy_loss_type="gspo",
+            clip_eps_low=3e-4,
+            clip_eps_high=4e-4,
+            is_correction_level="token",
+            is_correction_threshold=[0.9, 1.2],
+        ),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("batch_info", ["local", "global"])
 def test_openrlhf_policy_loss(data, opts, batch_info):
     _, loss_module = openrlhf_modules()
@@ -295,7 +335,9 @@ def test_openrlhf_log_probs_shapes(monkeypatch, rows, label_shape):
     utils, _ = openrlhf_modules()
     kernel = types.ModuleType("flash_attn.ops.triton.cross_entropy")
     kernel.cross_entropy_loss = lambda logits, labels: (  # flash-attn's losses are fp32
-        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), None)
+        torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"),
+        None,
+    )
     for name in ("flash_attn", "flash_attn.ops", "flash_attn.ops.triton"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, kernel.__name__, kernel)
@@ -349,8 +391,9 @@ def test_openrlhf_policy_loss_far_old_policy(shift):
     """PPO's log-ratio clamp at ±20 (OpenRLHF's) passes through the drop-in: the same loss and gradient."""
     _, loss_module = openrlhf_modules()
     lp, far, adv, mask = far_policy_data(shift)
-    results = [module(dual_clip=3.0)(lp, far, adv, mask)[0]
-               for module in (fg_openrlhf.PolicyLoss, loss_module.PolicyLoss)]
+    results = [
+        module(dual_clip=3.0)(lp, far, adv, mask)[0] for module in (fg_openrlhf.PolicyLoss, loss_module.PolicyLoss)
+    ]
     torch.testing.assert_close(*results)
     grads = [torch.autograd.grad(x, lp)[0] for x in results]
     assert grads[1].isfinite().all()

@@ -39,9 +39,20 @@ def make_tokenizer():
 
 def make_model(vocab_size, seed=0, **extra):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=1, tie_word_embeddings=False, **extra)
+    cfg = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+        **extra,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
@@ -50,11 +61,26 @@ def make_falcon_h1(vocab_size, seed=0):
     check its model_kwargs against forward's signature (as NemotronH, Bamba, Zamba do); its LM head multiplies
     the logits (lm_head_multiplier), which the loss path must apply too."""
     torch.manual_seed(seed)
-    cfg = FalconH1Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, mamba_d_ssm=64, mamba_n_heads=4,
-                         mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1, mamba_chunk_size=16,
-                         lm_head_multiplier=0.5, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=1, tie_word_embeddings=False)
+    cfg = FalconH1Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+        lm_head_multiplier=0.5,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
     return FalconH1ForCausalLM(cfg)
 
 
@@ -64,17 +90,38 @@ def count_a(completions, **_):
 
 def make_trainer(tmp_path, *, model=None, max_steps=2, peft_config=None, **overrides):
     tok = make_tokenizer()
-    options = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                   num_generations=4, num_iterations=2, max_completion_length=8, max_steps=max_steps,
-                   logging_steps=1, report_to="none", save_strategy="no", seed=0, use_cpu=True,
-                   learning_rate=0.5, optim="sgd", disable_tqdm=True, epsilon=0.1, bf16=False)
+    options = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_generations=4,
+        num_iterations=2,
+        max_completion_length=8,
+        max_steps=max_steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+        use_cpu=True,
+        learning_rate=0.5,
+        optim="sgd",
+        disable_tqdm=True,
+        epsilon=0.1,
+        bf16=False,
+    )
     options.update(overrides)
     dataset = Dataset.from_dict({"prompt": ["abc", "hello", "xyz", "q"] * 8})
     if model is None:  # a saved model: a non-zero beta makes TRL load the reference model from its path
         model = str(tmp_path / "model")
         make_model(len(tok)).save_pretrained(model)
-    return GRPOTrainer(model=model, reward_funcs=count_a, args=GRPOConfig(**options), train_dataset=dataset,
-                       processing_class=tok, peft_config=peft_config)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=count_a,
+        args=GRPOConfig(**options),
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+    )
 
 
 def batch(vocab_size, *, B=8, P=3, T=7, seed=1):
@@ -84,13 +131,17 @@ def batch(vocab_size, *, B=8, P=3, T=7, seed=1):
     completion_mask[0] = 1
     old = -3.5 + 0.4 * torch.randn(B, T, generator=g)
     return dict(
-        prompt_ids=torch.randint(2, vocab_size, (B, P), generator=g), prompt_mask=torch.ones(B, P, dtype=torch.long),
-        completion_ids=torch.randint(2, vocab_size, (B, T), generator=g), completion_mask=completion_mask,
-        advantages=torch.randn(B, generator=g), old_per_token_logps=old,
+        prompt_ids=torch.randint(2, vocab_size, (B, P), generator=g),
+        prompt_mask=torch.ones(B, P, dtype=torch.long),
+        completion_ids=torch.randint(2, vocab_size, (B, T), generator=g),
+        completion_mask=completion_mask,
+        advantages=torch.randn(B, generator=g),
+        old_per_token_logps=old,
         ref_per_token_logps=old + 0.3 * torch.randn(B, T, generator=g),
         sampling_per_token_logps=old + 0.5 * torch.randn(B, T, generator=g),
         importance_sampling_ratio=torch.rand(B, T, generator=g) + 0.5,
-        num_items_in_batch=3.0 * completion_mask.sum().float())
+        num_items_in_batch=3.0 * completion_mask.sum().float(),
+    )
 
 
 def loss_grads_metrics(trainer, compute, inputs):
@@ -163,8 +214,9 @@ def test_cast_lm_head_to_fp32_on_a_bf16_model(tmp_path):
     results = []
     for patched in (False, True):
         model = make_model(len(make_tokenizer())).to(torch.bfloat16)
-        trainer = make_trainer(tmp_path / str(patched), model=model, bf16=True, cast_lm_head_to_fp32=True,
-                               loss_type="dapo")
+        trainer = make_trainer(
+            tmp_path / str(patched), model=model, bf16=True, cast_lm_head_to_fp32=True, loss_type="dapo"
+        )
         assert trainer.model.lm_head.weight.dtype == torch.float32
         results.append(compute_loss_once(trainer, patched))
     (loss_trl, grads_trl, _), (loss_ours, grads_ours, _) = results
@@ -179,8 +231,13 @@ def test_peft_lora_backbone(tmp_path):
     results = []
     for patched in (False, True):
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        trainer = make_trainer(tmp_path / str(patched), model=make_model(len(make_tokenizer())), peft_config=config,
-                               loss_type="grpo", beta=0.0)
+        trainer = make_trainer(
+            tmp_path / str(patched),
+            model=make_model(len(make_tokenizer())),
+            peft_config=config,
+            loss_type="grpo",
+            beta=0.0,
+        )
         results.append(compute_loss_once(trainer, patched))
     (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
     assert grads_trl and all("lora" in name for name in grads_trl)
@@ -215,8 +272,11 @@ def test_training_matches_trl(tmp_path, loss_type):
     """Three optimizer steps (two generations, two iterations each, two accumulation steps) from one seed.
     Plain SGD: Adam would turn the rounding noise of gradients that are zero in exact arithmetic (the key
     biases') into full-size steps, in either run."""
-    extra = dict(loss_type="grpo", importance_sampling_level="sequence") if loss_type == "sequence" else \
-        dict(loss_type=loss_type)
+    extra = (
+        dict(loss_type="grpo", importance_sampling_level="sequence")
+        if loss_type == "sequence"
+        else dict(loss_type=loss_type)
+    )
     extra["beta"] = 0.02 if loss_type in ("grpo", "dapo") else 0.0
     runs = []
     for patched in (False, True):
@@ -276,8 +336,9 @@ def test_compute_loss_matches_trl_on_a_mamba_hybrid(tmp_path, loss_type):
     """The loss path on Falcon-H1: backbone hidden states, then its lm_head_multiplier."""
     results = []
     for patched in (False, True):
-        trainer = make_trainer(tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())),
-                               loss_type=loss_type)
+        trainer = make_trainer(
+            tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())), loss_type=loss_type
+        )
         results.append(compute_loss_once(trainer, patched))
     (loss_trl, grads_trl, metrics_trl), (loss_ours, grads_ours, metrics_ours) = results
     torch.testing.assert_close(loss_ours, loss_trl, rtol=1e-5, atol=1e-6)
@@ -293,8 +354,9 @@ def test_training_matches_trl_on_a_mamba_hybrid(tmp_path):
     """A whole patched train() on Falcon-H1 (TRL generates with the patched model) against TRL's own."""
     runs = []
     for patched in (False, True):
-        trainer = make_trainer(tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())), max_steps=2,
-                               loss_type="dapo")
+        trainer = make_trainer(
+            tmp_path / str(patched), model=make_falcon_h1(len(make_tokenizer())), max_steps=2, loss_type="dapo"
+        )
         if patched:
             patch_grpo_trainer(trainer)
         trainer.train()

@@ -11,8 +11,11 @@ from fastgrpo.trajectory import linear_grpo_loss as linear_path
 from conftest import DEVICE, KERNEL_BACKENDS, kernel_backend
 from test_reference_levels import CONFIGS
 
-VARIANTS = dict(CONFIGS, trl_dapo=presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
-                verl_gspo=presets.verl(loss_mode="gspo", use_kl_loss=True))
+VARIANTS = dict(
+    CONFIGS,
+    trl_dapo=presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
+    verl_gspo=presets.verl(loss_mode="gspo", use_kl_loss=True),
+)
 
 
 @pytest.fixture(params=KERNEL_BACKENDS)
@@ -32,16 +35,21 @@ def inputs(b=3, t=5, h=16, v=70, dtype=torch.float32, seed=0):
     if b > 2:
         mask[2] = 0  # a fully masked sequence
     lp, _ = fastgrpo.reference.linear_token_logprobs(hidden, weight, targets, bias)
-    kw = dict(advantages=torch.randn(b, generator=g), mask=mask,
-              old_logprobs=lp + 0.2 * torch.randn(b, t, generator=g), ref_logprobs=lp + 0.2 * torch.randn(b, t, generator=g))
+    kw = dict(
+        advantages=torch.randn(b, generator=g),
+        mask=mask,
+        old_logprobs=lp + 0.2 * torch.randn(b, t, generator=g),
+        ref_logprobs=lp + 0.2 * torch.randn(b, t, generator=g),
+    )
     to = lambda x: x.to(DEVICE)  # noqa: E731
     return tuple(map(to, (hidden, weight, bias, targets))), {k: to(v) for k, v in kw.items()}
 
 
 def run(tensors, kw, cfg, backend, **extra):
     hidden, weight, bias = (x.detach().clone().requires_grad_() for x in tensors[:3])
-    out = fastgrpo.linear_grpo_loss(hidden, weight, tensors[3], bias=bias, config=cfg, backend=backend,
-                                    return_entropy=True, **kw, **extra)
+    out = fastgrpo.linear_grpo_loss(
+        hidden, weight, tensors[3], bias=bias, config=cfg, backend=backend, return_entropy=True, **kw, **extra
+    )
     out.loss.backward()
     return out, (hidden.grad, weight.grad, bias.grad)
 
@@ -68,7 +76,7 @@ def test_matches_reference(variant, dtype, backend, weight_grad_order):
     torch.testing.assert_close(ours.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
     for name, a, b in zip(("hidden", "weight", "bias"), g_ours, g_ref):
         assert a.dtype == dtype, name
-        torch.testing.assert_close(a.float(), b, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.float(), b, **tol, msg=lambda m, name=name: f"{name}: {m}")
     for key in ref.metrics:
         if key != "grad_active_fraction":
             torch.testing.assert_close(ours.metrics[key], ref.metrics[key], rtol=1e-4, atol=1e-5)
@@ -96,8 +104,7 @@ def test_no_grad_and_scaled_backward(backend):
     b, gb = run(tensors, kw, cfg, "reference")
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
     hidden = tensors[0].clone().requires_grad_()
-    out = fastgrpo.linear_grpo_loss(hidden, tensors[1], tensors[3], bias=tensors[2], config=cfg, backend=backend,
-                                    **kw)
+    out = fastgrpo.linear_grpo_loss(hidden, tensors[1], tensors[3], bias=tensors[2], config=cfg, backend=backend, **kw)
     (2.5 * out.loss).backward()
     torch.testing.assert_close(hidden.grad, 2.5 * gb[0], rtol=1e-4, atol=1e-6)
 
@@ -125,8 +132,9 @@ def test_peak_memory_does_not_grow_with_tokens():
         targets = torch.randint(0, v, (1, n))
 
         def step():
-            out = fastgrpo.linear_grpo_loss(hidden.view(1, n, hid), weight, targets, torch.ones(1),
-                                            backend=backend, chunk_tokens=chunk)
+            out = fastgrpo.linear_grpo_loss(
+                hidden.view(1, n, hid), weight, targets, torch.ones(1), backend=backend, chunk_tokens=chunk
+            )
             out.loss.backward()
 
         step()  # warm-up
@@ -194,8 +202,9 @@ def test_linear_token_logprobs_without_grad_is_chunked(backend, monkeypatch):
     monkeypatch.setattr(linear_path, "CHUNK_BYTES", {"cpu": 3 * 70 * 4, "cuda": 3 * 70 * 4})  # 3 tokens a chunk
     (hidden, weight, bias, targets), _ = inputs()
     with torch.no_grad():
-        lp, ent = fastgrpo.linear_token_logprobs(hidden, weight, targets, bias=bias, entropy=True, temperature=0.8,
-                                                 logit_softcap=4.0, backend=backend)
+        lp, ent = fastgrpo.linear_token_logprobs(
+            hidden, weight, targets, bias=bias, entropy=True, temperature=0.8, logit_softcap=4.0, backend=backend
+        )
     ref_lp, ref_ent = fastgrpo.reference.linear_token_logprobs(hidden, weight, targets, bias, 0.8, True, 1.0, 4.0)
     torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
@@ -208,8 +217,9 @@ def test_runs_under_torch_compile(backend):
     cfg = VARIANTS["trl_dapo"]
 
     def loss(hidden, weight, bias):
-        return fastgrpo.linear_grpo_loss(hidden, weight, tensors[3], bias=bias, config=cfg, backend=backend,
-                                         chunk_tokens=3, **kw).loss
+        return fastgrpo.linear_grpo_loss(
+            hidden, weight, tensors[3], bias=bias, config=cfg, backend=backend, chunk_tokens=3, **kw
+        ).loss
 
     results = []
     for fn in (loss, torch.compile(loss)):

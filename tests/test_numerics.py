@@ -28,8 +28,26 @@ def impl(request):
     return kernel_backend(request.param)
 
 
-def truth(z, y, m, adv, *, old=None, ref=None, policy="ppo", eps_low=0.2, eps_high=0.2, cap=None, dual_clip=None,
-          cispo=(None, None), sapo=(1.0, 1.05), beta=0.0, kl_in=None, kl_out=None, temperature=1.0):
+def truth(
+    z,
+    y,
+    m,
+    adv,
+    *,
+    old=None,
+    ref=None,
+    policy="ppo",
+    eps_low=0.2,
+    eps_high=0.2,
+    cap=None,
+    dual_clip=None,
+    cispo=(None, None),
+    sapo=(1.0, 1.05),
+    beta=0.0,
+    kl_in=None,
+    kl_out=None,
+    temperature=1.0,
+):
     """MATH §2 in fp64 for the configs used here (token ratio, token mean, k3): the loss, differentiable in z.
     Masked positions are selected away, so whatever they hold stays out of the loss and its gradient."""
     z, m = z.double(), m.double()
@@ -92,8 +110,9 @@ def assert_same_ieee(ours, expected, what, rtol=1e-5, atol=1e-6):
     ours, expected = ours.detach().double().cpu(), expected.detach().double().cpu()
     assert torch.equal(ours.isnan(), expected.isnan()), f"{what}: NaN pattern {ours} vs {expected}"
     inf = expected.isinf()
-    assert torch.equal(ours[inf], expected[inf]) and not ours[~inf & ~expected.isnan()].isinf().any(), \
+    assert torch.equal(ours[inf], expected[inf]) and not ours[~inf & ~expected.isnan()].isinf().any(), (
         f"{what}: infinities {ours} vs {expected}"
+    )
     fin = expected.isfinite()
     torch.testing.assert_close(ours[fin], expected[fin], rtol=rtol, atol=atol, msg=what)
 
@@ -114,14 +133,24 @@ def test_inplace_grad_on_a_view_with_scaled_backward(name):
     old, ref = lp + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64), lp + 0.3
     old, ref = old.float(), ref.float()
     cfg = LossConfig(epsilon_high=0.28, beta=0.04, kl_estimator="k3")
-    loss_true, grad_true = truth_and_grad(logits[:, :-1], targets, mask, adv, old=old, ref=ref, eps_high=0.28,
-                                          beta=0.04)
+    loss_true, grad_true = truth_and_grad(
+        logits[:, :-1], targets, mask, adv, old=old, ref=ref, eps_high=0.28, beta=0.04
+    )
 
     leaf = logits.clone().to(DEVICE).requires_grad_()
     buffer = leaf * 1  # a model's logits: a non-leaf [B, T + 1, V]
     view = buffer[:, :-1]
-    out = fastgrpo.grpo_loss(view, targets.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE), old_logprobs=old.to(DEVICE),
-                             ref_logprobs=ref.to(DEVICE), config=cfg, backend=name, inplace_grad=True)
+    out = fastgrpo.grpo_loss(
+        view,
+        targets.to(DEVICE),
+        adv.to(DEVICE),
+        mask.to(DEVICE),
+        old_logprobs=old.to(DEVICE),
+        ref_logprobs=ref.to(DEVICE),
+        config=cfg,
+        backend=name,
+        inplace_grad=True,
+    )
     (out.loss / k).backward()
     torch.testing.assert_close(out.loss.cpu(), loss_true, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(leaf.grad[:, :-1].cpu(), grad_true / k, rtol=1e-4, atol=1e-7)
@@ -129,8 +158,13 @@ def test_inplace_grad_on_a_view_with_scaled_backward(name):
     assert torch.equal(buffer[:, -1].detach().cpu(), logits[:, -1]), "logits outside the view were modified"
 
 
-VIEWS = {"[:, :-1]": lambda x: x[:, :-1], "[1:, 2:]": lambda x: x[1:, 2:], "[:, 2] (strided rows)": lambda x: x[:, 2],
-         "[0] (contiguous)": lambda x: x[0], "flat (a bias)": lambda x: x.view(-1)}
+VIEWS = {
+    "[:, :-1]": lambda x: x[:, :-1],
+    "[1:, 2:]": lambda x: x[1:, 2:],
+    "[:, 2] (strided rows)": lambda x: x[:, 2],
+    "[0] (contiguous)": lambda x: x[0],
+    "flat (a bias)": lambda x: x.view(-1),
+}
 
 
 @pytest.mark.parametrize("view", VIEWS)
@@ -151,12 +185,21 @@ def test_scale_grad_op_touches_only_the_view(name, view):
 CONFIGS = {
     "trl_no_clamps": LossConfig(beta=0.04, kl_estimator="k3"),  # unused bounds are ±inf in the kernels
     "verl_clamps": presets.verl(use_kl_loss=True),  # log-ratio ±20, dual clip, k3 clamped in and out
-    "cispo": LossConfig(policy_loss="cispo", cispo_low=0.8, cispo_high=1.2, beta=0.1, kl_estimator="k3",
-                        kl_output_clamp=10.0),
+    "cispo": LossConfig(
+        policy_loss="cispo", cispo_low=0.8, cispo_high=1.2, beta=0.1, kl_estimator="k3", kl_output_clamp=10.0
+    ),
     "sapo": LossConfig(policy_loss="sapo", beta=0.1, kl_estimator="k2", log_ratio_clamp=20.0),
 }
-POISON = [("logits", NAN), ("logits", INF), ("old", NAN), ("old", INF), ("ref", NAN), ("ref", INF),
-          ("advantages", NAN), ("advantages", INF)]
+POISON = [
+    ("logits", NAN),
+    ("logits", INF),
+    ("old", NAN),
+    ("old", INF),
+    ("ref", NAN),
+    ("ref", INF),
+    ("advantages", NAN),
+    ("advantages", INF),
+]
 
 
 def poisoned(where, value, masked):
@@ -186,10 +229,26 @@ def test_non_finite_input_reaches_the_loss_on_every_backend(where, value, config
     x, targets, mask = poisoned(where, value, masked=False)
     cfg = CONFIGS[config]
     to = lambda t: t.to(DEVICE)  # noqa: E731
-    ours, _ = run(impl, to(x["logits"]), to(targets), to(mask), to(x["advantages"]), cfg,
-                  old_logprobs=to(x["old"]), ref_logprobs=to(x["ref"]))
-    ref_out, _ = run(backends.select("reference", torch.device(DEVICE)), x["logits"], targets, mask, x["advantages"], cfg, old_logprobs=x["old"],
-                     ref_logprobs=x["ref"])
+    ours, _ = run(
+        impl,
+        to(x["logits"]),
+        to(targets),
+        to(mask),
+        to(x["advantages"]),
+        cfg,
+        old_logprobs=to(x["old"]),
+        ref_logprobs=to(x["ref"]),
+    )
+    ref_out, _ = run(
+        backends.select("reference", torch.device(DEVICE)),
+        x["logits"],
+        targets,
+        mask,
+        x["advantages"],
+        cfg,
+        old_logprobs=x["old"],
+        ref_logprobs=x["ref"],
+    )
     if math.isnan(value) or where == "logits":  # a NaN or +inf logit makes log_softmax NaN
         assert ours.loss.isnan(), f"{where}={value} hidden: loss {ours.loss}"
     assert_same_ieee(ours.loss, ref_out.loss, "loss")
@@ -207,8 +266,17 @@ def test_non_finite_input_at_a_masked_position_is_ignored(where, value, impl):
     loss_true, grad_true = truth_and_grad(x["logits"], targets, mask, x["advantages"], **kw)
     assert loss_true.isfinite()
     to = lambda t: t.to(DEVICE)  # noqa: E731
-    ours, grad = run(impl, to(x["logits"]), to(targets), to(mask), to(x["advantages"]), cfg,
-                     old_logprobs=to(x["old"]), ref_logprobs=to(x["ref"]), is_weights=to(is_weights))
+    ours, grad = run(
+        impl,
+        to(x["logits"]),
+        to(targets),
+        to(mask),
+        to(x["advantages"]),
+        cfg,
+        old_logprobs=to(x["old"]),
+        ref_logprobs=to(x["ref"]),
+        is_weights=to(is_weights),
+    )
     torch.testing.assert_close(ours.loss.cpu(), loss_true, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grad.cpu(), grad_true, rtol=1e-4, atol=1e-7)
     assert torch.equal(grad[0, 1].cpu(), torch.zeros(11))
@@ -255,11 +323,17 @@ OVERFLOW = {
     "ppo_dual_clip": (LossConfig(dual_clip=3.0), dict(dual_clip=3.0), [-1.0, -0.5]),
     "ppo_ratio_cap": (LossConfig(ratio_cap=2.0), dict(cap=2.0), [1.0, -0.5]),  # TRL delta caps ρ·A at A < 0
     "sapo": (LossConfig(policy_loss="sapo"), dict(policy="sapo"), [1.0, -0.5]),  # σ'·ρ = e^(−τρ)·ρ → 0
-    "cispo_bounded": (LossConfig(policy_loss="cispo", cispo_low=0.8, cispo_high=1.2),
-                      dict(policy="cispo", cispo=(0.8, 1.2)), [1.0, -0.5]),
+    "cispo_bounded": (
+        LossConfig(policy_loss="cispo", cispo_low=0.8, cispo_high=1.2),
+        dict(policy="cispo", cispo=(0.8, 1.2)),
+        [1.0, -0.5],
+    ),
     # OpenRLHF with a far reference policy: k3 of D = −100 is e^100 (inf in fp32), clamped to 10: gradient 0
-    "openrlhf_k3_far_ref": (presets.openrlhf(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k3"),
-                            dict(beta=0.1, kl_out=10.0), [1.0, -0.5]),
+    "openrlhf_k3_far_ref": (
+        presets.openrlhf(use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k3"),
+        dict(beta=0.1, kl_out=10.0),
+        [1.0, -0.5],
+    ),
 }
 
 
@@ -272,8 +346,16 @@ def test_ratio_overflow_gives_the_true_value(case, impl):
     old = lp.float() if far else (lp - 100.0).float()
     ref = (lp + 100.0).float()
     loss_true, grad_true = truth_and_grad(logits, targets, mask, adv, old=old, ref=ref, **kw)
-    out, grad = run(impl, logits.to(DEVICE), targets.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE), cfg,
-                    old_logprobs=old.to(DEVICE), ref_logprobs=ref.to(DEVICE))
+    out, grad = run(
+        impl,
+        logits.to(DEVICE),
+        targets.to(DEVICE),
+        mask.to(DEVICE),
+        adv.to(DEVICE),
+        cfg,
+        old_logprobs=old.to(DEVICE),
+        ref_logprobs=ref.to(DEVICE),
+    )
     assert loss_true.isfinite() and grad_true.isfinite().all()
     torch.testing.assert_close(out.loss.cpu(), loss_true, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.cpu(), grad_true, rtol=1e-4, atol=1e-6)
@@ -288,8 +370,15 @@ def test_ratio_overflow_beyond_fp32_is_inf_not_nan(impl):
     old[0, 1] -= 100.0
     loss_true, _ = truth_and_grad(logits, targets, mask, adv, old=old)
     assert loss_true == INF
-    out, _ = run(impl, logits.to(DEVICE), targets.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE), LossConfig(),
-                 old_logprobs=old.to(DEVICE))
+    out, _ = run(
+        impl,
+        logits.to(DEVICE),
+        targets.to(DEVICE),
+        mask.to(DEVICE),
+        adv.to(DEVICE),
+        LossConfig(),
+        old_logprobs=old.to(DEVICE),
+    )
     assert out.loss.item() == INF
 
 
@@ -302,8 +391,9 @@ def test_k3_has_no_cancellation(d, impl):
     ref = (lp - d).float()
     mask, adv = torch.ones(1, 1), torch.zeros(1)
     cfg = LossConfig(policy_loss="reinforce", beta=1.0, kl_estimator="k3")
-    out, grad = run(impl, logits.to(DEVICE), targets.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE), cfg,
-                    ref_logprobs=ref.to(DEVICE))
+    out, grad = run(
+        impl, logits.to(DEVICE), targets.to(DEVICE), mask.to(DEVICE), adv.to(DEVICE), cfg, ref_logprobs=ref.to(DEVICE)
+    )
     d_seen = out.logprobs.double().cpu() - ref.double()
     k3 = (torch.exp(-d_seen) + d_seen - 1).sum()
     # 4 fp32 ulps of the terms summed (|expm1(−D)| ≈ |D| and D): the old order's terms were ~1, its error ~ulp(1)
@@ -344,8 +434,9 @@ def test_k3_beyond_an_input_clamp_above_88(impl):
     cfg = LossConfig(beta=0.1, kl_estimator="k3", kl_input_clamp=100.0)
     ref = (lp + torch.tensor([[150.0, 0.5]])).float()
     logits = z.float().to(DEVICE).requires_grad_()
-    out = backend_grpo_loss(impl, logits, y.to(DEVICE), torch.ones(1, device=DEVICE), m.to(DEVICE), config=cfg,
-                         ref_logprobs=ref.to(DEVICE))
+    out = backend_grpo_loss(
+        impl, logits, y.to(DEVICE), torch.ones(1, device=DEVICE), m.to(DEVICE), config=cfg, ref_logprobs=ref.to(DEVICE)
+    )
     out.loss.backward()
     assert out.loss.item() == INF
     # the gradient is the policy term's and the second token's k3: as without the first token's KL

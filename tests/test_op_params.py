@@ -82,23 +82,36 @@ def test_triton_constants_and_signatures():
     assert value(K.NUM_OUTPUTS) == len(P.TOKEN_OUTPUTS)
     assert [value(getattr(K, n)) for n in ("PPO", "CISPO", "SAPO")] == [P.POLICY[n] for n in ("ppo", "cispo", "sapo")]
     assert [value(getattr(K, f"KL_{n.upper()}")) for n in ("none", "k1", "abs", "k2")] == [
-        P.KL[n] for n in ("none", "k1", "abs", "k2")]
+        P.KL[n] for n in ("none", "k1", "abs", "k2")
+    ]
     # the launchers pass the codes by name: the kernels must take them under those names, in that order
     args = K.grpo_loss_fwd_kernel.arg_names
-    assert args[args.index(P.CODES[0]):][:len(P.CODES)] == list(P.CODES)
+    assert args[args.index(P.CODES[0]) :][: len(P.CODES)] == list(P.CODES)
     args = A.advantages_kernel.arg_names
-    assert args[args.index(P.ADVANTAGE_CODES[0]):][:len(P.ADVANTAGE_CODES)] == list(P.ADVANTAGE_CODES)
+    assert args[args.index(P.ADVANTAGE_CODES[0]) :][: len(P.ADVANTAGE_CODES)] == list(P.ADVANTAGE_CODES)
 
 
-@pytest.mark.parametrize("op", ["token_logprobs", "token_logprobs_backward", "grpo_loss_fused",
-                                "grpo_loss_fused_inplace_", "scale_grad_", "advantages"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        "token_logprobs",
+        "token_logprobs_backward",
+        "grpo_loss_fused",
+        "grpo_loss_fused_inplace_",
+        "scale_grad_",
+        "advantages",
+    ],
+)
 def test_cpp_and_triton_ops_have_one_schema(op):
     """The C++ schema (csrc/ops.cpp) and the one Triton's launcher annotations give its op are the same."""
     kernel_backend("cpu" if DEVICE == "cpu" else "cuda")
     kernel_backend("triton")
+
     def signature(schema):  # a Python int list is inferred as SymInt[]; alias sets are named differently
-        args = [(a.name, str(a.type).replace("SymInt", "int"), bool(a.alias_info and a.alias_info.is_write))
-                for a in schema.arguments]
+        args = [
+            (a.name, str(a.type).replace("SymInt", "int"), bool(a.alias_info and a.alias_info.is_write))
+            for a in schema.arguments
+        ]
         return args, [str(r.type) for r in schema.returns]
 
     cpp = getattr(torch.ops.fastgrpo, op).default._schema

@@ -26,9 +26,15 @@ def data():
     mask = torch.ones(B, T, dtype=torch.float64)
     mask[1, 4:] = 0
     mask[3] = 0  # a fully masked sequence: TRL counts it in its sequence mean, verl and OpenRLHF do not
-    return dict(lp=lp, old=lp.detach() + noise(0.3), ref=lp.detach() + noise(0.3), samp=lp.detach() + noise(0.2),
-                adv=torch.tensor([1.2, -0.7, -1.5, 0.4], dtype=torch.float64), mask=mask,
-                entropy=(1.0 + torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_())
+    return dict(
+        lp=lp,
+        old=lp.detach() + noise(0.3),
+        ref=lp.detach() + noise(0.3),
+        samp=lp.detach() + noise(0.2),
+        adv=torch.tensor([1.2, -0.7, -1.5, 0.4], dtype=torch.float64),
+        mask=mask,
+        entropy=(1.0 + torch.rand(B, T, generator=g, dtype=torch.float64)).requires_grad_(),
+    )
 
 
 def compare(expected, out, d):
@@ -43,23 +49,41 @@ def compare(expected, out, d):
 
 
 def ours(d, cfg, **kw):
-    return fastgrpo.policy_loss(d["lp"], d["adv"], d["mask"], old_logprobs=d["old"], ref_logprobs=d["ref"],
-                                entropy=d["entropy"], config=cfg, backend="reference", **kw)
+    return fastgrpo.policy_loss(
+        d["lp"],
+        d["adv"],
+        d["mask"],
+        old_logprobs=d["old"],
+        ref_logprobs=d["ref"],
+        entropy=d["entropy"],
+        config=cfg,
+        backend="reference",
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
 TRL_CASES = [
-    dict(loss_type="grpo"), dict(loss_type="bnpo"), dict(loss_type="dr_grpo", max_completion_length=16),
-    dict(loss_type="dapo", epsilon_high=0.28), dict(loss_type="cispo", epsilon_high=1.2),
-    dict(loss_type="sapo"), dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
+    dict(loss_type="grpo"),
+    dict(loss_type="bnpo"),
+    dict(loss_type="dr_grpo", max_completion_length=16),
+    dict(loss_type="dapo", epsilon_high=0.28),
+    dict(loss_type="cispo", epsilon_high=1.2),
+    dict(loss_type="sapo"),
+    dict(loss_type="sapo", sapo_temperature_pos=0.5, sapo_temperature_neg=2.0),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4),
     dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=0.5),
     dict(loss_type="grpo", beta=0.04, use_bias_correction_kl=True, delta=1.1),
     dict(loss_type="bnpo", beta=0.1, top_entropy_quantile=0.4, entropy_coef=0.01),
     dict(loss_type="dapo", beta=0.05, entropy_coef=0.02, off_policy_mask_threshold=0.05),
     dict(loss_type="dr_grpo", off_policy_mask_threshold=0.0, gradient_accumulation_steps=4),
-    dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.1, use_bias_correction_kl=True,
-         gradient_accumulation_steps=2),
+    dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        beta=0.1,
+        use_bias_correction_kl=True,
+        gradient_accumulation_steps=2,
+    ),
 ]
 
 
@@ -67,10 +91,23 @@ TRL_CASES = [
 def test_trl(data, opts):
     d = data
     num_items = d["mask"].sum()
-    expected = trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
-                        sampling=d["samp"], num_items_in_batch=num_items, **opts)
-    out = ours(d, presets.trl(**opts), sampling_logprobs=d["samp"],
-               normalizer=num_items if opts["loss_type"] in ("dapo", "cispo") else None)
+    expected = trl_loss(
+        d["lp"],
+        d["old"],
+        d["ref"],
+        d["adv"],
+        d["mask"],
+        d["entropy"],
+        sampling=d["samp"],
+        num_items_in_batch=num_items,
+        **opts,
+    )
+    out = ours(
+        d,
+        presets.trl(**opts),
+        sampling_logprobs=d["samp"],
+        normalizer=num_items if opts["loss_type"] in ("dapo", "cispo") else None,
+    )
     compare(expected, out, d)
 
 
@@ -80,14 +117,25 @@ def test_trl_vllm_importance_sampling(data, mode):
     lo, hi = (0.9, 1.3) if mode.startswith("token") else (0.2, 1.5)
     ratio = trl_importance_sampling_ratio(d["old"], d["samp"], d["mask"], mode, lo, hi)
     opts = dict(loss_type="bnpo", beta=0.02)
-    expected = trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
-                        importance_sampling_ratio=ratio, **opts)
-    cfg = presets.trl(**opts, use_vllm=True, vllm_importance_sampling_mode=mode,
-                      vllm_importance_sampling_clip_min=lo, vllm_importance_sampling_clip_max=hi)
+    expected = trl_loss(
+        d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"], importance_sampling_ratio=ratio, **opts
+    )
+    cfg = presets.trl(
+        **opts,
+        use_vllm=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=lo,
+        vllm_importance_sampling_clip_max=hi,
+    )
     compare(expected, ours(d, cfg, sampling_logprobs=d["samp"]), d)
     # TRL's precomputed ratio passed as is_weights gives the same loss
-    compare(trl_loss(d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"],
-                     importance_sampling_ratio=ratio, **opts), ours(d, cfg, is_weights=ratio), d)
+    compare(
+        trl_loss(
+            d["lp"], d["old"], d["ref"], d["adv"], d["mask"], d["entropy"], importance_sampling_ratio=ratio, **opts
+        ),
+        ours(d, cfg, is_weights=ratio),
+        d,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- verl
@@ -99,26 +147,45 @@ VERL_AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mea
 @pytest.mark.parametrize("loss_agg_mode", VERL_AGGS)
 def test_verl_modes(data, loss_mode, loss_agg_mode):
     d = data
-    opts = dict(loss_mode=loss_mode, loss_agg_mode=loss_agg_mode, clip_ratio_low=0.2, clip_ratio_high=0.28,
-                clip_ratio_c=1.5, entropy_coeff=0.01, use_kl_loss=True, kl_loss_coef=0.05,
-                gradient_accumulation_steps=2)
+    opts = dict(
+        loss_mode=loss_mode,
+        loss_agg_mode=loss_agg_mode,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=1.5,
+        entropy_coeff=0.01,
+        use_kl_loss=True,
+        kl_loss_coef=0.05,
+        gradient_accumulation_steps=2,
+    )
     if loss_mode == "gspo":
         opts.update(clip_ratio_low=3e-4, clip_ratio_high=4e-4)
     trainer = {k: v for k, v in opts.items() if k != "gradient_accumulation_steps"}
-    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
-                               d["entropy"], gradient_accumulation=2, **trainer)
+    expected = verl_actor_loss(
+        d["old"],
+        d["lp"],
+        d["ref"],
+        d["adv"][:, None].expand(B, T),
+        d["mask"],
+        d["entropy"],
+        gradient_accumulation=2,
+        **trainer,
+    )
     compare(expected, ours(d, presets.verl(**opts)), d)
 
 
-@pytest.mark.parametrize("kl_loss_type", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "abs+",
-                                          "k2+", "k3+", "low_var_kl+"])
+@pytest.mark.parametrize(
+    "kl_loss_type", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "abs+", "k2+", "k3+", "low_var_kl+"]
+)
 def test_verl_kl_types(data, kl_loss_type):
     d = data
-    opts = dict(loss_mode="vanilla", loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.3,
-                kl_loss_type=kl_loss_type)
+    opts = dict(
+        loss_mode="vanilla", loss_agg_mode="token-mean", use_kl_loss=True, kl_loss_coef=0.3, kl_loss_type=kl_loss_type
+    )
     d["ref"] = d["lp"].detach() + far(25.0)  # reach the k3 clamps
-    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
-                               d["entropy"], **opts)
+    expected = verl_actor_loss(
+        d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"], d["entropy"], **opts
+    )
     compare(expected, ours(d, presets.verl(**opts)), d)
 
 
@@ -127,8 +194,16 @@ def test_verl_rollout_is_weights_and_scale_factor(data, loss_mode):
     d = data
     w = torch.rand(B, T, dtype=torch.float64) + 0.5
     opts = dict(loss_mode=loss_mode, loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=10)
-    expected = verl_actor_loss(d["old"], d["lp"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
-                               d["entropy"], rollout_is_weights=w, **opts)
+    expected = verl_actor_loss(
+        d["old"],
+        d["lp"],
+        d["ref"],
+        d["adv"][:, None].expand(B, T),
+        d["mask"],
+        d["entropy"],
+        rollout_is_weights=w,
+        **opts,
+    )
     compare(expected, ours(d, presets.verl(**opts), is_weights=w), d)
 
 
@@ -142,12 +217,25 @@ OPENRLHF_CASES = [
     dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k1", entropy_coef=0.01),
     dict(policy_loss_type="ppo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k2"),
     dict(policy_loss_type="gspo", use_kl_loss=True, init_kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01),
-    dict(policy_loss_type="ppo", is_correction_level="token", is_correction_mode="clip",
-         is_correction_threshold=(0.9, 1.2)),
-    dict(policy_loss_type="ppo", is_correction_level="token", is_correction_mode="mask",
-         is_correction_threshold=(0.9, 1.2)),
-    dict(policy_loss_type="ppo", is_correction_level="seq", is_correction_mode="mask",
-         is_correction_threshold=(0.9, 1.2), token_level_loss=False),
+    dict(
+        policy_loss_type="ppo",
+        is_correction_level="token",
+        is_correction_mode="clip",
+        is_correction_threshold=(0.9, 1.2),
+    ),
+    dict(
+        policy_loss_type="ppo",
+        is_correction_level="token",
+        is_correction_mode="mask",
+        is_correction_threshold=(0.9, 1.2),
+    ),
+    dict(
+        policy_loss_type="ppo",
+        is_correction_level="seq",
+        is_correction_mode="mask",
+        is_correction_threshold=(0.9, 1.2),
+        token_level_loss=False,
+    ),
 ]
 
 
@@ -157,9 +245,18 @@ def test_openrlhf(data, opts):
     d["ref"] = d["lp"].detach() + far(15.0)  # reach the ±10 KL clamp
     trainer = {k: v for k, v in opts.items() if k != "eps_clip_low_high"}
     low, high = opts.get("eps_clip_low_high", (0.2, 0.2))
-    expected = openrlhf_actor_loss(d["lp"], d["old"], d["ref"], d["adv"][:, None].expand(B, T), d["mask"],
-                                   d["entropy"], clip_eps_low=low, clip_eps_high=high, rollout=d["samp"],
-                                   **trainer)
+    expected = openrlhf_actor_loss(
+        d["lp"],
+        d["old"],
+        d["ref"],
+        d["adv"][:, None].expand(B, T),
+        d["mask"],
+        d["entropy"],
+        clip_eps_low=low,
+        clip_eps_high=high,
+        rollout=d["samp"],
+        **trainer,
+    )
     compare(expected, ours(d, presets.openrlhf(**opts), sampling_logprobs=d["samp"]), d)
 
 
@@ -194,11 +291,15 @@ def test_log_ratio_clamps_at_20(data):
     adv = d["adv"][:, None].expand(B, T)
     for mode in ("vanilla", "sapo", "cispo"):
         opts = dict(loss_mode=mode, loss_agg_mode="token-mean")
-        compare(verl_actor_loss(d["old"], d["lp"], d["ref"], adv, d["mask"], d["entropy"], **opts),
-                ours(d, presets.verl(**opts)), d)
+        compare(
+            verl_actor_loss(d["old"], d["lp"], d["ref"], adv, d["mask"], d["entropy"], **opts),
+            ours(d, presets.verl(**opts)),
+            d,
+        )
     # no dual clip: with A < 0 the loss grows as ρ itself, so e^20 and e^30 differ
-    compare(openrlhf_actor_loss(d["lp"], d["old"], d["ref"], adv, d["mask"], d["entropy"]),
-            ours(d, presets.openrlhf()), d)
+    compare(
+        openrlhf_actor_loss(d["lp"], d["old"], d["ref"], adv, d["mask"], d["entropy"]), ours(d, presets.openrlhf()), d
+    )
 
 
 # ------------------------------------------------------------------------------------------- option errors
@@ -282,8 +383,11 @@ PRESET_ERRORS = [  # (preset, options, the option the error must name); one case
 ]
 
 
-@pytest.mark.parametrize("preset, options, option", PRESET_ERRORS,
-                         ids=[f"{p}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for p, o, _ in PRESET_ERRORS])
+@pytest.mark.parametrize(
+    "preset, options, option",
+    PRESET_ERRORS,
+    ids=[f"{p}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for p, o, _ in PRESET_ERRORS],
+)
 def test_preset_errors_name_the_users_option(preset, options, option):
     """Each bad option value gets a ValueError/TypeError that starts with the preset and names the trainer
     option the user passed (never a raw ZeroDivisionError or unpack error, nor only the LossConfig field)."""

@@ -49,8 +49,13 @@ AGGREGATIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "toke
 
 
 def examples(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ bounds
@@ -64,13 +69,18 @@ def check(ours: torch.Tensor, truth: torch.Tensor, same: torch.Tensor, what: str
     truth = truth.double()
     err = (ours.double() - truth).abs()
     torch_err = (same.double() - truth).abs().max().item()
-    bound = (K * torch_err + 2 * torch.as_tensor(floor, dtype=torch.float64)
-             + torch.finfo(ours.dtype).eps * truth.abs() + ROUNDING * max(1.0, truth.abs().max().item()))
+    bound = (
+        K * torch_err
+        + 2 * torch.as_tensor(floor, dtype=torch.float64)
+        + torch.finfo(ours.dtype).eps * truth.abs()
+        + ROUNDING * max(1.0, truth.abs().max().item())
+    )
     worst = (err - bound).argmax()
     assert bool((err <= bound).all()), (
         f"{what}: error {err.flatten()[worst]:.3e} > bound {bound.flatten()[worst]:.3e} at flat index {int(worst)} "
         f"(ours {ours.flatten()[worst].item():.6e}, truth {truth.flatten()[worst].item():.6e}; "
-        f"PyTorch fp32 max error {torch_err:.3e})")
+        f"PyTorch fp32 max error {torch_err:.3e})"
+    )
 
 
 @dataclasses.dataclass
@@ -85,8 +95,15 @@ class Floors:
     grad: Optional[torch.Tensor]  # ∂loss/∂logits
 
 
-def rounding_floors(objective, lp: torch.Tensor, ent: torch.Tensor, err_lp: torch.Tensor, err_ent: torch.Tensor,
-                    probs: Optional[tuple] = None, temperature: float = 1.0) -> Floors:
+def rounding_floors(
+    objective,
+    lp: torch.Tensor,
+    ent: torch.Tensor,
+    err_lp: torch.Tensor,
+    err_ent: torch.Tensor,
+    probs: Optional[tuple] = None,
+    temperature: float = 1.0,
+) -> Floors:
     """Propagates the unavoidable errors err_lp, err_ent of the fp32 log-probs and entropies through the loss
     ``objective(lp, ent)`` (its gradient and Hessian at the fp64 truth) and, given ``probs`` = (log p [.., V],
     relative error of p [.., V], targets), into ∂loss/∂logits = [g_ℓ·(1[v = y] − p) − g_H·p·(log p + H)]/τ."""
@@ -106,8 +123,12 @@ def rounding_floors(objective, lp: torch.Tensor, ent: torch.Tensor, err_lp: torc
         onehot = torch.nn.functional.one_hot(targets.long().clamp(min=0), logp.shape[-1]).double()
         c = lambda x: x.unsqueeze(-1)  # noqa: E731
         spread = (logp + c(ent.detach())).abs()
-        grad = (c(err_g_lp) * (onehot - p).abs() + c(g_lp.abs()) * p * rel + c(err_g_ent) * p * spread
-                + c(g_ent.abs()) * p * (rel * (spread + 1) + c(err_ent))) / temperature
+        grad = (
+            c(err_g_lp) * (onehot - p).abs()
+            + c(g_lp.abs()) * p * rel
+            + c(err_g_ent) * p * spread
+            + c(g_ent.abs()) * p * (rel * (spread + 1) + c(err_ent))
+        ) / temperature
     return Floors(err_lp, err_ent, loss, err_g_lp, err_g_ent, grad)
 
 
@@ -163,6 +184,7 @@ def _k_inverse(estimator: str, c: float) -> list[float]:
             mid = 0.5 * (lo + hi)
             lo, hi = (mid, hi) if (f(mid) > 0) == (f(lo) > 0) else (lo, mid)
         return 0.5 * (lo + hi)
+
     return [solve(-60.0, 0.0), solve(0.0, c + 2.0)]
 
 
@@ -241,8 +263,9 @@ def per_token_inputs(lp64: torch.Tensor, m: torch.Tensor, cfg: LossConfig, case:
     if case["is_weights"]:
         kw["is_weights"] = 0.5 + torch.rand(shape if case["token_adv"] else shape[:1], generator=g)
     if case["normalizer"] is not None:
-        kw["normalizer"] = case["normalizer"] if isinstance(case["normalizer"], float) else torch.tensor(
-            case["normalizer"][0])
+        kw["normalizer"] = (
+            case["normalizer"] if isinstance(case["normalizer"], float) else torch.tensor(case["normalizer"][0])
+        )
     return adv, kw
 
 
@@ -252,12 +275,18 @@ def configs(draw, logprobs_level: bool) -> LossConfig:
     """A valid LossConfig; ``logprobs_level`` adds the options that compare computed values against a
     threshold (entropy quantile, off-policy mask), which only inputs given as values keep off their kinks."""
     policy = draw(st.sampled_from(["ppo", "cispo", "sapo", "reinforce", "gmpo"]))
-    kw = dict(policy_loss=policy, epsilon_low=draw(st.sampled_from([0.2, 0.1])),
-              epsilon_high=draw(st.sampled_from([0.2, 0.28])))
+    kw = dict(
+        policy_loss=policy,
+        epsilon_low=draw(st.sampled_from([0.2, 0.1])),
+        epsilon_high=draw(st.sampled_from([0.2, 0.28])),
+    )
     sequence = policy in ("ppo", "sapo") and draw(st.booleans())
     if sequence:
-        kw.update(ratio_level="sequence", sequence_ratio_grad=draw(st.sampled_from(["sequence", "token"])),
-                  seq_log_ratio_max=draw(st.sampled_from([None, 0.1])))
+        kw.update(
+            ratio_level="sequence",
+            sequence_ratio_grad=draw(st.sampled_from(["sequence", "token"])),
+            seq_log_ratio_max=draw(st.sampled_from([None, 0.1])),
+        )
     else:
         kw.update(log_ratio_clamp=draw(st.sampled_from([None, None, 0.5, 20.0])))
     if policy == "ppo":
@@ -267,22 +296,35 @@ def configs(draw, logprobs_level: bool) -> LossConfig:
     if policy == "sapo":
         kw.update(sapo_tau_pos=draw(st.sampled_from([1.0, 2.0])))
     if draw(st.booleans()):
-        kw.update(beta=draw(st.sampled_from([0.04, 1.0])),
-                  kl_estimator=draw(st.sampled_from(["k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"])),
-                  kl_input_clamp=draw(st.sampled_from([None, 1.0])),
-                  kl_output_clamp=draw(st.sampled_from([None, 0.5, 10.0])),
-                  kl_ratio_weighted=draw(st.booleans()),
-                  kl_aggregation=draw(st.sampled_from([None, "token_mean"])))
-    kw.update(aggregation=draw(st.sampled_from(AGGREGATIONS)), max_length=draw(st.sampled_from([None, 7])),
-              divide_by_num_sequences=draw(st.booleans()), count_empty_sequences=draw(st.booleans()),
-              entropy_coef=draw(st.sampled_from([0.0, 0.0, 0.01, -0.5])),
-              entropy_aggregation=draw(st.sampled_from([None, "token_mean"])),
-              temperature=draw(st.sampled_from([0.5, 1.0, 1.7])), loss_scale=draw(st.sampled_from([1.0, 0.25])))
+        kw.update(
+            beta=draw(st.sampled_from([0.04, 1.0])),
+            kl_estimator=draw(st.sampled_from(["k1", "abs", "k2", "k3", "k1+", "abs+", "k3+"])),
+            kl_input_clamp=draw(st.sampled_from([None, 1.0])),
+            kl_output_clamp=draw(st.sampled_from([None, 0.5, 10.0])),
+            kl_ratio_weighted=draw(st.booleans()),
+            kl_aggregation=draw(st.sampled_from([None, "token_mean"])),
+        )
+    kw.update(
+        aggregation=draw(st.sampled_from(AGGREGATIONS)),
+        max_length=draw(st.sampled_from([None, 7])),
+        divide_by_num_sequences=draw(st.booleans()),
+        count_empty_sequences=draw(st.booleans()),
+        entropy_coef=draw(st.sampled_from([0.0, 0.0, 0.01, -0.5])),
+        entropy_aggregation=draw(st.sampled_from([None, "token_mean"])),
+        temperature=draw(st.sampled_from([0.5, 1.0, 1.7])),
+        loss_scale=draw(st.sampled_from([1.0, 0.25])),
+    )
     weights = draw(st.sampled_from(["none", "is_weights", "rollout"] + (["off_policy"] if logprobs_level else [])))
     if weights == "rollout":
-        kw.update(rollout_correction=draw(st.sampled_from(
-            ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask"])),
-            rollout_min=0.8, rollout_max=1.25)
+        kw.update(
+            rollout_correction=draw(
+                st.sampled_from(
+                    ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask"]
+                )
+            ),
+            rollout_min=0.8,
+            rollout_max=1.25,
+        )
     if weights == "off_policy":
         kw.update(off_policy_mask_threshold=0.1)
     if logprobs_level and policy != "gmpo":
@@ -296,14 +338,17 @@ def cases(draw, logprobs_level: bool) -> dict:
     # old log-probs are needed by rollout weights (the library's behaviour policy defaults to sg[ℓ] otherwise)
     needs_old = cfg.rollout_correction is not None
     return dict(
-        cfg=cfg, seed=draw(st.integers(0, 2**31 - 1)),
+        cfg=cfg,
+        seed=draw(st.integers(0, 2**31 - 1)),
         shape=(draw(st.integers(1, 3)), draw(st.integers(1, 4))),
         vocab=draw(st.sampled_from([1, 2, 5, 16, 17, 100])),
         dtype=draw(st.sampled_from(DTYPES)),
         scale=draw(st.sampled_from([0.1, 1.0, 30.0, 1e4])),
         mask=draw(st.sampled_from(["ones", "random", "empty_row", "single", "none", "soft"])),
-        token_adv=draw(st.booleans()), old=needs_old or draw(st.booleans()),
-        ratio_spread=draw(st.sampled_from([0.05, 0.3, 2.0])), kl_spread=draw(st.sampled_from([0.1, 1.0, 5.0])),
+        token_adv=draw(st.booleans()),
+        old=needs_old or draw(st.booleans()),
+        ratio_spread=draw(st.sampled_from([0.05, 0.3, 2.0])),
+        kl_spread=draw(st.sampled_from([0.1, 1.0, 5.0])),
         is_weights=cfg.rollout_correction is None and draw(st.booleans()),
         normalizer=draw(st.sampled_from([None, None, 3.0, (5.0,)])),  # (x,): a 0-d tensor
     )
@@ -311,14 +356,27 @@ def cases(draw, logprobs_level: bool) -> dict:
 
 def case_of(cfg: LossConfig, **fields) -> dict:
     """A hand-written case: the failures found so far run on every CI run, whatever hypothesis draws."""
-    base = dict(seed=0, shape=(2, 3), vocab=17, dtype=torch.float32, scale=1.0, mask="random", token_adv=False,
-                old=True, ratio_spread=0.3, kl_spread=1.0, is_weights=False, normalizer=None)
+    base = dict(
+        seed=0,
+        shape=(2, 3),
+        vocab=17,
+        dtype=torch.float32,
+        scale=1.0,
+        mask="random",
+        token_adv=False,
+        old=True,
+        ratio_spread=0.3,
+        kl_spread=1.0,
+        is_weights=False,
+        normalizer=None,
+    )
     return dict(base, cfg=cfg, **fields)
 
 
 # a soft mask weights the loss, not a token's rollout ratio: w = exp(ℓ^old − ℓ^samp), not exp(m·(ℓ^old − ℓ^samp))
-SOFT_MASK_ROLLOUT = case_of(LossConfig(rollout_correction="token_truncate", rollout_min=0.8, rollout_max=1.25),
-                            mask="soft")
+SOFT_MASK_ROLLOUT = case_of(
+    LossConfig(rollout_correction="token_truncate", rollout_min=0.8, rollout_max=1.25), mask="soft"
+)
 # cispo_low = cispo_high = None is a valid, unbounded CISPO weight
 CISPO_UNBOUNDED = case_of(LossConfig(policy_loss="cispo"))
 # |z/τ| ~ 2e4: x/τ − (max + log Σ) loses the digits of max + log Σ (for ppo, the z/τ rounding every backend
@@ -350,8 +408,13 @@ def test_grpo_loss(case, backend):
     targets = torch.where(m > 0, targets, -100)  # padding ids where masked
     lp64, _ = oracle.token_logprobs(logits, targets, cfg.temperature)
     adv, kw = per_token_inputs(lp64, m, cfg, case, g)
-    given_kw = dict(old=kw.get("old_logprobs"), ref=kw.get("ref_logprobs"), samp=kw.get("sampling_logprobs"),
-                    is_weights=kw.get("is_weights"), normalizer=kw.get("normalizer"))
+    given_kw = dict(
+        old=kw.get("old_logprobs"),
+        ref=kw.get("ref_logprobs"),
+        samp=kw.get("sampling_logprobs"),
+        is_weights=kw.get("is_weights"),
+        normalizer=kw.get("normalizer"),
+    )
 
     def oracle_run(dt):
         z = logits.detach().to(dt).requires_grad_()
@@ -361,11 +424,19 @@ def test_grpo_loss(case, backend):
 
     truth, same = oracle_run(torch.float64), oracle_run(torch.float32)
     logp, rel, err_lp, err_ent = logit_errors(logits, targets, cfg.temperature)
-    floors = rounding_floors(lambda lp, ent: oracle.objective(lp, adv, m, cfg, entropy=ent, **given_kw),
-                             truth[2], truth[3], err_lp, err_ent, (logp, rel, targets), cfg.temperature)
+    floors = rounding_floors(
+        lambda lp, ent: oracle.objective(lp, adv, m, cfg, entropy=ent, **given_kw),
+        truth[2],
+        truth[3],
+        err_lp,
+        err_ent,
+        (logp, rel, targets),
+        cfg.temperature,
+    )
     z = logits.detach().clone().to(DEVICE).requires_grad_()
-    out = fastgrpo.grpo_loss(z, targets.to(DEVICE), adv.to(DEVICE), m.to(DEVICE), return_entropy=True, config=cfg,
-                             backend=backend, **_to(kw))
+    out = fastgrpo.grpo_loss(
+        z, targets.to(DEVICE), adv.to(DEVICE), m.to(DEVICE), return_entropy=True, config=cfg, backend=backend, **_to(kw)
+    )
     out.loss.backward()
     keep = m > 0
     check(out.loss.cpu(), truth[0], same[0], "loss", floors.loss)
@@ -389,12 +460,17 @@ def test_policy_loss(case, dtype, backend):
     cfg, shape = case["cfg"], case["shape"]
     note(f"{cfg}")
     g = torch.Generator().manual_seed(case["seed"])
-    lp = (-case["scale"] ** 0.5 * torch.rand(shape, generator=g)).to(dtype)  # log-probs ≤ 0, up to −100
+    lp = (-(case["scale"] ** 0.5) * torch.rand(shape, generator=g)).to(dtype)  # log-probs ≤ 0, up to −100
     m = make_mask(case["mask"], shape, g)
     adv, kw = per_token_inputs(lp.double(), m, cfg, case, g)
     ent = 3 * torch.rand(shape, generator=g)
-    given_kw = dict(old=kw.get("old_logprobs"), ref=kw.get("ref_logprobs"), samp=kw.get("sampling_logprobs"),
-                    is_weights=kw.get("is_weights"), normalizer=kw.get("normalizer"))
+    given_kw = dict(
+        old=kw.get("old_logprobs"),
+        ref=kw.get("ref_logprobs"),
+        samp=kw.get("sampling_logprobs"),
+        is_weights=kw.get("is_weights"),
+        normalizer=kw.get("normalizer"),
+    )
     objective = lambda x, h: oracle.objective(x, adv, m, cfg, entropy=h, **given_kw)  # noqa: E731
 
     def oracle_run(dt):
@@ -416,10 +492,15 @@ def test_policy_loss(case, dtype, backend):
 # ----------------------------------------------------------------------------------------- token_logprobs
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(20)
-@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from([(1, 1), (2, 3), (7,), (3, 1)]),
-       vocab=st.sampled_from([1, 2, 5, 17, 100]), dtype=st.sampled_from(DTYPES),
-       scale=st.sampled_from([0.1, 1.0, 30.0, 1e4]), offset=st.sampled_from([0.0, 0.0, 100.0]),
-       temperature=st.sampled_from([0.3, 1.0, 1.7]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.sampled_from([(1, 1), (2, 3), (7,), (3, 1)]),
+    vocab=st.sampled_from([1, 2, 5, 17, 100]),
+    dtype=st.sampled_from(DTYPES),
+    scale=st.sampled_from([0.1, 1.0, 30.0, 1e4]),
+    offset=st.sampled_from([0.0, 0.0, 100.0]),
+    temperature=st.sampled_from([0.3, 1.0, 1.7]),
+)
 @example(seed=0, shape=(2, 3), vocab=17, dtype=torch.float32, scale=1e4, offset=0.0, temperature=0.3)
 def test_token_logprobs(seed, shape, vocab, dtype, scale, offset, temperature, backend):
     """ℓ, H and the gradient of a random combination of both, against the fp64 oracle."""
@@ -438,8 +519,15 @@ def test_token_logprobs(seed, shape, vocab, dtype, scale, offset, temperature, b
 
     truth, same = oracle_run(torch.float64), oracle_run(torch.float32)
     logp, rel, err_lp, err_ent = logit_errors(logits, targets, temperature)
-    floors = rounding_floors(lambda lp, ent: (w_lp * lp + w_ent * ent).sum(), truth[0], truth[1], err_lp, err_ent,
-                             (logp, rel, targets), temperature)
+    floors = rounding_floors(
+        lambda lp, ent: (w_lp * lp + w_ent * ent).sum(),
+        truth[0],
+        truth[1],
+        err_lp,
+        err_ent,
+        (logp, rel, targets),
+        temperature,
+    )
     z = logits.clone().to(DEVICE).requires_grad_()
     lp, ent = fastgrpo.token_logprobs(z, targets.to(DEVICE), temperature=temperature, entropy=True, backend=backend)
     (w_lp.float().to(DEVICE) * lp + w_ent.float().to(DEVICE) * ent).sum().backward()
@@ -451,11 +539,20 @@ def test_token_logprobs(seed, shape, vocab, dtype, scale, offset, temperature, b
 # --------------------------------------------------------------------------------------------- advantages
 @pytest.mark.parametrize("backend", BACKENDS)
 @examples(20)
-@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 3), group_size=st.sampled_from([1, 2, 3, 8]),
-       kind=st.sampled_from(["normal", "binary", "two_functions"]), scale=st.sampled_from([1e-3, 1.0, 1e4]),
-       config=st.builds(fastgrpo.AdvantageConfig, estimator=st.sampled_from(["grpo", "rloo", "reinforce_baseline"]),
-                        scale=st.sampled_from(["group", "batch", "none"]), eps=st.sampled_from([1e-4, 1e-6]),
-                        singleton=st.sampled_from(["zero", "raw"])))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    groups=st.integers(1, 3),
+    group_size=st.sampled_from([1, 2, 3, 8]),
+    kind=st.sampled_from(["normal", "binary", "two_functions"]),
+    scale=st.sampled_from([1e-3, 1.0, 1e4]),
+    config=st.builds(
+        fastgrpo.AdvantageConfig,
+        estimator=st.sampled_from(["grpo", "rloo", "reinforce_baseline"]),
+        scale=st.sampled_from(["group", "batch", "none"]),
+        eps=st.sampled_from([1e-4, 1e-6]),
+        singleton=st.sampled_from(["zero", "raw"]),
+    ),
+)
 def test_advantages(seed, groups, group_size, kind, scale, config, backend):
     """fastgrpo.advantages against the fp64 oracle, for every estimator and scale, binary rewards (groups of
     zero std) and weighted reward functions."""
@@ -470,8 +567,15 @@ def test_advantages(seed, groups, group_size, kind, scale, config, backend):
     else:
         rewards = scale * torch.randn(b, generator=g)
     opts = dataclasses.asdict(config)
-    truth, same = (oracle.advantages(rewards, group_size, reward_weights=weights, dtype=dt, **opts)
-                   for dt in (torch.float64, torch.float32))
-    ours = fastgrpo.advantages(rewards.to(DEVICE), group_size, config=config, backend=backend,
-                               reward_weights=None if weights is None else weights.to(DEVICE))
+    truth, same = (
+        oracle.advantages(rewards, group_size, reward_weights=weights, dtype=dt, **opts)
+        for dt in (torch.float64, torch.float32)
+    )
+    ours = fastgrpo.advantages(
+        rewards.to(DEVICE),
+        group_size,
+        config=config,
+        backend=backend,
+        reward_weights=None if weights is None else weights.to(DEVICE),
+    )
     check(ours.cpu(), truth, same, "advantages")

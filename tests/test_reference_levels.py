@@ -15,8 +15,14 @@ CONFIGS = {
     "grpo": LossConfig(aggregation="seq_mean_token_mean", beta=0.05),
     "dapo": LossConfig(epsilon_high=0.28, aggregation="token_mean", entropy_coef=0.01),
     "dr_grpo": LossConfig(aggregation="token_sum_norm", max_length=8, beta=0.1, kl_estimator="k3+"),
-    "gspo": LossConfig(ratio_level="sequence", aggregation="seq_mean_token_mean", epsilon_low=3e-4,
-                       epsilon_high=4e-4, beta=0.02, kl_ratio_weighted=True),
+    "gspo": LossConfig(
+        ratio_level="sequence",
+        aggregation="seq_mean_token_mean",
+        epsilon_low=3e-4,
+        epsilon_high=4e-4,
+        beta=0.02,
+        kl_ratio_weighted=True,
+    ),
     "dual_clip": LossConfig(dual_clip=3.0, log_ratio_clamp=20.0, beta=0.1, kl_estimator="k2"),
     "cispo": LossConfig(policy_loss="cispo", cispo_high=5.0, entropy_coef=0.02),
     "sapo": LossConfig(policy_loss="sapo", aggregation="seq_mean_token_mean", top_entropy_quantile=0.5),
@@ -36,9 +42,17 @@ def batch(b=3, t=4, v=7, h=5, dtype=torch.float64, seed=0):
     logits = hidden @ weight.T + bias
     lp, _ = token_logprobs(logits, targets)
     noise = lambda: 0.3 * torch.randn(b, t, generator=g, dtype=dtype)  # noqa: E731
-    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
-                advantages=torch.tensor([1.0, -0.5, 0.7], dtype=dtype)[:b],
-                old=lp.detach() + noise(), ref=lp.detach() + noise(), samp=lp.detach() + noise())
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        targets=targets,
+        mask=mask,
+        advantages=torch.tensor([1.0, -0.5, 0.7], dtype=dtype)[:b],
+        old=lp.detach() + noise(),
+        ref=lp.detach() + noise(),
+        samp=lp.detach() + noise(),
+    )
 
 
 def kwargs(d):
@@ -59,14 +73,17 @@ def test_gradcheck_fp64_all_levels(name):
         return grpo_loss(logits, d["targets"], d["advantages"], d["mask"], config=cfg, **kw).loss
 
     def linear_level(hidden, weight, bias):
-        return linear_grpo_loss(hidden, weight, d["targets"], d["advantages"], d["mask"], bias=bias, config=cfg,
-                                **kw).loss
+        return linear_grpo_loss(
+            hidden, weight, d["targets"], d["advantages"], d["mask"], bias=bias, config=cfg, **kw
+        ).loss
 
     logits = (d["hidden"] @ d["weight"].T + d["bias"]).requires_grad_()
     assert torch.autograd.gradcheck(logits_level, (logits,))
     assert torch.autograd.gradcheck(
-        linear_level, tuple(d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")))
+        linear_level, tuple(d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
+    )
     if not cfg.needs_entropy:
+
         def logprob_level(lp):
             return policy_loss(lp, d["advantages"], d["mask"], config=cfg, **kw).loss
 
@@ -80,8 +97,7 @@ def test_three_levels_agree(name):
     d = batch(dtype=torch.float32)
     kw = kwargs(d)
     hidden, weight = d["hidden"].clone().requires_grad_(), d["weight"].clone().requires_grad_()
-    lin = linear_grpo_loss(hidden, weight, d["targets"], d["advantages"], d["mask"], bias=d["bias"], config=cfg,
-                           **kw)
+    lin = linear_grpo_loss(hidden, weight, d["targets"], d["advantages"], d["mask"], bias=d["bias"], config=cfg, **kw)
     lin.loss.backward()
 
     logits = (d["hidden"] @ d["weight"].T + d["bias"]).requires_grad_()
@@ -98,8 +114,7 @@ def test_three_levels_agree(name):
     torch.testing.assert_close(logits2.grad, logits.grad, rtol=1e-5, atol=1e-7)
     # chain rule through z = h Wᵀ + b: dh = dz W, dW = dzᵀ h
     torch.testing.assert_close(hidden.grad, logits.grad @ d["weight"], rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(weight.grad, torch.einsum("btv,bth->vh", logits.grad, d["hidden"]),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad, torch.einsum("btv,bth->vh", logits.grad, d["hidden"]), rtol=1e-4, atol=1e-6)
     for key in log.metrics:
         torch.testing.assert_close(lin.metrics[key], log.metrics[key], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(pol.metrics[key], log.metrics[key], rtol=1e-5, atol=1e-6)
@@ -119,8 +134,16 @@ def test_packed_equals_padded(name, aggregation):
     keep = d["mask"].bool()
     packed_logits = logits.detach()[keep].clone().requires_grad_()
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    packed = grpo_loss(packed_logits, d["targets"][keep], d["advantages"], torch.ones(int(keep.sum())),
-                       old_logprobs=d["old"][keep], ref_logprobs=d["ref"][keep], cu_seqlens=cu, config=cfg)
+    packed = grpo_loss(
+        packed_logits,
+        d["targets"][keep],
+        d["advantages"],
+        torch.ones(int(keep.sum())),
+        old_logprobs=d["old"][keep],
+        ref_logprobs=d["ref"][keep],
+        cu_seqlens=cu,
+        config=cfg,
+    )
     packed.loss.backward()
     torch.testing.assert_close(packed.loss, padded.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(packed_logits.grad, logits.grad[keep], rtol=1e-5, atol=1e-7)
@@ -168,14 +191,21 @@ def test_extreme_logits_stay_finite():
 def test_empty_batch_and_single_token():
     for cfg in CONFIGS.values():
         logits = torch.zeros(0, 5, requires_grad=True)
-        out = fastgrpo.grpo_loss(logits, torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0),
-                                 cu_seqlens=torch.zeros(1, dtype=torch.long), config=cfg,
-                                 ref_logprobs=torch.zeros(0))
+        out = fastgrpo.grpo_loss(
+            logits,
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0),
+            torch.zeros(0),
+            cu_seqlens=torch.zeros(1, dtype=torch.long),
+            config=cfg,
+            ref_logprobs=torch.zeros(0),
+        )
         out.loss.backward()
         assert out.loss.item() == 0.0 and logits.grad.shape == (0, 5)
         one = torch.randn(1, 1, 5, requires_grad=True)
-        out = fastgrpo.grpo_loss(one, torch.tensor([[4]]), torch.tensor([1.0]), config=cfg,
-                                 ref_logprobs=torch.zeros(1, 1))
+        out = fastgrpo.grpo_loss(
+            one, torch.tensor([[4]]), torch.tensor([1.0]), config=cfg, ref_logprobs=torch.zeros(1, 1)
+        )
         out.loss.backward()
         assert torch.isfinite(out.loss) and torch.isfinite(one.grad).all()
 

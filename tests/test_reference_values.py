@@ -41,8 +41,9 @@ def test_token_logprobs_uniform_and_temperature():
     close(lp, [-1.3862944]), close(ent, [1.3862944])
     # z = [2, 0], τ = 2 → z/τ = [1, 0]: lse = ln(1 + e) = 1.3132617; ℓ0 = 1 − lse, ℓ1 = −lse;
     # H = lse − p0·1 with p0 = e/(1+e) = 0.7310586 → 0.5822031
-    lp, ent = fastgrpo.token_logprobs(torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]),
-                                      temperature=2.0, entropy=True)
+    lp, ent = fastgrpo.token_logprobs(
+        torch.tensor([[2.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]), temperature=2.0, entropy=True
+    )
     close(lp, [-0.3132617, -1.3132617]), close(ent, [0.5822031, 0.5822031])
 
 
@@ -145,21 +146,28 @@ def test_gmpo():
 def test_reinforce_with_token_advantages():
     # P = −A·ℓ with per-token A = [0.5, −1], ℓ = [−1, −2]: [0.5, −2] → mean −0.75; ∂/∂ℓ = −A/2.
     lp = torch.tensor([[-1.0, -2.0]], dtype=torch.float64, requires_grad=True)
-    out = policy_loss(lp, torch.tensor([[0.5, -1.0]], dtype=torch.float64), torch.ones(1, 2),
-                      config=LossConfig(policy_loss="reinforce"))
+    out = policy_loss(
+        lp,
+        torch.tensor([[0.5, -1.0]], dtype=torch.float64),
+        torch.ones(1, 2),
+        config=LossConfig(policy_loss="reinforce"),
+    )
     close(out.loss, -0.75)
     out.loss.backward()
     close(lp.grad[0], [-0.25, 0.5])
 
 
 # ------------------------------------------------------------------------------------------------ KL term
-@pytest.mark.parametrize("estimator, value, grad", [
-    ("k1", 0.5, 1.0),                         # D = 0.5
-    ("abs", 0.5, 1.0),
-    ("k2", 0.125, 0.5),                       # D²/2, gradient D
-    ("k3", 0.1065307, 0.3934693),             # e^−D + D − 1 = 0.6065307 − 0.5; gradient 1 − e^−D
-    ("k3+", 0.1065307, 0.5),                  # value of k3, gradient of k2
-])
+@pytest.mark.parametrize(
+    "estimator, value, grad",
+    [
+        ("k1", 0.5, 1.0),  # D = 0.5
+        ("abs", 0.5, 1.0),
+        ("k2", 0.125, 0.5),  # D²/2, gradient D
+        ("k3", 0.1065307, 0.3934693),  # e^−D + D − 1 = 0.6065307 − 0.5; gradient 1 − e^−D
+        ("k3+", 0.1065307, 0.5),  # value of k3, gradient of k2
+    ],
+)
 def test_kl_estimators(estimator, value, grad):
     # A = 0 leaves only β·K: loss = β·K with β = 2.
     cfg = LossConfig(policy_loss="reinforce", beta=2.0, kl_estimator=estimator)
@@ -171,16 +179,21 @@ def test_kl_estimators(estimator, value, grad):
 def test_kl_clamps_and_ratio_weighting():
     ref = torch.tensor([[0.0]], dtype=torch.float64)
     # D = −2 clamped to −1 on input: k3 = e^1 − 1 − 1 = 0.7182818 (no gradient through the clamp)
-    out, g = run([-2.0], [0.0], cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_input_clamp=1.0),
-                 ref_logprobs=ref)
+    out, g = run([-2.0], [0.0], cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_input_clamp=1.0), ref_logprobs=ref)
     close(out.loss, 0.7182818), close(g, [0.0])
     # D = −2 unclamped: k3 = e^2 − 3 = 4.3890561, clamped to 0.5 on output
-    out, _ = run([-2.0], [0.0], cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_output_clamp=0.5),
-                 ref_logprobs=ref)
+    out, _ = run(
+        [-2.0], [0.0], cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_output_clamp=0.5), ref_logprobs=ref
+    )
     close(out.loss, 0.5)
     # TRL bias correction: K·ρ with ρ = e^0.5 (old = −2.5): k3(D = −2)·1.6487213 = 7.2364386
-    out, _ = run([-2.0], [0.0], cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_ratio_weighted=True),
-                 old=[-2.5], ref_logprobs=ref)
+    out, _ = run(
+        [-2.0],
+        [0.0],
+        cfg=LossConfig(policy_loss="reinforce", beta=1.0, kl_ratio_weighted=True),
+        old=[-2.5],
+        ref_logprobs=ref,
+    )
     close(out.loss, 4.3890561 * 1.6487213, tol=1e-5)
 
 
@@ -189,8 +202,13 @@ def _aggregate(cfg, values, mask, normalizer=None):
     """reinforce with ℓ = −1 makes P_t = A_t: the loss is then the aggregation of the given values."""
     values = torch.tensor(values, dtype=torch.float64)
     lp = -torch.ones_like(values)
-    out = policy_loss(lp, values, torch.tensor(mask, dtype=torch.float64), normalizer=normalizer,
-                      config=LossConfig(policy_loss="reinforce", **cfg))
+    out = policy_loss(
+        lp,
+        values,
+        torch.tensor(mask, dtype=torch.float64),
+        normalizer=normalizer,
+        config=LossConfig(policy_loss="reinforce", **cfg),
+    )
     return out.loss
 
 
@@ -198,19 +216,22 @@ VALUES = [[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]]
 MASK = [[1, 1, 1], [1, 0, 0], [0, 0, 0]]  # the third sequence is empty
 
 
-@pytest.mark.parametrize("cfg, normalizer, expected", [
-    (dict(aggregation="token_mean"), None, 10 / 4),
-    (dict(aggregation="token_mean"), 8.0, 10 / 8),
-    (dict(aggregation="seq_mean_token_mean"), None, (2 + 4 + 0) / 3),
-    (dict(aggregation="seq_mean_token_mean", count_empty_sequences=False), None, (2 + 4) / 2),
-    (dict(aggregation="seq_mean_token_sum"), None, (6 + 4) / 3),
-    (dict(aggregation="seq_mean_token_sum", count_empty_sequences=False), None, (6 + 4) / 2),
-    (dict(aggregation="token_sum_norm"), None, 10 / (3 * 3)),               # S · padded T
-    (dict(aggregation="token_sum_norm", max_length=5), None, 10 / (3 * 5)),
-    (dict(aggregation="token_sum_norm", max_length=5, divide_by_num_sequences=False), None, 10 / 5),
-    (dict(aggregation="token_sum_norm"), torch.tensor(4.0), 10 / 4),
-    (dict(aggregation="token_mean", loss_scale=0.5), None, 10 / 8),
-])
+@pytest.mark.parametrize(
+    "cfg, normalizer, expected",
+    [
+        (dict(aggregation="token_mean"), None, 10 / 4),
+        (dict(aggregation="token_mean"), 8.0, 10 / 8),
+        (dict(aggregation="seq_mean_token_mean"), None, (2 + 4 + 0) / 3),
+        (dict(aggregation="seq_mean_token_mean", count_empty_sequences=False), None, (2 + 4) / 2),
+        (dict(aggregation="seq_mean_token_sum"), None, (6 + 4) / 3),
+        (dict(aggregation="seq_mean_token_sum", count_empty_sequences=False), None, (6 + 4) / 2),
+        (dict(aggregation="token_sum_norm"), None, 10 / (3 * 3)),  # S · padded T
+        (dict(aggregation="token_sum_norm", max_length=5), None, 10 / (3 * 5)),
+        (dict(aggregation="token_sum_norm", max_length=5, divide_by_num_sequences=False), None, 10 / 5),
+        (dict(aggregation="token_sum_norm"), torch.tensor(4.0), 10 / 4),
+        (dict(aggregation="token_mean", loss_scale=0.5), None, 10 / 8),
+    ],
+)
 def test_aggregations(cfg, normalizer, expected):
     close(_aggregate(cfg, VALUES, MASK, normalizer), expected)
 
@@ -224,21 +245,29 @@ def test_all_masked_batch_is_zero_not_nan():
 def _weighted(cfg, old, samp):
     """reinforce with ℓ = −1 and A = 1: the loss is the token mean of the weights."""
     old = torch.tensor([old], dtype=torch.float64)
-    out = policy_loss(-torch.ones_like(old), torch.ones(1, dtype=torch.float64), torch.ones_like(old),
-                      old_logprobs=old, sampling_logprobs=torch.zeros_like(old),
-                      config=LossConfig(policy_loss="reinforce", **cfg))
+    out = policy_loss(
+        -torch.ones_like(old),
+        torch.ones(1, dtype=torch.float64),
+        torch.ones_like(old),
+        old_logprobs=old,
+        sampling_logprobs=torch.zeros_like(old),
+        config=LossConfig(policy_loss="reinforce", **cfg),
+    )
     return out
 
 
-@pytest.mark.parametrize("mode, lo, hi, old, expected", [
-    ("token_truncate", 0.5, 1.5, [math.log(2), math.log(0.25)], [1.5, 0.5]),
-    ("token_mask", 0.5, 1.5, [math.log(1.2), math.log(3.0)], [1.2, 0.0]),
-    ("sequence_truncate", 0.6, 2.0, [math.log(2), math.log(0.25)], [0.6, 0.6]),   # Σ log w = ln 0.5
-    ("sequence_mask", 0.6, 2.0, [math.log(2), math.log(0.25)], [0.0, 0.0]),
-    ("sequence_mask", 0.4, 2.0, [math.log(2), math.log(0.25)], [0.5, 0.5]),
-    ("sequence_geomean_mask", 0.6, 2.0, [math.log(2), math.log(0.25)], [2.0, 0.25]),  # geo mean 0.7071 kept
-    ("sequence_geomean_mask", 0.8, 2.0, [math.log(2), math.log(0.25)], [0.0, 0.0]),
-])
+@pytest.mark.parametrize(
+    "mode, lo, hi, old, expected",
+    [
+        ("token_truncate", 0.5, 1.5, [math.log(2), math.log(0.25)], [1.5, 0.5]),
+        ("token_mask", 0.5, 1.5, [math.log(1.2), math.log(3.0)], [1.2, 0.0]),
+        ("sequence_truncate", 0.6, 2.0, [math.log(2), math.log(0.25)], [0.6, 0.6]),  # Σ log w = ln 0.5
+        ("sequence_mask", 0.6, 2.0, [math.log(2), math.log(0.25)], [0.0, 0.0]),
+        ("sequence_mask", 0.4, 2.0, [math.log(2), math.log(0.25)], [0.5, 0.5]),
+        ("sequence_geomean_mask", 0.6, 2.0, [math.log(2), math.log(0.25)], [2.0, 0.25]),  # geo mean 0.7071 kept
+        ("sequence_geomean_mask", 0.8, 2.0, [math.log(2), math.log(0.25)], [0.0, 0.0]),
+    ],
+)
 def test_rollout_correction(mode, lo, hi, old, expected):
     out = _weighted(dict(rollout_correction=mode, rollout_min=lo, rollout_max=hi), old, None)
     close(out.loss, sum(expected) / 2)
@@ -249,9 +278,13 @@ def test_entropy_mask_keeps_top_quantile():
     # H = [0.1, 0.5, 0.9, 0.3]; the 0.5 quantile of the masked entropies is 0.4 → keep tokens 1 and 2.
     # reinforce with ℓ = −1, A = 1: token mean of the kept-token indicator = 2/4.
     ent = torch.tensor([[0.1, 0.5, 0.9, 0.3]], dtype=torch.float64)
-    out = policy_loss(-torch.ones(1, 4, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
-                      torch.ones(1, 4), entropy=ent,
-                      config=LossConfig(policy_loss="reinforce", top_entropy_quantile=0.5))
+    out = policy_loss(
+        -torch.ones(1, 4, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+        torch.ones(1, 4),
+        entropy=ent,
+        config=LossConfig(policy_loss="reinforce", top_entropy_quantile=0.5),
+    )
     close(out.loss, 0.5)
 
 
@@ -260,20 +293,35 @@ def test_off_policy_mask_drops_negative_stale_sequences():
     # reinforce with ℓ = −1: P = A = −1 on the kept sequence's 2 tokens → token mean −2/4.
     lp = -torch.ones(2, 2, dtype=torch.float64)
     samp = lp + torch.tensor([[0.5], [0.1]], dtype=torch.float64)
-    out = policy_loss(lp, -torch.ones(2, dtype=torch.float64), torch.ones(2, 2), sampling_logprobs=samp,
-                      config=LossConfig(policy_loss="reinforce", off_policy_mask_threshold=0.3))
+    out = policy_loss(
+        lp,
+        -torch.ones(2, dtype=torch.float64),
+        torch.ones(2, 2),
+        sampling_logprobs=samp,
+        config=LossConfig(policy_loss="reinforce", off_policy_mask_threshold=0.3),
+    )
     close(out.loss, -0.5)
     # a positive advantage keeps the sequence whatever its drift: −(−1)·… = token mean of A = 1
-    out = policy_loss(lp, torch.ones(2, dtype=torch.float64), torch.ones(2, 2), sampling_logprobs=samp,
-                      config=LossConfig(policy_loss="reinforce", off_policy_mask_threshold=0.3))
+    out = policy_loss(
+        lp,
+        torch.ones(2, dtype=torch.float64),
+        torch.ones(2, 2),
+        sampling_logprobs=samp,
+        config=LossConfig(policy_loss="reinforce", off_policy_mask_threshold=0.3),
+    )
     close(out.loss, 1.0)
 
 
 def test_entropy_bonus():
     # loss = token mean of P (= A = 1) − 0.1 · mean H (H = [1, 2]) = 1 − 0.15; ∂/∂H = −0.1/2 each
     ent = torch.tensor([[1.0, 2.0]], dtype=torch.float64, requires_grad=True)
-    out = policy_loss(-torch.ones(1, 2, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
-                      torch.ones(1, 2), entropy=ent, config=LossConfig(policy_loss="reinforce", entropy_coef=0.1))
+    out = policy_loss(
+        -torch.ones(1, 2, dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+        torch.ones(1, 2),
+        entropy=ent,
+        config=LossConfig(policy_loss="reinforce", entropy_coef=0.1),
+    )
     close(out.loss, 0.85)
     out.loss.backward()
     close(ent.grad[0], [-0.05, -0.05])
@@ -291,8 +339,10 @@ def test_advantage_estimators():
     # rloo on [1, 2, 6]: R − mean of the others = [1 − 4, 2 − 3.5, 6 − 1.5]
     close(fastgrpo.advantages(torch.tensor([1.0, 2.0, 6.0]), 3, estimator="rloo"), [-3.0, -1.5, 4.5])
     # reinforce_baseline: centered [−2, −1, 3] (mean 0, unbiased std √7 = 2.6457513) → whitened
-    close(fastgrpo.advantages(torch.tensor([1.0, 2.0, 6.0]), 3, estimator="reinforce_baseline", eps=0.0),
-          [-0.7559289, -0.3779645, 1.1338934])
+    close(
+        fastgrpo.advantages(torch.tensor([1.0, 2.0, 6.0]), 3, estimator="reinforce_baseline", eps=0.0),
+        [-0.7559289, -0.3779645, 1.1338934],
+    )
 
 
 def test_advantage_group_ids_singletons_and_multi_reward():

@@ -128,8 +128,8 @@ def test_batch_invariance(token_logprobs):
     lp, ent = token_logprobs(z, targets, 0.9, entropy=True)
     (lp.sum() + ent.sum()).backward()
     for i in (0, 3, 5):
-        zi = logits[i:i + 1].clone().requires_grad_()
-        lpi, enti = token_logprobs(zi, targets[i:i + 1], 0.9, entropy=True)
+        zi = logits[i : i + 1].clone().requires_grad_()
+        lpi, enti = token_logprobs(zi, targets[i : i + 1], 0.9, entropy=True)
         (lpi.sum() + enti.sum()).backward()
         assert torch.equal(lpi[0], lp[i]) and torch.equal(enti[0], ent[i]) and torch.equal(zi.grad[0], z.grad[i])
 
@@ -147,8 +147,10 @@ def test_opcheck(backend):
     logits, targets = make((2, 3), 77, torch.float32)
     mask = torch.ones(2, 3, device=DEVICE)
     inv_t = lambda v: torch.tensor(v, device=DEVICE)  # noqa: E731  (1/τ: one value, [1] or 0-d)
-    for args in [(logits.requires_grad_(), targets, None, inv_t([1.0]), True),
-                 (logits, targets, mask, inv_t(0.5), False)]:
+    for args in [
+        (logits.requires_grad_(), targets, None, inv_t([1.0]), True),
+        (logits, targets, mask, inv_t(0.5), False),
+    ]:
         torch.library.opcheck(op, args)
 
 

@@ -30,37 +30,52 @@ def partly_masked():
 
 def call(entry, over, check_values=None, backend="reference"):
     g = torch.Generator().manual_seed(0)
-    kw = dict(advantages=torch.randn(B, generator=g), mask=torch.ones(B, T), check_values=check_values,
-              backend=backend)
+    kw = dict(advantages=torch.randn(B, generator=g), mask=torch.ones(B, T), check_values=check_values, backend=backend)
     kw.update(over)
     targets = torch.randint(0, V, (B, T), generator=g)
     if entry == "grpo_loss":
         return fastgrpo.grpo_loss(torch.randn(B, T, V, generator=g), targets, **kw)
     if entry == "linear_grpo_loss":
-        return fastgrpo.linear_grpo_loss(torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), targets,
-                                         **kw)
+        return fastgrpo.linear_grpo_loss(
+            torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), targets, **kw
+        )
     return fastgrpo.policy_loss(-torch.rand(B, T, generator=g), **kw)
 
 
 ENTRIES = ["policy_loss", "grpo_loss", "linear_grpo_loss"]
 BAD = [  # (keywords, message): one case per argument and kind of bad value
-    (dict(mask=with_value((B, T), (0, 1), -1.0)),
-     r"mask must hold finite weights >= 0 .* found -1.0 at position \(0, 1\)"),
-    (dict(mask=with_value((B, T), (1, 0), NAN) + 1),
-     r"mask must hold finite weights .* found nan at position \(1, 0\)"),
+    (
+        dict(mask=with_value((B, T), (0, 1), -1.0)),
+        r"mask must hold finite weights >= 0 .* found -1.0 at position \(0, 1\)",
+    ),
+    (
+        dict(mask=with_value((B, T), (1, 0), NAN) + 1),
+        r"mask must hold finite weights .* found nan at position \(1, 0\)",
+    ),
     (dict(mask=with_value((B, T), (1, 2), INF)), r"mask must hold finite weights .* found inf"),
-    (dict(old_logprobs=with_value((B, T), (0, 1), INF)),
-     r"old_logprobs must hold finite log-probs .* found inf at position \(0, 1\)"),
+    (
+        dict(old_logprobs=with_value((B, T), (0, 1), INF)),
+        r"old_logprobs must hold finite log-probs .* found inf at position \(0, 1\)",
+    ),
     (dict(old_logprobs=with_value((B, T), (1, 2), -INF)), r"old_logprobs must hold finite log-probs .* found -inf"),
     (dict(old_logprobs=with_value((B, T), (1, 2), NAN)), "old_logprobs must hold finite log-probs .* found nan"),
     (dict(ref_logprobs=with_value((B, T), (0, 0), NAN), config=LossConfig(beta=0.1)), "ref_logprobs must hold finite"),
-    (dict(sampling_logprobs=with_value((B, T), (0, 0), -INF), old_logprobs=torch.zeros(B, T),
-          config=LossConfig(rollout_correction="token_truncate", rollout_max=2.0)),
-     "sampling_logprobs must hold finite"),
-    (dict(advantages=torch.tensor([1.0, NAN])),
-     "advantages must be finite at unmasked positions, found nan at index 1"),
-    (dict(advantages=with_value((B, T), (1, 1), -INF)),
-     r"advantages must be finite .* found -inf at position \(1, 1\)"),
+    (
+        dict(
+            sampling_logprobs=with_value((B, T), (0, 0), -INF),
+            old_logprobs=torch.zeros(B, T),
+            config=LossConfig(rollout_correction="token_truncate", rollout_max=2.0),
+        ),
+        "sampling_logprobs must hold finite",
+    ),
+    (
+        dict(advantages=torch.tensor([1.0, NAN])),
+        "advantages must be finite at unmasked positions, found nan at index 1",
+    ),
+    (
+        dict(advantages=with_value((B, T), (1, 1), -INF)),
+        r"advantages must be finite .* found -inf at position \(1, 1\)",
+    ),
     (dict(advantages=torch.tensor([[INF], [1.0]])), r"advantages must be finite .* found inf at position \(0, 0\)"),
     (dict(is_weights=torch.tensor([1.0, -0.5])), "is_weights must hold finite weights >= 0 .* found -0.5 at index 1"),
     (dict(is_weights=with_value((B, T), (0, 2), NAN)), "is_weights must hold finite weights >= 0 .* found nan"),
@@ -68,10 +83,19 @@ BAD = [  # (keywords, message): one case per argument and kind of bad value
     (dict(normalizer=torch.tensor(0.0)), "normalizer must be finite and > 0, found 0.0"),
     (dict(normalizer=torch.tensor(-3)), "normalizer must be finite and > 0, found -3"),
     (dict(normalizer=torch.tensor(NAN)), "normalizer must be finite and > 0, found nan"),
-    (dict(advantages=None, rewards=torch.tensor([1.0, INF]), group_size=2),
-     "rewards must be finite, found inf at index 1"),
-    (dict(advantages=None, rewards=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), group_size=2,
-          reward_weights=torch.tensor([1.0, NAN])), "reward_weights must be finite, found nan at index 1"),
+    (
+        dict(advantages=None, rewards=torch.tensor([1.0, INF]), group_size=2),
+        "rewards must be finite, found inf at index 1",
+    ),
+    (
+        dict(
+            advantages=None,
+            rewards=torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+            group_size=2,
+            reward_weights=torch.tensor([1.0, NAN]),
+        ),
+        "reward_weights must be finite, found nan at index 1",
+    ),
 ]
 
 
@@ -82,11 +106,16 @@ def test_bad_values_are_rejected(entry, over, match):
         call(entry, over)
 
 
-@pytest.mark.parametrize("over, match", [
-    (dict(entropy=with_value((B, T), (1, 0), NAN)),
-     r"entropy must be finite at unmasked positions, found nan at position \(1, 0\)"),
-    (dict(entropy=with_value((B, T), (0, 0), INF)), "entropy must be finite"),
-])
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (
+            dict(entropy=with_value((B, T), (1, 0), NAN)),
+            r"entropy must be finite at unmasked positions, found nan at position \(1, 0\)",
+        ),
+        (dict(entropy=with_value((B, T), (0, 0), INF)), "entropy must be finite"),
+    ],
+)
 def test_bad_entropy_is_rejected(over, match):
     with pytest.raises(ValueError, match=match):
         call("policy_loss", over)
@@ -102,8 +131,17 @@ def test_masked_positions_are_not_checked(entry):
     old[0, 2], old[1] = NAN, -INF
     w = torch.ones(B, T)
     w[0, 2], w[1, 0] = -1.0, INF
-    call(entry, dict(mask=mask, old_logprobs=old, advantages=torch.tensor([0.7, NAN]), is_weights=w,
-                     ref_logprobs=old, config=LossConfig(beta=0.1)))
+    call(
+        entry,
+        dict(
+            mask=mask,
+            old_logprobs=old,
+            advantages=torch.tensor([0.7, NAN]),
+            is_weights=w,
+            ref_logprobs=old,
+            config=LossConfig(beta=0.1),
+        ),
+    )
     call(entry, dict(mask=mask, advantages=torch.where(mask > 0, 1.0, NAN), is_weights=torch.tensor([[1.0], [-1.0]])))
 
 
@@ -143,13 +181,17 @@ def test_set_check_values_is_the_default_a_call_overrides():
     assert fastgrpo.set_check_values(False) is True
     try:
         assert torch.isnan(call("grpo_loss", bad).loss)
-        assert torch.isnan(fastgrpo.GRPOLoss(backend="reference")(
-            torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), torch.ones(B), **bad).loss)
+        assert torch.isnan(
+            fastgrpo.GRPOLoss(backend="reference")(
+                torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), torch.ones(B), **bad
+            ).loss
+        )
         with pytest.raises(ValueError, match="old_logprobs must hold finite"):
             call("grpo_loss", bad, check_values=True)
         with pytest.raises(ValueError, match="old_logprobs must hold finite"):
             fastgrpo.GRPOLoss(backend="reference", check_values=True)(
-                torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), torch.ones(B), **bad)
+                torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), torch.ones(B), **bad
+            )
     finally:
         assert fastgrpo.set_check_values(True) is False
     with pytest.raises(ValueError, match="old_logprobs must hold finite"):
@@ -160,33 +202,60 @@ def test_set_check_values_is_the_default_a_call_overrides():
         call("grpo_loss", {}, check_values="yes")
 
 
-@pytest.mark.parametrize("call_fn, match", [
-    (lambda: fastgrpo.grpo_loss(torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long), torch.ones(B)),
-     r"logits has an empty vocabulary \(V = 0\)"),
-    (lambda: fastgrpo.grpo_loss(torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long), torch.ones(B),
-                                backend="reference"), r"logits has an empty vocabulary"),
-    (lambda: fastgrpo.token_logprobs(torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long)),
-     r"logits has an empty vocabulary"),
-    (lambda: fastgrpo.linear_grpo_loss(torch.randn(B, T, H), torch.randn(0, H), torch.zeros(B, T, dtype=torch.long),
-                                       torch.ones(B)), r"weight has an empty vocabulary \(V = 0\)"),
-    (lambda: fastgrpo.linear_token_logprobs(torch.randn(B, T, H), torch.randn(0, H),
-                                            torch.zeros(B, T, dtype=torch.long)), "weight has an empty vocabulary"),
-])
+@pytest.mark.parametrize(
+    "call_fn, match",
+    [
+        (
+            lambda: fastgrpo.grpo_loss(torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long), torch.ones(B)),
+            r"logits has an empty vocabulary \(V = 0\)",
+        ),
+        (
+            lambda: fastgrpo.grpo_loss(
+                torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long), torch.ones(B), backend="reference"
+            ),
+            r"logits has an empty vocabulary",
+        ),
+        (
+            lambda: fastgrpo.token_logprobs(torch.randn(B, T, 0), torch.zeros(B, T, dtype=torch.long)),
+            r"logits has an empty vocabulary",
+        ),
+        (
+            lambda: fastgrpo.linear_grpo_loss(
+                torch.randn(B, T, H), torch.randn(0, H), torch.zeros(B, T, dtype=torch.long), torch.ones(B)
+            ),
+            r"weight has an empty vocabulary \(V = 0\)",
+        ),
+        (
+            lambda: fastgrpo.linear_token_logprobs(
+                torch.randn(B, T, H), torch.randn(0, H), torch.zeros(B, T, dtype=torch.long)
+            ),
+            "weight has an empty vocabulary",
+        ),
+    ],
+)
 def test_empty_vocabulary_is_rejected(call_fn, match):
     """V = 0: one clear error (Triton returned 0 silently, the reference failed with an IndexError)."""
     with pytest.raises(ValueError, match=match):
         call_fn()
 
 
-@pytest.mark.parametrize("entry, over, match", [
-    ("grpo_loss", dict(mask=torch.ones(B, T, dtype=torch.complex64)), "mask must be a bool, integer or floating"),
-    ("policy_loss", dict(entropy=torch.ones(B, T, dtype=torch.long)), "entropy must be a floating tensor"),
-    ("linear_grpo_loss", dict(bias=torch.zeros(V, dtype=torch.long)), "bias must be a floating tensor"),
-    ("grpo_loss", dict(advantages=None, rewards=torch.ones(B, 2), group_size=2,
-                       reward_weights=torch.ones(2, dtype=torch.long)), "reward_weights must be a floating tensor"),
-    ("grpo_loss", dict(normalizer=torch.tensor(2.0 + 0j)), "normalizer must be a floating or integer tensor"),
-    ("grpo_loss", dict(normalizer=torch.tensor(True)), "normalizer must be a floating or integer tensor"),
-])
+@pytest.mark.parametrize(
+    "entry, over, match",
+    [
+        ("grpo_loss", dict(mask=torch.ones(B, T, dtype=torch.complex64)), "mask must be a bool, integer or floating"),
+        ("policy_loss", dict(entropy=torch.ones(B, T, dtype=torch.long)), "entropy must be a floating tensor"),
+        ("linear_grpo_loss", dict(bias=torch.zeros(V, dtype=torch.long)), "bias must be a floating tensor"),
+        (
+            "grpo_loss",
+            dict(
+                advantages=None, rewards=torch.ones(B, 2), group_size=2, reward_weights=torch.ones(2, dtype=torch.long)
+            ),
+            "reward_weights must be a floating tensor",
+        ),
+        ("grpo_loss", dict(normalizer=torch.tensor(2.0 + 0j)), "normalizer must be a floating or integer tensor"),
+        ("grpo_loss", dict(normalizer=torch.tensor(True)), "normalizer must be a floating or integer tensor"),
+    ],
+)
 def test_dtypes_are_checked(entry, over, match):
     with pytest.raises(TypeError, match=match):
         call(entry, over)
@@ -203,8 +272,7 @@ class HostSyncs(TorchDispatchMode):
     """Counts the reads of device values into Python: ``item``/``bool``/``int`` (``_local_scalar_dense``),
     data-dependent shapes (``nonzero``, boolean indexing) and ``tolist`` (patched: it dispatches nothing)."""
 
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
-               "aten._unique")
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
 
     def __init__(self, monkeypatch):
         super().__init__()
@@ -219,8 +287,9 @@ class HostSyncs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
-        if name.startswith(self.SYNCING) or (name == "aten.index.Tensor" and any(
-                i is not None and i.dtype == torch.bool for i in args[1])):
+        if name.startswith(self.SYNCING) or (
+            name == "aten.index.Tensor" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -228,23 +297,40 @@ class HostSyncs(TorchDispatchMode):
 def _sync_cases():
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, V, (B, T), generator=g)
-    full = dict(mask=partly_masked(), old_logprobs=-torch.rand(B, T, generator=g),
-                ref_logprobs=-torch.rand(B, T, generator=g), is_weights=torch.rand(B, generator=g),
-                normalizer=torch.tensor(4.0), config=LossConfig(beta=0.1), backend="reference")
+    full = dict(
+        mask=partly_masked(),
+        old_logprobs=-torch.rand(B, T, generator=g),
+        ref_logprobs=-torch.rand(B, T, generator=g),
+        is_weights=torch.rand(B, generator=g),
+        normalizer=torch.tensor(4.0),
+        config=LossConfig(beta=0.1),
+        backend="reference",
+    )
     return {
-        "policy_loss": lambda cv: fastgrpo.policy_loss(-torch.rand(B, T), torch.randn(B), entropy=torch.rand(B, T),
-                                                       check_values=cv, **full),
-        "grpo_loss": lambda cv: fastgrpo.grpo_loss(torch.randn(B, T, V), y, torch.randn(B, T), check_values=cv,
-                                                   **full),
+        "policy_loss": lambda cv: fastgrpo.policy_loss(
+            -torch.rand(B, T), torch.randn(B), entropy=torch.rand(B, T), check_values=cv, **full
+        ),
+        "grpo_loss": lambda cv: fastgrpo.grpo_loss(torch.randn(B, T, V), y, torch.randn(B, T), check_values=cv, **full),
         "grpo_loss packed": lambda cv: fastgrpo.grpo_loss(
-            torch.randn(6, V), y.reshape(6), advantages=None, rewards=torch.rand(2, 3), group_size=2,
-            reward_weights=torch.ones(3), cu_seqlens=torch.tensor([0, 4, 6]), backend="reference", check_values=cv),
-        "linear_grpo_loss": lambda cv: fastgrpo.linear_grpo_loss(torch.randn(B, T, H), torch.randn(V, H), y,
-                                                                 torch.randn(B), check_values=cv, **full),
-        "token_logprobs": lambda cv: fastgrpo.token_logprobs(torch.randn(B, T, V), y, backend="reference",
-                                                             check_values=cv),
+            torch.randn(6, V),
+            y.reshape(6),
+            advantages=None,
+            rewards=torch.rand(2, 3),
+            group_size=2,
+            reward_weights=torch.ones(3),
+            cu_seqlens=torch.tensor([0, 4, 6]),
+            backend="reference",
+            check_values=cv,
+        ),
+        "linear_grpo_loss": lambda cv: fastgrpo.linear_grpo_loss(
+            torch.randn(B, T, H), torch.randn(V, H), y, torch.randn(B), check_values=cv, **full
+        ),
+        "token_logprobs": lambda cv: fastgrpo.token_logprobs(
+            torch.randn(B, T, V), y, backend="reference", check_values=cv
+        ),
         "linear_token_logprobs": lambda cv: fastgrpo.linear_token_logprobs(
-            torch.randn(B, T, H), torch.randn(V, H), y, backend="reference", check_values=cv),
+            torch.randn(B, T, H), torch.randn(V, H), y, backend="reference", check_values=cv
+        ),
         "advantages": lambda cv: fastgrpo.advantages(torch.rand(4), 2, backend="reference", check_values=cv),
     }
 
@@ -272,8 +358,9 @@ def test_value_checks_compile_without_graph_break():
         checks.run()
         return adv * 2
 
-    out = torch.compile(f, fullgraph=True, backend="eager")(torch.ones(6), torch.full((2,), NAN),
-                                                            torch.tensor([0, 7, 6]))
+    out = torch.compile(f, fullgraph=True, backend="eager")(
+        torch.ones(6), torch.full((2,), NAN), torch.tensor([0, 7, 6])
+    )
     assert torch.isnan(out).all()
 
 
@@ -283,19 +370,25 @@ def _meta(*shape, dtype=torch.float32, grad=False):
 
 
 META_CALLS = {
-    "policy_loss": lambda: fastgrpo.policy_loss(_meta(B, T, grad=True), _meta(B), old_logprobs=_meta(B, T),
-                                                mask=_meta(B, T), is_weights=_meta(B, T)),
-    "grpo_loss": lambda: fastgrpo.grpo_loss(_meta(B, T, V, grad=True), _meta(B, T, dtype=torch.long), _meta(B),
-                                            _meta(B, T), normalizer=_meta()),
-    "grpo_loss packed": lambda: fastgrpo.grpo_loss(_meta(6, V, grad=True), _meta(6, dtype=torch.long), _meta(2),
-                                                   cu_seqlens=_meta(3, dtype=torch.int32)),
-    "grpo_loss rewards": lambda: fastgrpo.grpo_loss(_meta(B, T, V, grad=True), _meta(B, T, dtype=torch.long),
-                                                    rewards=_meta(B), group_size=2),
-    "linear_grpo_loss": lambda: fastgrpo.linear_grpo_loss(_meta(B, T, H, grad=True), _meta(V, H, grad=True),
-                                                          _meta(B, T, dtype=torch.long), _meta(B), bias=_meta(V)),
+    "policy_loss": lambda: fastgrpo.policy_loss(
+        _meta(B, T, grad=True), _meta(B), old_logprobs=_meta(B, T), mask=_meta(B, T), is_weights=_meta(B, T)
+    ),
+    "grpo_loss": lambda: fastgrpo.grpo_loss(
+        _meta(B, T, V, grad=True), _meta(B, T, dtype=torch.long), _meta(B), _meta(B, T), normalizer=_meta()
+    ),
+    "grpo_loss packed": lambda: fastgrpo.grpo_loss(
+        _meta(6, V, grad=True), _meta(6, dtype=torch.long), _meta(2), cu_seqlens=_meta(3, dtype=torch.int32)
+    ),
+    "grpo_loss rewards": lambda: fastgrpo.grpo_loss(
+        _meta(B, T, V, grad=True), _meta(B, T, dtype=torch.long), rewards=_meta(B), group_size=2
+    ),
+    "linear_grpo_loss": lambda: fastgrpo.linear_grpo_loss(
+        _meta(B, T, H, grad=True), _meta(V, H, grad=True), _meta(B, T, dtype=torch.long), _meta(B), bias=_meta(V)
+    ),
     "token_logprobs": lambda: fastgrpo.token_logprobs(_meta(B, T, V), _meta(B, T, dtype=torch.long)),
-    "linear_token_logprobs": lambda: fastgrpo.linear_token_logprobs(_meta(B, T, H), _meta(V, H),
-                                                                    _meta(B, T, dtype=torch.long)),
+    "linear_token_logprobs": lambda: fastgrpo.linear_token_logprobs(
+        _meta(B, T, H), _meta(V, H), _meta(B, T, dtype=torch.long)
+    ),
     "advantages": lambda: fastgrpo.advantages(_meta(4), 2),
 }
 

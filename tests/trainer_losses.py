@@ -20,11 +20,32 @@ def _masked_mean(x, m, dim=None):
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
-def trl_loss(lp, old, ref, adv, mask, entropies, *, loss_type, epsilon=0.2, epsilon_high=None, delta=None,
-             beta=0.0, importance_sampling_level="token", use_bias_correction_kl=False, sapo_temperature_pos=1.0,
-             sapo_temperature_neg=1.05, max_completion_length=512, top_entropy_quantile=1.0,
-             off_policy_mask_threshold=None, sampling=None, importance_sampling_ratio=None, entropy_coef=0.0,
-             num_items_in_batch=None, gradient_accumulation_steps=1):
+def trl_loss(
+    lp,
+    old,
+    ref,
+    adv,
+    mask,
+    entropies,
+    *,
+    loss_type,
+    epsilon=0.2,
+    epsilon_high=None,
+    delta=None,
+    beta=0.0,
+    importance_sampling_level="token",
+    use_bias_correction_kl=False,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    max_completion_length=512,
+    top_entropy_quantile=1.0,
+    off_policy_mask_threshold=None,
+    sampling=None,
+    importance_sampling_ratio=None,
+    entropy_coef=0.0,
+    num_items_in_batch=None,
+    gradient_accumulation_steps=1,
+):
     eps_low, eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
     entropy_mask = None
     if top_entropy_quantile < 1.0:
@@ -98,8 +119,9 @@ def trl_importance_sampling_ratio(old, sampling, mask, mode, clip_min, clip_max)
 
 
 # --------------------------------------------------------------------------------------------------- verl
-def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None, dp_size=1, batch_num_tokens=None,
-                  global_batch_size=None):
+def verl_agg_loss(
+    loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None, dp_size=1, batch_num_tokens=None, global_batch_size=None
+):
     if loss_agg_mode == "token-mean":
         count = loss_mask.sum() if batch_num_tokens is None else batch_num_tokens
         return (loss_mat * loss_mask).sum() / count * dp_size
@@ -122,9 +144,24 @@ def verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, loss_scale_factor=None, dp
     raise ValueError(loss_agg_mode)
 
 
-def verl_policy_loss(old, lp, adv, mask, *, loss_mode, loss_agg_mode, clip_ratio=0.2, clip_ratio_low=None,
-                     clip_ratio_high=None, clip_ratio_c=3.0, tau_pos=1.0, tau_neg=1.05, loss_scale_factor=None,
-                     rollout_is_weights=None, global_batch=None):
+def verl_policy_loss(
+    old,
+    lp,
+    adv,
+    mask,
+    *,
+    loss_mode,
+    loss_agg_mode,
+    clip_ratio=0.2,
+    clip_ratio_low=None,
+    clip_ratio_high=None,
+    clip_ratio_c=3.0,
+    tau_pos=1.0,
+    tau_neg=1.05,
+    loss_scale_factor=None,
+    rollout_is_weights=None,
+    global_batch=None,
+):
     low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     info = dict(global_batch or {})
@@ -185,8 +222,22 @@ def verl_kl_penalty(lp, ref, kl_type):
     return backward - backward.detach() + value.detach()
 
 
-def verl_actor_loss(old, lp, ref, adv, mask, entropy, *, loss_agg_mode, entropy_coeff=0.0, use_kl_loss=False,
-                    kl_loss_coef=0.001, kl_loss_type="low_var_kl", gradient_accumulation=1, **policy_kw):
+def verl_actor_loss(
+    old,
+    lp,
+    ref,
+    adv,
+    mask,
+    entropy,
+    *,
+    loss_agg_mode,
+    entropy_coeff=0.0,
+    use_kl_loss=False,
+    kl_loss_coef=0.001,
+    kl_loss_type="low_var_kl",
+    gradient_accumulation=1,
+    **policy_kw,
+):
     loss = verl_policy_loss(old, lp, adv, mask, loss_agg_mode=loss_agg_mode, **policy_kw)
     if entropy_coeff != 0:
         loss = loss - verl_agg_loss(entropy, mask, loss_agg_mode) * entropy_coeff
@@ -209,12 +260,31 @@ def openrlhf_aggregate(loss, mask, token_level_loss=True, dp_size=1, batch_num_t
     return (seq_loss * seq_mask).sum() / global_batch_size * dp_size
 
 
-def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="ppo", clip_eps_low=0.2,
-                        clip_eps_high=0.2, dual_clip=None, token_level_loss=True, rollout=None,
-                        is_correction_level="off", is_correction_mode="mask",
-                        is_correction_threshold=(0.5, 5.0), use_kl_loss=False,
-                        init_kl_coef=0.0, kl_estimator="k1", entropy_coef=None, dp_size=1, batch_num_tokens=None,
-                        global_batch_size=None):
+def openrlhf_actor_loss(
+    lp,
+    old,
+    ref,
+    adv,
+    mask,
+    entropy,
+    *,
+    policy_loss_type="ppo",
+    clip_eps_low=0.2,
+    clip_eps_high=0.2,
+    dual_clip=None,
+    token_level_loss=True,
+    rollout=None,
+    is_correction_level="off",
+    is_correction_mode="mask",
+    is_correction_threshold=(0.5, 5.0),
+    use_kl_loss=False,
+    init_kl_coef=0.0,
+    kl_estimator="k1",
+    entropy_coef=None,
+    dp_size=1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+):
     token_level = token_level_loss and policy_loss_type != "gspo"
     raw = lp - old
     if policy_loss_type == "ppo":
@@ -231,8 +301,11 @@ def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="p
     if is_correction_level != "off" and policy_loss_type == "ppo":  # ratio gating
         lo, hi = is_correction_threshold
         log_r = (old - rollout).detach()
-        stat = torch.exp(_masked_mean(log_r, mask, dim=-1)).unsqueeze(-1) if is_correction_level == "seq" \
+        stat = (
+            torch.exp(_masked_mean(log_r, mask, dim=-1)).unsqueeze(-1)
+            if is_correction_level == "seq"
             else torch.exp(log_r)
+        )
         if is_correction_mode == "clip":
             loss = stat.clamp(min=lo, max=hi) * loss
         else:
@@ -240,7 +313,7 @@ def openrlhf_actor_loss(lp, old, ref, adv, mask, entropy, *, policy_loss_type="p
     total = openrlhf_aggregate(loss, mask, token_level, dp_size, batch_num_tokens, global_batch_size)
     if use_kl_loss and init_kl_coef > 0:
         d = lp.float() - ref.float()
-        kl = {"k1": d, "k2": d ** 2 / 2.0, "k3": (-d).exp() - 1 + d}[kl_estimator].clamp(min=-10, max=10)
+        kl = {"k1": d, "k2": d**2 / 2.0, "k3": (-d).exp() - 1 + d}[kl_estimator].clamp(min=-10, max=10)
         total = total + openrlhf_aggregate(kl, mask) * init_kl_coef
     if entropy_coef is not None and entropy_coef != 0:
         total = total - openrlhf_aggregate(entropy, mask) * entropy_coef

@@ -18,6 +18,17 @@ from .trajectory.token_logprobs import linear_token_logprobs, token_logprobs
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdvantageConfig", "GRPOLoss", "LossConfig", "LossOutput", "advantages", "grpo_loss", "linear_grpo_loss",
-    "linear_token_logprobs", "policy_loss", "presets", "reference", "set_check_values", "token_logprobs",
+    "AdvantageConfig",
+    "GRPOLoss",
+    "LossConfig",
+    "LossOutput",
+    "advantages",
+    "grpo_loss",
+    "linear_grpo_loss",
+    "linear_token_logprobs",
+    "policy_loss",
+    "presets",
+    "reference",
+    "set_check_values",
+    "token_logprobs",
 ]

@@ -36,7 +36,7 @@ VARIANTS: dict[str, LossConfig] = {
 def _batch(device: torch.device, b: int = 4, t: int = 32, v: int = 1000, h: int = 64):
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = torch.randn(b, t, h, generator=g).to(device)
-    weight = (torch.randn(v, h, generator=g) / h ** 0.5).to(device)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(device)
     targets = torch.randint(0, v, (b, t), generator=g).to(device)
     mask = (torch.arange(t) < torch.tensor([[t], [t // 2], [t - 3], [1]])).float().to(device)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0], device=device)
@@ -60,37 +60,80 @@ def check(device: torch.device) -> bool:
         lp = token_logprobs(logits, targets, backend=backend)
         rows.append(("token_logprobs", "-", backend, float("nan"), 0.0, 0.0, _max_err(lp, lp_ref)))
         adv = advantages(rewards, 2, backend=backend)
-        rows.append(("advantages", "grpo", backend, float("nan"),
-                     _max_err(adv, advantages(rewards, 2, backend="reference")), 0.0, 0.0))
+        rows.append(
+            (
+                "advantages",
+                "grpo",
+                backend,
+                float("nan"),
+                _max_err(adv, advantages(rewards, 2, backend="reference")),
+                0.0,
+                0.0,
+            )
+        )
         for name, cfg in VARIANTS.items():
             results = []
             for bk in (backend, "reference"):
                 z = logits.detach().clone().requires_grad_()
-                out = grpo_loss(z, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old,
-                                ref_logprobs=ref, config=cfg, backend=bk)
+                out = grpo_loss(
+                    z,
+                    targets,
+                    mask=mask,
+                    rewards=rewards,
+                    group_size=2,
+                    old_logprobs=old,
+                    ref_logprobs=ref,
+                    config=cfg,
+                    backend=bk,
+                )
                 out.loss.backward()
                 results.append((out, z.grad))
             (o, g), (o_ref, g_ref) = results
-            rows.append(("grpo_loss", name, backend, float(o_ref.loss.detach()), _max_err(o.loss, o_ref.loss),
-                         _max_err(g, g_ref), _max_err(o.logprobs, o_ref.logprobs)))
-        lin = linear_grpo_loss(hidden, weight, targets, mask=mask, rewards=rewards, group_size=2,
-                               old_logprobs=old, backend=backend)
-        log = grpo_loss(logits, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old,
-                        backend="reference")
-        rows.append(("linear_grpo_loss", "DAPO", backend, float(log.loss.detach()), _max_err(lin.loss, log.loss), 0.0,
-                     _max_err(lin.logprobs, log.logprobs)))
+            rows.append(
+                (
+                    "grpo_loss",
+                    name,
+                    backend,
+                    float(o_ref.loss.detach()),
+                    _max_err(o.loss, o_ref.loss),
+                    _max_err(g, g_ref),
+                    _max_err(o.logprobs, o_ref.logprobs),
+                )
+            )
+        lin = linear_grpo_loss(
+            hidden, weight, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old, backend=backend
+        )
+        log = grpo_loss(
+            logits, targets, mask=mask, rewards=rewards, group_size=2, old_logprobs=old, backend="reference"
+        )
+        rows.append(
+            (
+                "linear_grpo_loss",
+                "DAPO",
+                backend,
+                float(log.loss.detach()),
+                _max_err(lin.loss, log.loss),
+                0.0,
+                _max_err(lin.logprobs, log.logprobs),
+            )
+        )
 
-    print(f"fastgrpo check on {device} (torch {torch.__version__}); backends: {backends.available(device)}; "
-          f"checked against the fp32 reference: {compiled}")
-    header = (f"{'op':<17} {'variant':<22} {'backend':<10} {'loss':>9} {'|Δloss|':>9} {'|Δgrad|':>9} "
-              f"{'|Δlogp|':>9}  result")
+    print(
+        f"fastgrpo check on {device} (torch {torch.__version__}); backends: {backends.available(device)}; "
+        f"checked against the fp32 reference: {compiled}"
+    )
+    header = (
+        f"{'op':<17} {'variant':<22} {'backend':<10} {'loss':>9} {'|Δloss|':>9} {'|Δgrad|':>9} {'|Δlogp|':>9}  result"
+    )
     print(header)
     print("-" * len(header))
     for op, variant, backend, loss, dl, dg, dp in rows:
         passed = dl <= 1e-4 and dg <= 1e-5 and dp <= 1e-4
         ok &= passed
-        print(f"{op:<17} {variant:<22} {backend:<10} {loss:9.4f} {dl:9.2e} {dg:9.2e} {dp:9.2e}  "
-              f"{'PASS' if passed else 'FAIL'}")
+        print(
+            f"{op:<17} {variant:<22} {backend:<10} {loss:9.4f} {dl:9.2e} {dg:9.2e} {dp:9.2e}  "
+            f"{'PASS' if passed else 'FAIL'}"
+        )
     print(f"{len(rows)} checks, {'all passed' if ok else 'FAILURES above'}")
     return ok
 

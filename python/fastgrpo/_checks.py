@@ -82,7 +82,8 @@ def vocab_contiguous(name: str, x: Tensor) -> None:
     if x.dim() >= 1 and x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(
             f"{name} must be contiguous in its last (vocabulary) dimension, got stride {x.stride(-1)}; "
-            "leading dimensions may be any view")
+            "leading dimensions may be any view"
+        )
 
 
 def vocabulary(name: str, vocab: int) -> None:
@@ -108,11 +109,15 @@ def token_layout(tokens: torch.Size, cu_seqlens: Optional[Tensor], what: str) ->
 
 def per_sequence_or_token(name: str, x: Tensor, tokens: torch.Size, num_seqs: int) -> None:
     """Advantages and IS weights: per sequence ([B], [B, 1], packed [S]) or per token (the token shape)."""
-    ok = tuple(x.shape) == tuple(tokens) or x.numel() == num_seqs and (
-        x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1))
+    ok = (
+        tuple(x.shape) == tuple(tokens)
+        or x.numel() == num_seqs
+        and (x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1))
+    )
     if not ok:
         raise ValueError(
-            f"{name} must be per sequence ([{num_seqs}]) or per token ({list(tokens)}), got {list(x.shape)}")
+            f"{name} must be per sequence ([{num_seqs}]) or per token ({list(tokens)}), got {list(x.shape)}"
+        )
 
 
 def _position(index: int, shape: torch.Size) -> str:
@@ -157,8 +162,9 @@ class ValueChecks:
             return
         m = mask.detach()
         if m.dtype != torch.bool:
-            self._add("mask", m, ~(torch.isfinite(m) & (m >= 0)),
-                      "hold finite weights >= 0 (0/1, or fractional soft weights)")
+            self._add(
+                "mask", m, ~(torch.isfinite(m) & (m >= 0)), "hold finite weights >= 0 (0/1, or fractional soft weights)"
+            )
         self._tokens, self._cu_seqlens = mask.shape, cu_seqlens
         self._unmasked = (m != 0).reshape(-1)
 
@@ -191,16 +197,24 @@ class ValueChecks:
         self._add(name, x, bad, requirement or ("be finite at unmasked positions" if masked else "be finite"))
 
     def logprobs(self, name: str, x: Optional[Tensor]) -> None:
-        self.finite(name, x, requirement="hold finite log-probs at unmasked positions (a sampled token has p > 0; "
-                                         "-inf would make the ratio or the KL infinite)")
+        self.finite(
+            name,
+            x,
+            requirement="hold finite log-probs at unmasked positions (a sampled token has p > 0; "
+            "-inf would make the ratio or the KL infinite)",
+        )
 
     def weights(self, name: str, x: Optional[Tensor]) -> None:
         """Importance weights: finite and >= 0 at unmasked positions."""
         if not self.enabled or x is None:
             return
         x = x.detach()
-        self._add(name, x, ~(torch.isfinite(x) & (x >= 0)) & self._positions(x),
-                  "hold finite weights >= 0 at unmasked positions")
+        self._add(
+            name,
+            x,
+            ~(torch.isfinite(x) & (x >= 0)) & self._positions(x),
+            "hold finite weights >= 0 at unmasked positions",
+        )
 
     def normalizer(self, x: Tensor) -> None:
         if self.enabled:
@@ -229,8 +243,9 @@ class ValueChecks:
         if not self._pending:
             return
         with torch.no_grad():
-            first = torch.stack([torch.where(bad.any(), bad.reshape(-1).to(torch.uint8).argmax(), -1)
-                                 for _, _, bad, _ in self._pending])
+            first = torch.stack(
+                [torch.where(bad.any(), bad.reshape(-1).to(torch.uint8).argmax(), -1) for _, _, bad, _ in self._pending]
+            )
             found = first.tolist()  # the one host sync of validation
         for (name, x, _, requirement), index in zip(self._pending, found):
             if index >= 0:

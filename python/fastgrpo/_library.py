@@ -49,7 +49,7 @@ def launch(kernel: Any) -> Any:
 
 
 def row_addressing(x: Tensor) -> tuple[int, int, int]:
-    """(T, stride_b, stride_t) so that row r of a [B, T, V] / [N, V] tensor lives at (r // T)·stride_b + (r % T)·stride_t."""
+    """(T, stride_b, stride_t): row r of a [B, T, V] / [N, V] tensor lives at (r // T)·stride_b + (r % T)·stride_t."""
     if x.dim() == 3:
         return x.shape[1], x.stride(0), x.stride(1)
     return 1, x.stride(0), 0
@@ -65,8 +65,10 @@ def float_params(x: Tensor, like: Tensor, numel: int, name: str) -> Tensor:
     """A float hyper-parameter tensor as the kernels read it: dense fp32 on the device of the op's inputs ``like``
     (the kernel loads it: a short or misplaced buffer would be read out of bounds)."""
     if x.numel() != numel or x.device != like.device:
-        raise ValueError(f"{name} must hold {numel} value(s) on the device of the op's inputs ({like.device}), got "
-                         f"{x.numel()} on {x.device}")
+        raise ValueError(
+            f"{name} must hold {numel} value(s) on the device of the op's inputs ({like.device}), got "
+            f"{x.numel()} on {x.device}"
+        )
     return rows(x, torch.float32)
 
 
@@ -135,8 +137,9 @@ def traced(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or isinstance(x, (FakeTensor, FunctionalTensor))
 
 
-def precomputed_gradients(ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tensor], None],
-                          what: str) -> list[Optional[Tensor]]:
+def precomputed_gradients(
+    ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tensor], None], what: str
+) -> list[Optional[Tensor]]:
     """``ctx.grads`` (gradients of a scalar loss computed in its forward) times ``grad_loss``.
 
     A backward that frees the graph (the usual one) scales the buffers in place and hands them over: autograd
@@ -153,7 +156,8 @@ def precomputed_gradients(ctx, grad_loss: Tensor, scale_: Callable[[Tensor, Tens
     if grads is None:
         raise RuntimeError(
             f"Trying to backward through the {what} graph a second time: its gradient buffers were handed to the "
-            "first backward. Specify retain_graph=True on every backward but the last.")
+            "first backward. Specify retain_graph=True on every backward but the last."
+        )
     if torch._C._autograd._get_current_graph_task_keep_graph():
         grads = [None if g is None else g.clone() for g in grads]
     else:
@@ -168,5 +172,7 @@ def first_order_only() -> None:
     """The kernels' gradients are not differentiable: under ``create_graph=True`` (the only way grad mode is on
     inside an eager backward) they would silently count as constants in a higher-order gradient, so refuse."""
     if torch.is_grad_enabled():
-        raise RuntimeError("create_graph=True: fastgrpo's kernel backends compute first-order gradients only; "
-                           "use backend='reference' to differentiate a gradient")
+        raise RuntimeError(
+            "create_graph=True: fastgrpo's kernel backends compute first-order gradients only; "
+            "use backend='reference' to differentiate a gradient"
+        )

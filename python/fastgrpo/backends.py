@@ -45,25 +45,50 @@ class Backend(Protocol):
     name: str
     supports_inplace_grad: bool
 
-    def token_logprobs(self, logits: Tensor, targets: Tensor, temperature: float,
-                       entropy: bool) -> tuple[Tensor, Optional[Tensor]]: ...
+    def token_logprobs(
+        self, logits: Tensor, targets: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Optional[Tensor]]: ...
 
-    def linear_token_logprobs(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                              temperature: float, entropy: bool, logit_scale: float,
-                              logit_softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]: ...
+    def linear_token_logprobs(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        temperature: float,
+        entropy: bool,
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> tuple[Tensor, Optional[Tensor]]: ...
 
-    def advantages(self, rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
-                   config: AdvantageConfig = AdvantageConfig(), reward_weights: Optional[Tensor] = None,
-                   metrics: bool = True) -> tuple[Tensor, dict[str, Tensor]]: ...
+    def advantages(
+        self,
+        rewards: Tensor,
+        group_size: Optional[int] = None,
+        group_ids: Optional[Tensor] = None,
+        config: AdvantageConfig = AdvantageConfig(),
+        reward_weights: Optional[Tensor] = None,
+        metrics: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput: ...
 
-    def grpo_loss(self, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool,
-                  inplace_grad: bool) -> LossOutput: ...
+    def grpo_loss(
+        self, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
+    ) -> LossOutput: ...
 
-    def linear_grpo_loss(self, hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                         inputs: LossInputs, return_entropy: bool, chunk_tokens: Optional[int], logit_scale: float,
-                         logit_softcap: Optional[float]) -> LossOutput: ...
+    def linear_grpo_loss(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        inputs: LossInputs,
+        return_entropy: bool,
+        chunk_tokens: Optional[int],
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> LossOutput: ...
 
 
 class ReferenceBackend:
@@ -74,34 +99,54 @@ class ReferenceBackend:
 
     @staticmethod
     def _keywords(inputs: LossInputs) -> dict:
-        return dict(old_logprobs=inputs.old_logprobs, ref_logprobs=inputs.ref_logprobs,
-                    sampling_logprobs=inputs.sampling_logprobs, is_weights=inputs.is_weights,
-                    cu_seqlens=inputs.cu_seqlens, normalizer=inputs.normalizer, config=inputs.config)
+        return dict(
+            old_logprobs=inputs.old_logprobs,
+            ref_logprobs=inputs.ref_logprobs,
+            sampling_logprobs=inputs.sampling_logprobs,
+            is_weights=inputs.is_weights,
+            cu_seqlens=inputs.cu_seqlens,
+            normalizer=inputs.normalizer,
+            config=inputs.config,
+        )
 
     def token_logprobs(self, logits, targets, temperature, entropy):
         return reference.token_logprobs(logits, targets, temperature, entropy)
 
     def linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap):
-        return reference.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy, logit_scale,
-                                               logit_softcap)
+        return reference.linear_token_logprobs(
+            hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
+        )
 
-    def advantages(self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None,
-                   metrics=True):
+    def advantages(
+        self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None, metrics=True
+    ):
         return reference.advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
 
     def policy_loss(self, logprobs, entropy, inputs):
-        return reference.policy_loss(logprobs, inputs.advantages, inputs.mask, entropy=entropy,
-                                     **self._keywords(inputs))
+        return reference.policy_loss(
+            logprobs, inputs.advantages, inputs.mask, entropy=entropy, **self._keywords(inputs)
+        )
 
     def grpo_loss(self, logits, targets, inputs, return_entropy, inplace_grad):
-        return reference.grpo_loss(logits, targets, inputs.advantages, inputs.mask, return_entropy=return_entropy,
-                                   **self._keywords(inputs))
+        return reference.grpo_loss(
+            logits, targets, inputs.advantages, inputs.mask, return_entropy=return_entropy, **self._keywords(inputs)
+        )
 
-    def linear_grpo_loss(self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale,
-                         logit_softcap):
-        return reference.linear_grpo_loss(hidden, weight, targets, inputs.advantages, inputs.mask, bias=bias,
-                                          return_entropy=return_entropy, logit_scale=logit_scale,
-                                          logit_softcap=logit_softcap, **self._keywords(inputs))
+    def linear_grpo_loss(
+        self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
+    ):
+        return reference.linear_grpo_loss(
+            hidden,
+            weight,
+            targets,
+            inputs.advantages,
+            inputs.mask,
+            bias=bias,
+            return_entropy=return_entropy,
+            logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
+            **self._keywords(inputs),
+        )
 
     def __repr__(self) -> str:
         return "ReferenceBackend()"
@@ -119,11 +164,13 @@ class KernelBackend:
         return _token_logprobs.kernel_token_logprobs(self.ops, logits, targets, temperature, entropy)
 
     def linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap):
-        return _linear_grpo_loss.kernel_linear_token_logprobs(self.ops, hidden, weight, targets, bias, temperature,
-                                                              entropy, logit_scale, logit_softcap)
+        return _linear_grpo_loss.kernel_linear_token_logprobs(
+            self.ops, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
+        )
 
-    def advantages(self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None,
-                   metrics=True):
+    def advantages(
+        self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None, metrics=True
+    ):
         return _advantages.kernel_advantages(self.ops, rewards, group_size, group_ids, config, reward_weights, metrics)
 
     def policy_loss(self, logprobs, entropy, inputs):  # O(N) on given log-probs: no vocabulary pass to fuse
@@ -132,10 +179,12 @@ class KernelBackend:
     def grpo_loss(self, logits, targets, inputs, return_entropy, inplace_grad):
         return _grpo_loss.kernel_grpo_loss(self.ops, logits, targets, inputs, return_entropy, inplace_grad)
 
-    def linear_grpo_loss(self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale,
-                         logit_softcap):
-        return _linear_grpo_loss.kernel_linear_grpo_loss(self.ops, hidden, weight, targets, bias, inputs,
-                                                         return_entropy, chunk_tokens, logit_scale, logit_softcap)
+    def linear_grpo_loss(
+        self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
+    ):
+        return _linear_grpo_loss.kernel_linear_grpo_loss(
+            self.ops, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
+        )
 
     def __repr__(self) -> str:
         return f"KernelBackend({self.name!r})"
@@ -178,8 +227,10 @@ def _load_extension() -> dict[str, Optional[KernelBackend]]:
     ops = _register("")
 
     def has_kernels(key: str) -> bool:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgrpo::{op}", key)
-                   for op in _library.Ops.__dataclass_fields__)
+        return all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"fastgrpo::{op}", key)
+            for op in _library.Ops.__dataclass_fields__
+        )
 
     return {device: KernelBackend(device, ops) if has_kernels(device.upper()) else None for device in ("cpu", "cuda")}
 
@@ -207,8 +258,9 @@ def _load(name: str) -> Optional[Backend]:
         except ImportError as exc:  # triton not installed (macOS, Windows), or the extension was not built
             if name not in _warned and name != "cuda":
                 _warned.add(name)
-                warnings.warn(f"fastgrpo: backend {name!r} unavailable ({exc}); falling back to the next backend",
-                              stacklevel=4)
+                warnings.warn(
+                    f"fastgrpo: backend {name!r} unavailable ({exc}); falling back to the next backend", stacklevel=4
+                )
             _loaded[name] = None
     return _loaded[name]
 
@@ -233,15 +285,18 @@ def _resolve(backend: str, device: torch.device) -> Backend:
             if impl is not None:
                 return impl
     if not _runs_on(backend, device):
-        raise RuntimeError(f"backend={backend!r} cannot run on {device.type} tensors" + (
-            " (on CPU Triton runs only under the interpreter, TRITON_INTERPRET=1)" if backend == "triton" else "")
-            + "; use backend='auto' or 'reference'")
+        raise RuntimeError(
+            f"backend={backend!r} cannot run on {device.type} tensors"
+            + (" (on CPU Triton runs only under the interpreter, TRITON_INTERPRET=1)" if backend == "triton" else "")
+            + "; use backend='auto' or 'reference'"
+        )
     impl = _load(backend)
     if impl is None:
         why = f": {CUDA_UNAVAILABLE}" if backend == "cuda" and CUDA_UNAVAILABLE else ""
         raise RuntimeError(
             f"backend={backend!r} is not available in this build of fastgrpo{why} "
-            f"(available on {device.type}: {available(device)}); use backend='auto' or 'reference'")
+            f"(available on {device.type}: {available(device)}); use backend='auto' or 'reference'"
+        )
     return impl
 
 

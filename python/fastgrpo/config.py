@@ -39,8 +39,9 @@ def _one_of(name: str, value: object, allowed: tuple, optional: bool = False) ->
     if value is None and optional:
         return
     if not isinstance(value, str) or value not in allowed:
-        raise _error(ValueError, (name,), f"{name} must be one of {allowed}{' or None' if optional else ''}, "
-                                          f"got {value!r}")
+        raise _error(
+            ValueError, (name,), f"{name} must be one of {allowed}{' or None' if optional else ''}, got {value!r}"
+        )
 
 
 def _number(name: str, value: object, rule: str, ok: Callable[[float], bool], optional: bool = False) -> None:
@@ -48,8 +49,11 @@ def _number(name: str, value: object, rule: str, ok: Callable[[float], bool], op
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _error(TypeError, (name,), f"{name} must be a number{' or None' if optional else ''}, got "
-                                         f"{type(value).__name__} {value!r}")
+        raise _error(
+            TypeError,
+            (name,),
+            f"{name} must be a number{' or None' if optional else ''}, got {type(value).__name__} {value!r}",
+        )
     if not (math.isfinite(value) and ok(value)):
         raise _error(ValueError, (name,), f"{name} must be {rule}{' or None' if optional else ''}, got {value!r}")
 
@@ -190,12 +194,19 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         """Every field's type and range, each error naming its field (``err.fields``)."""
-        for name, allowed in (("policy_loss", POLICY_LOSSES), ("ratio_level", RATIO_LEVELS),
-                              ("sequence_ratio_grad", ("sequence", "token")), ("aggregation", AGGREGATIONS),
-                              ("kl_estimator", KL_ESTIMATORS)):
+        for name, allowed in (
+            ("policy_loss", POLICY_LOSSES),
+            ("ratio_level", RATIO_LEVELS),
+            ("sequence_ratio_grad", ("sequence", "token")),
+            ("aggregation", AGGREGATIONS),
+            ("kl_estimator", KL_ESTIMATORS),
+        ):
             _one_of(name, getattr(self, name), allowed)
-        for name, allowed in (("rollout_correction", ROLLOUT_CORRECTIONS), ("kl_aggregation", AGGREGATIONS),
-                              ("entropy_aggregation", AGGREGATIONS)):
+        for name, allowed in (
+            ("rollout_correction", ROLLOUT_CORRECTIONS),
+            ("kl_aggregation", AGGREGATIONS),
+            ("entropy_aggregation", AGGREGATIONS),
+        ):
             _one_of(name, getattr(self, name), allowed, optional=True)
         _number("epsilon_low", self.epsilon_low, "in [0, 1)", lambda v: 0 <= v < 1)
         _number("epsilon_high", self.epsilon_high, *_NON_NEGATIVE)
@@ -220,23 +231,31 @@ class LossConfig:
         _number("beta", self.beta, "a finite number >= 0 (a KL penalty)", lambda v: v >= 0)
         _number("entropy_coef", self.entropy_coef, *_FINITE)
         if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)):
-            raise _error(TypeError, ("max_length",), f"max_length must be a positive int or None, got "
-                                                     f"{type(self.max_length).__name__} {self.max_length!r}")
+            raise _error(
+                TypeError,
+                ("max_length",),
+                f"max_length must be a positive int or None, got {type(self.max_length).__name__} {self.max_length!r}",
+            )
         if self.max_length is not None and self.max_length <= 0:
             raise _error(ValueError, ("max_length",), f"max_length must be a positive int, got {self.max_length!r}")
         for name in ("kl_ratio_weighted", "divide_by_num_sequences", "count_empty_sequences"):
             _flag(name, getattr(self, name))
         if not isinstance(self.advantage, AdvantageConfig):
-            raise _error(TypeError, ("advantage",),
-                         f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}")
+            raise _error(
+                TypeError, ("advantage",), f"advantage must be an AdvantageConfig, got {type(self.advantage).__name__}"
+            )
         for kind in ("cispo", "gmpo"):
             if self.policy_loss == kind and self.ratio_level != "token":
                 why = "is token level only" if kind == "cispo" else "builds its own sequence ratio"
-                raise _error(ValueError, ("policy_loss", "ratio_level"),
-                             f"policy_loss={kind!r} {why}: set ratio_level='token'")
+                raise _error(
+                    ValueError, ("policy_loss", "ratio_level"), f"policy_loss={kind!r} {why}: set ratio_level='token'"
+                )
         if self.policy_loss == "gmpo" and self.top_entropy_quantile < 1.0:
-            raise _error(ValueError, ("policy_loss", "top_entropy_quantile"),
-                         "top_entropy_quantile < 1 is not defined for policy_loss='gmpo' (a sequence loss)")
+            raise _error(
+                ValueError,
+                ("policy_loss", "top_entropy_quantile"),
+                "top_entropy_quantile < 1 is not defined for policy_loss='gmpo' (a sequence loss)",
+            )
 
     @property
     def needs_entropy(self) -> bool:

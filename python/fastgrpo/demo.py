@@ -54,7 +54,7 @@ def sample(model: TinyLM, prompts: torch.Tensor, generator: torch.Generator) -> 
 
 def reward(seq: torch.Tensor) -> torch.Tensor:
     """The verifier: fraction of the completion equal to the prompt reversed."""
-    prompt, completion = seq[:, 1:1 + DIGITS], seq[:, 1 + DIGITS:]
+    prompt, completion = seq[:, 1 : 1 + DIGITS], seq[:, 1 + DIGITS :]
     return (completion == prompt.flip(1)).float().mean(1)
 
 
@@ -72,7 +72,7 @@ def train(steps: int = 600, seed: int = 0, log_every: int = 50, quiet: bool = Fa
         rewards = reward(seq)
         curve.append(rewards.mean().item())
         adv = fastgrpo.advantages(rewards, GROUP)  # group-normalized, one per completion
-        completions = seq[:, 1 + DIGITS:]
+        completions = seq[:, 1 + DIGITS :]
         old = None
         for _ in range(ITERATIONS):
             logits = model(seq[:, :-1])[:, DIGITS:]  # the positions that predict the completion
@@ -82,8 +82,10 @@ def train(steps: int = 600, seed: int = 0, log_every: int = 50, quiet: bool = Fa
             opt.step()
             old = out.logprobs if old is None else old  # the rollout policy's log-probs
         if not quiet and (step % log_every == 0 or step == steps - 1):
-            print(f"step {step:3d}  reward {curve[-1]:.3f}  loss {out.loss.item():+.4f}  "
-                  f"clipped {out.metrics['clip_ratio/region_mean'].item():.2f}  {time.perf_counter() - start:5.1f}s")
+            print(
+                f"step {step:3d}  reward {curve[-1]:.3f}  loss {out.loss.item():+.4f}  "
+                f"clipped {out.metrics['clip_ratio/region_mean'].item():.2f}  {time.perf_counter() - start:5.1f}s"
+            )
     return curve
 
 
@@ -115,8 +117,10 @@ def plot(curve: list[float], out: str) -> str:
 
 
 def main(steps: int = 600, out: str = "bench/results/demo_reward.png") -> int:
-    print(f"GRPO demo: {PROMPTS} prompts x {GROUP} completions per step, {ITERATIONS} updates per rollout, "
-          f"backends on this device: {backends.available(torch.device('cpu'))}")
+    print(
+        f"GRPO demo: {PROMPTS} prompts x {GROUP} completions per step, {ITERATIONS} updates per rollout, "
+        f"backends on this device: {backends.available(torch.device('cpu'))}"
+    )
     curve = train(steps)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     print(f"reward {first:.3f} (first 5 steps) -> {last:.3f} (last 5 steps); curve: {plot(curve, out)}")

@@ -76,8 +76,9 @@ def check_linear(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] or packed [N, H], got {list(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), "
-                         f"got {list(weight.shape)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[-1]} (the hidden size), got {list(weight.shape)}"
+        )
     _checks.vocabulary("weight", weight.shape[0])
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight ({weight.dtype}) must have the dtype of hidden ({hidden.dtype})")
@@ -105,8 +106,12 @@ def autocast_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
 
 
 def check_rewards(
-    rewards: Tensor, group_size: Optional[int], group_ids: Optional[Tensor], reward_weights: Optional[Tensor],
-    checks: _checks.ValueChecks, num_seqs: Optional[int] = None,
+    rewards: Tensor,
+    group_size: Optional[int],
+    group_ids: Optional[Tensor],
+    reward_weights: Optional[Tensor],
+    checks: _checks.ValueChecks,
+    num_seqs: Optional[int] = None,
 ) -> None:
     """Rewards enter their group's mean and std: every one must be finite, masked sequence or not."""
     _checks.tensor("rewards", rewards)
@@ -145,11 +150,23 @@ def check_config(config: LossConfig) -> None:
 
 
 def resolve(
-    tokens: torch.Size, device: torch.device, checks: _checks.ValueChecks, *, advantages: Optional[Tensor],
-    mask: Optional[Tensor], old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor],
-    sampling_logprobs: Optional[Tensor], is_weights: Optional[Tensor], rewards: Optional[Tensor],
-    group_size: Optional[int], group_ids: Optional[Tensor], reward_weights: Optional[Tensor],
-    cu_seqlens: Optional[Tensor], normalizer: Normalizer, config: LossConfig,
+    tokens: torch.Size,
+    device: torch.device,
+    checks: _checks.ValueChecks,
+    *,
+    advantages: Optional[Tensor],
+    mask: Optional[Tensor],
+    old_logprobs: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    sampling_logprobs: Optional[Tensor],
+    is_weights: Optional[Tensor],
+    rewards: Optional[Tensor],
+    group_size: Optional[int],
+    group_ids: Optional[Tensor],
+    reward_weights: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    normalizer: Normalizer,
+    config: LossConfig,
 ) -> LossInputs:
     """Validates everything but the log-prob source (logprobs, logits or hidden states), adding the value checks
     to ``checks`` (the caller runs them); returns the inputs ready for a backend."""
@@ -160,25 +177,40 @@ def resolve(
     _checks.tensor("mask", mask)
     _checks.real("mask", mask, "0/1, or fractional soft weights")
     _checks.shape("mask", mask, tokens, "one 0/1 entry per token")
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                    ("sampling_logprobs", sampling_logprobs)):
+    for name, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("sampling_logprobs", sampling_logprobs),
+    ):
         if x is not None:
             _checks.tensor(name, x)
             _checks.floating(name, x)
             _checks.shape(name, x, tokens, "one log-prob per token")
-    _checks.same_device(device, mask=mask, advantages=advantages, old_logprobs=old_logprobs,
-                        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights,
-                        rewards=rewards, cu_seqlens=cu_seqlens,
-                        normalizer=normalizer if isinstance(normalizer, Tensor) else None)
+    _checks.same_device(
+        device,
+        mask=mask,
+        advantages=advantages,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        rewards=rewards,
+        cu_seqlens=cu_seqlens,
+        normalizer=normalizer if isinstance(normalizer, Tensor) else None,
+    )
     # value checks are added in the order their errors are reported; they run in the caller
     checks.cu_seqlens(cu_seqlens, tokens[0])
     checks.set_mask(mask, cu_seqlens)
     if config.beta != 0.0 and ref_logprobs is None:
-        raise ValueError(f"ref_logprobs is required when config.beta != 0 (beta={config.beta}): pass the "
-                         "reference policy's per-token log-probs, or set beta=0")
+        raise ValueError(
+            f"ref_logprobs is required when config.beta != 0 (beta={config.beta}): pass the "
+            "reference policy's per-token log-probs, or set beta=0"
+        )
     if config.rollout_correction is not None and is_weights is None and sampling_logprobs is None:
-        raise ValueError(f"config.rollout_correction={config.rollout_correction!r} needs sampling_logprobs "
-                         "(the rollout engine's log-probs) or precomputed is_weights")
+        raise ValueError(
+            f"config.rollout_correction={config.rollout_correction!r} needs sampling_logprobs "
+            "(the rollout engine's log-probs) or precomputed is_weights"
+        )
     if is_weights is not None:
         _checks.tensor("is_weights", is_weights)
         _checks.floating("is_weights", is_weights)
@@ -194,8 +226,9 @@ def resolve(
             raise ValueError(f"normalizer must be a finite number > 0, got {normalizer!r}")
 
     if (advantages is None) == (rewards is None):
-        raise ValueError("pass exactly one of advantages (per sequence or per token) or rewards "
-                         "(with group_size or group_ids)")
+        raise ValueError(
+            "pass exactly one of advantages (per sequence or per token) or rewards (with group_size or group_ids)"
+        )
     if rewards is not None:
         check_rewards(rewards, group_size, group_ids, reward_weights, checks, num_seqs)
     else:
@@ -204,13 +237,23 @@ def resolve(
         _checks.per_sequence_or_token("advantages", advantages, tokens, num_seqs)
 
     checks.finite("advantages", advantages)
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs),
-                    ("sampling_logprobs", sampling_logprobs)):
+    for name, x in (
+        ("old_logprobs", old_logprobs),
+        ("ref_logprobs", ref_logprobs),
+        ("sampling_logprobs", sampling_logprobs),
+    ):
         checks.logprobs(name, x)
     checks.weights("is_weights", is_weights)
     if isinstance(normalizer, Tensor):
         checks.normalizer(normalizer)
     return LossInputs(
         advantages=advantages if rewards is None else Rewards(rewards, group_size, group_ids, reward_weights),
-        mask=mask, config=config, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs, is_weights=is_weights, cu_seqlens=cu_seqlens, normalizer=normalizer)
+        mask=mask,
+        config=config,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        cu_seqlens=cu_seqlens,
+        normalizer=normalizer,
+    )

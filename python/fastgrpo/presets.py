@@ -78,14 +78,25 @@ _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 _TRL_SOURCES = {
-    "policy_loss": ("loss_type",), "ratio_level": ("importance_sampling_level",), "epsilon_low": ("epsilon",),
-    "epsilon_high": ("epsilon_high", "epsilon"), "cispo_high": ("epsilon_high", "epsilon"), "ratio_cap": ("delta",),
-    "sapo_tau_pos": ("sapo_temperature_pos",), "sapo_tau_neg": ("sapo_temperature_neg",),
+    "policy_loss": ("loss_type",),
+    "ratio_level": ("importance_sampling_level",),
+    "epsilon_low": ("epsilon",),
+    "epsilon_high": ("epsilon_high", "epsilon"),
+    "cispo_high": ("epsilon_high", "epsilon"),
+    "ratio_cap": ("delta",),
+    "sapo_tau_pos": ("sapo_temperature_pos",),
+    "sapo_tau_neg": ("sapo_temperature_neg",),
     "rollout_correction": ("vllm_importance_sampling_mode",),
-    "rollout_min": ("vllm_importance_sampling_clip_min",), "rollout_max": ("vllm_importance_sampling_clip_max",),
-    "top_entropy_quantile": ("top_entropy_quantile",), "off_policy_mask_threshold": ("off_policy_mask_threshold",),
-    "beta": ("beta",), "kl_ratio_weighted": ("use_bias_correction_kl",), "max_length": ("max_completion_length",),
-    "entropy_coef": ("entropy_coef",), "temperature": ("temperature",), "scale": ("scale_rewards",),
+    "rollout_min": ("vllm_importance_sampling_clip_min",),
+    "rollout_max": ("vllm_importance_sampling_clip_max",),
+    "top_entropy_quantile": ("top_entropy_quantile",),
+    "off_policy_mask_threshold": ("off_policy_mask_threshold",),
+    "beta": ("beta",),
+    "kl_ratio_weighted": ("use_bias_correction_kl",),
+    "max_length": ("max_completion_length",),
+    "entropy_coef": ("entropy_coef",),
+    "temperature": ("temperature",),
+    "scale": ("scale_rewards",),
 }
 
 
@@ -130,16 +141,26 @@ def trl(
     - ``scale_rewards`` picks the advantage normalization when rewards are passed.
     """
     if not isinstance(loss_type, str) or loss_type not in _TRL_LOSS_TYPES:
-        raise ValueError(f"presets.trl: loss_type must be one of {_TRL_LOSS_TYPES} (TRL's vespo/luspo are not "
-                         f"supported), got {loss_type!r}")
+        raise ValueError(
+            f"presets.trl: loss_type must be one of {_TRL_LOSS_TYPES} (TRL's vespo/luspo are not "
+            f"supported), got {loss_type!r}"
+        )
     _choice("trl", "importance_sampling_level", importance_sampling_level, ("token", "sequence"))
     _steps("trl", "gradient_accumulation_steps", gradient_accumulation_steps)
-    for name, value in (("use_vllm", use_vllm), ("vllm_importance_sampling_correction",
-                                                 vllm_importance_sampling_correction)):
+    for name, value in (
+        ("use_vllm", use_vllm),
+        ("vllm_importance_sampling_correction", vllm_importance_sampling_correction),
+    ):
         _flag("trl", name, value)
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    aggregation = {"grpo": "seq_mean_token_mean", "sapo": "seq_mean_token_mean", "bnpo": "token_mean",
-                   "dr_grpo": "token_sum_norm", "dapo": "token_mean", "cispo": "token_mean"}[loss_type]
+    aggregation = {
+        "grpo": "seq_mean_token_mean",
+        "sapo": "seq_mean_token_mean",
+        "bnpo": "token_mean",
+        "dr_grpo": "token_sum_norm",
+        "dapo": "token_mean",
+        "cispo": "token_mean",
+    }[loss_type]
     global_count = loss_type in ("dapo", "cispo")
     policy = {"cispo": "cispo", "sapo": "sapo"}.get(loss_type, "ppo")
     if policy == "cispo" and importance_sampling_level != "token":
@@ -153,8 +174,7 @@ def trl(
         cispo_high=eps_high if policy == "cispo" else None,
         sapo_tau_pos=sapo_temperature_pos,
         sapo_tau_neg=sapo_temperature_neg,
-        rollout_correction=vllm_importance_sampling_mode
-        if use_vllm and vllm_importance_sampling_correction else None,
+        rollout_correction=vllm_importance_sampling_mode if use_vllm and vllm_importance_sampling_correction else None,
         rollout_min=vllm_importance_sampling_clip_min,
         rollout_max=vllm_importance_sampling_clip_max,
         top_entropy_quantile=top_entropy_quantile,
@@ -172,8 +192,13 @@ def trl(
     )
 
 
-_VERL_AGG = {"token-mean": "token_mean", "token-sum": "token_sum_norm", "seq-mean-token-sum": "seq_mean_token_sum",
-             "seq-mean-token-mean": "seq_mean_token_mean", "seq-mean-token-sum-norm": "token_sum_norm"}
+_VERL_AGG = {
+    "token-mean": "token_mean",
+    "token-sum": "token_sum_norm",
+    "seq-mean-token-sum": "seq_mean_token_sum",
+    "seq-mean-token-mean": "seq_mean_token_mean",
+    "seq-mean-token-sum-norm": "token_sum_norm",
+}
 _VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 _VERL_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
 _VERL_ADV = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus_baseline": "reinforce_baseline"}
@@ -183,8 +208,9 @@ def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
     """verl's kl_penalty: (estimator, input clamp, output clamp); a '+' suffix is straight-through to k2."""
     base, straight = (kl_loss_type[:-1], True) if kl_loss_type.endswith("+") else (kl_loss_type, False)
     if base not in _VERL_KL:
-        raise ValueError(f"presets.verl: kl_loss_type must be one of {sorted(_VERL_KL)} (optionally with '+'), "
-                         f"got {kl_loss_type!r}")
+        raise ValueError(
+            f"presets.verl: kl_loss_type must be one of {sorted(_VERL_KL)} (optionally with '+'), got {kl_loss_type!r}"
+        )
     est = _VERL_KL[base]
     if straight and est != "k2":  # k2+ is plain k2 in verl
         est += "+"
@@ -192,13 +218,22 @@ def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
 
 
 _VERL_SOURCES = {
-    "policy_loss": ("loss_mode",), "aggregation": ("loss_agg_mode",),
-    "epsilon_low": ("clip_ratio_low", "clip_ratio"), "epsilon_high": ("clip_ratio_high", "clip_ratio"),
-    "cispo_low": ("clip_ratio_low", "clip_ratio"), "cispo_high": ("clip_ratio_high", "clip_ratio"),
-    "dual_clip": ("clip_ratio_c",), "sapo_tau_pos": ("tau_pos",), "sapo_tau_neg": ("tau_neg",),
-    "beta": ("kl_loss_coef",), "kl_estimator": ("kl_loss_type",), "entropy_coef": ("entropy_coeff",),
-    "max_length": ("loss_scale_factor",), "temperature": ("temperature",),
-    "loss_scale": ("gradient_accumulation_steps",), "estimator": ("adv_estimator",),
+    "policy_loss": ("loss_mode",),
+    "aggregation": ("loss_agg_mode",),
+    "epsilon_low": ("clip_ratio_low", "clip_ratio"),
+    "epsilon_high": ("clip_ratio_high", "clip_ratio"),
+    "cispo_low": ("clip_ratio_low", "clip_ratio"),
+    "cispo_high": ("clip_ratio_high", "clip_ratio"),
+    "dual_clip": ("clip_ratio_c",),
+    "sapo_tau_pos": ("tau_pos",),
+    "sapo_tau_neg": ("tau_neg",),
+    "beta": ("kl_loss_coef",),
+    "kl_estimator": ("kl_loss_type",),
+    "entropy_coef": ("entropy_coeff",),
+    "max_length": ("loss_scale_factor",),
+    "temperature": ("temperature",),
+    "loss_scale": ("gradient_accumulation_steps",),
+    "estimator": ("adv_estimator",),
 }
 
 
@@ -257,8 +292,14 @@ def verl(
     _number("verl", "clip_ratio_high" if clip_ratio_high is not None else "clip_ratio", high)
     agg = _VERL_AGG[loss_agg_mode]
     kl_est, kl_in, kl_out = _verl_kl(kl_loss_type)
-    policy = {"vanilla": "ppo", "gspo": "ppo", "sapo": "sapo", "gpg": "reinforce", "geo_mean": "gmpo",
-              "cispo": "cispo"}[loss_mode]
+    policy = {
+        "vanilla": "ppo",
+        "gspo": "ppo",
+        "sapo": "sapo",
+        "gpg": "reinforce",
+        "geo_mean": "gmpo",
+        "cispo": "cispo",
+    }[loss_mode]
     forced_seq_mean = loss_mode == "sapo"
     return LossConfig(
         policy_loss=policy,
@@ -288,20 +329,35 @@ def verl(
         loss_scale=1.0 / gradient_accumulation_steps,
         advantage=AdvantageConfig(
             estimator=_VERL_ADV[adv_estimator],
-            scale="group" if norm_adv_by_std_in_grpo else "none", eps=1e-6, singleton="raw"),
+            scale="group" if norm_adv_by_std_in_grpo else "none",
+            eps=1e-6,
+            singleton="raw",
+        ),
     )
 
 
-_OPENRLHF_IS = {("token", "clip"): "token_truncate", ("token", "mask"): "token_mask",
-                ("seq", "mask"): "sequence_geomean_mask"}
-_OPENRLHF_ADV = {"group_norm": ("grpo", "group", 1e-9), "dr_grpo": ("grpo", "none", 1e-9),
-                 "rloo": ("rloo", "group", 1e-9), "reinforce_baseline": ("reinforce_baseline", "group", 1e-8)}
+_OPENRLHF_IS = {
+    ("token", "clip"): "token_truncate",
+    ("token", "mask"): "token_mask",
+    ("seq", "mask"): "sequence_geomean_mask",
+}
+_OPENRLHF_ADV = {
+    "group_norm": ("grpo", "group", 1e-9),
+    "dr_grpo": ("grpo", "none", 1e-9),
+    "rloo": ("rloo", "group", 1e-9),
+    "reinforce_baseline": ("reinforce_baseline", "group", 1e-8),
+}
 
 
 _OPENRLHF_SOURCES = {
-    "epsilon_low": ("eps_clip_low_high",), "epsilon_high": ("eps_clip_low_high",), "dual_clip": ("dual_clip",),
-    "rollout_min": ("is_correction_threshold",), "rollout_max": ("is_correction_threshold",),
-    "beta": ("init_kl_coef",), "entropy_coef": ("entropy_coef",), "temperature": ("temperature",),
+    "epsilon_low": ("eps_clip_low_high",),
+    "epsilon_high": ("eps_clip_low_high",),
+    "dual_clip": ("dual_clip",),
+    "rollout_min": ("is_correction_threshold",),
+    "rollout_max": ("is_correction_threshold",),
+    "beta": ("init_kl_coef",),
+    "entropy_coef": ("entropy_coef",),
+    "temperature": ("temperature",),
 }
 
 
@@ -349,11 +405,15 @@ def openrlhf(
     low, high = _pair("openrlhf", "eps_clip_low_high", eps_clip_low_high)
     threshold = _pair("openrlhf", "is_correction_threshold", is_correction_threshold)
     if is_correction_level != "off" and (is_correction_level, is_correction_mode) not in _OPENRLHF_IS:
-        raise ValueError(f"presets.openrlhf: is_correction_mode={is_correction_mode!r} is not supported at "
-                         f"is_correction_level={is_correction_level!r} (token: clip/mask, seq: mask)")
+        raise ValueError(
+            f"presets.openrlhf: is_correction_mode={is_correction_mode!r} is not supported at "
+            f"is_correction_level={is_correction_level!r} (token: clip/mask, seq: mask)"
+        )
     if is_correction_level != "off" and is_correction_gating != "ratio" and policy_loss_type == "ppo":
-        raise ValueError(f"presets.openrlhf: is_correction_gating={is_correction_gating!r} is not a LossConfig: "
-                         "pass the weights as is_weights")
+        raise ValueError(
+            f"presets.openrlhf: is_correction_gating={is_correction_gating!r} is not a LossConfig: "
+            "pass the weights as is_weights"
+        )
     _choice("openrlhf", "advantage_estimator", advantage_estimator, tuple(_OPENRLHF_ADV))
     gspo = policy_loss_type == "gspo"
     is_mode = None if is_correction_level == "off" or gspo else _OPENRLHF_IS[is_correction_level, is_correction_mode]

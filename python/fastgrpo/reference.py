@@ -75,8 +75,9 @@ class _TargetLogprob(torch.autograd.Function):
         return torch.where(slope == 0, 0.0, g[..., None] * slope), None
 
 
-def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False,
-                   mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def token_logprobs(
+    logits: Tensor, targets: Tensor, temperature: float = 1.0, entropy: bool = False, mask: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
     """ℓ = log softmax(z/τ)[y] and, with ``entropy``, H = −Σ p·log p, p = softmax(z/τ); differentiable. Rows where
     ``mask`` is 0 give ℓ = H = 0 and a zero gradient whatever their logits hold (the kernels skip them)."""
     z = _acc(logits) / temperature
@@ -94,8 +95,13 @@ def token_logprobs(logits: Tensor, targets: Tensor, temperature: float = 1.0, en
     return lp, ent
 
 
-def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
-                     logit_softcap: Optional[float] = None) -> Tensor:
+def hidden_to_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+) -> Tensor:
     """z = c·tanh(s·(h Wᵀ + b)/c) (Gemma's final-logit softcap c, Cohere's logit scale s), in fp32: the oracle never
     rounds a product to the input dtype."""
     z = torch.nn.functional.linear(_acc(hidden), _acc(weight), None if bias is None else _acc(bias)) * logit_scale
@@ -103,17 +109,29 @@ def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = No
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, temperature: float = 1.0,
-    entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
-    return token_logprobs(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, temperature,
-                          entropy)
+    return token_logprobs(
+        hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, temperature, entropy
+    )
 
 
 # -------------------------------------------------------------------------------------- MATH §3 reward side
-def advantages(rewards: Tensor, group_size: Optional[int] = None, group_ids: Optional[Tensor] = None,
-               config: AdvantageConfig = AdvantageConfig(), reward_weights: Optional[Tensor] = None,
-               metrics: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    config: AdvantageConfig = AdvantageConfig(),
+    reward_weights: Optional[Tensor] = None,
+    metrics: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Advantages [B] (fp32, detached) from rewards [B], or [B, K] reward functions summed with their weights (TRL
     "sum_then_normalize"), in contiguous groups of ``group_size`` or one group per distinct ``group_ids`` value;
     and the reward metrics of MATH §3 (``{}`` without ``metrics``)."""
@@ -336,13 +354,15 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
         k = kl_estimate(lp, b.ref, cfg)
         loss = loss + cfg.beta * _aggregate(k * rho if cfg.kl_ratio_weighted else k, m, cfg.kl_aggregation, b)
     if cfg.entropy_coef != 0.0:  # §2.7, over the tokens the entropy mask keeps
-        loss = loss - cfg.entropy_coef * _aggregate(ent, m if top is None else torch.where(top, m, 0.0),
-                                                    cfg.entropy_aggregation, b)
+        loss = loss - cfg.entropy_coef * _aggregate(
+            ent, m if top is None else torch.where(top, m, 0.0), cfg.entropy_aggregation, b
+        )
     return loss * cfg.loss_scale, rho.detach(), log_r.detach(), w_rollout
 
 
-def _metrics(lp: Tensor, ent: Optional[Tensor], b: _Batch, rho: Tensor, log_r: Tensor, w_rollout: Tensor,
-             grad_lp: Tensor) -> dict[str, Tensor]:
+def _metrics(
+    lp: Tensor, ent: Optional[Tensor], b: _Batch, rho: Tensor, log_r: Tensor, w_rollout: Tensor, grad_lp: Tensor
+) -> dict[str, Tensor]:
     """MATH §4: token means over the unmasked tokens (and min/max)."""
     cfg, m, adv = b.cfg, b.m, b.adv
     keep = m > 0
@@ -386,10 +406,18 @@ def _metrics(lp: Tensor, ent: Optional[Tensor], b: _Batch, rho: Tensor, log_r: T
 
 
 def policy_loss(
-    logprobs: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *, old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None, sampling_logprobs: Optional[Tensor] = None,
-    is_weights: Optional[Tensor] = None, entropy: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None, config: LossConfig = LossConfig(),
+    logprobs: Tensor,
+    advantages: Union[Tensor, Rewards],
+    mask: Tensor,
+    *,
+    old_logprobs: Optional[Tensor] = None,
+    ref_logprobs: Optional[Tensor] = None,
+    sampling_logprobs: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
+    entropy: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    normalizer: Normalizer = None,
+    config: LossConfig = LossConfig(),
 ) -> LossOutput:
     """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages and ``is_weights``
     per sequence ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t.
@@ -413,23 +441,40 @@ def policy_loss(
         return torch.where(m > 0, _spread(seq, x) if per_seq else x, 0.0)
 
     longest = _sums(seq, torch.ones_like(m)).amax() if seq.shape[0] else 0
-    b = _Batch(m, per_token(_from_rewards(advantages, config.advantage).detach()), per_token(old_logprobs),
-               per_token(ref_logprobs), per_token(sampling_logprobs),
-               None if is_weights is None else per_token(is_weights.detach()), seq,
-               longest if config.max_length is None else config.max_length, normalizer, config)
+    b = _Batch(
+        m,
+        per_token(_from_rewards(advantages, config.advantage).detach()),
+        per_token(old_logprobs),
+        per_token(ref_logprobs),
+        per_token(sampling_logprobs),
+        None if is_weights is None else per_token(is_weights.detach()),
+        seq,
+        longest if config.max_length is None else config.max_length,
+        normalizer,
+        config,
+    )
     lp, ent = per_token(logprobs), per_token(entropy)
     loss, rho, log_r, w_rollout = _objective(lp, ent, b)
     # ∂L/∂ℓ for grad_active_fraction, by autodiff of a second, detached evaluation: torch.func.grad, which
     # torch.compile traces (torch.autograd.grad it does not)
     grad_lp = torch.func.grad(lambda x: _objective(x, None if ent is None else ent.detach(), b)[0])(lp.detach())
-    return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
-                      entropy=None if ent is None else ent.detach().reshape(shape),
-                      metrics=_metrics(lp, ent, b, rho, log_r, w_rollout, grad_lp))
+    return LossOutput(
+        loss=loss,
+        logprobs=lp.detach().reshape(shape),
+        entropy=None if ent is None else ent.detach().reshape(shape),
+        metrics=_metrics(lp, ent, b, rho, log_r, w_rollout, grad_lp),
+    )
 
 
 def grpo_loss(
-    logits: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
-    return_entropy: bool = False, config: LossConfig = LossConfig(), **kwargs,
+    logits: Tensor,
+    targets: Tensor,
+    advantages: Union[Tensor, Rewards],
+    mask: Tensor,
+    *,
+    return_entropy: bool = False,
+    config: LossConfig = LossConfig(),
+    **kwargs,
 ) -> LossOutput:
     """MATH §2 on logits [B, T, V] (or packed [N, V]); the keywords of :func:`policy_loss`."""
     targets = torch.where(mask != 0, targets, 0)  # a masked id may be padding (−100)
@@ -438,11 +483,28 @@ def grpo_loss(
 
 
 def linear_grpo_loss(
-    hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Union[Tensor, Rewards], mask: Tensor, *,
-    bias: Optional[Tensor] = None, return_entropy: bool = False, config: LossConfig = LossConfig(),
-    chunk_tokens: Optional[int] = None, logit_scale: float = 1.0, logit_softcap: Optional[float] = None, **kwargs,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    advantages: Union[Tensor, Rewards],
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    return_entropy: bool = False,
+    config: LossConfig = LossConfig(),
+    chunk_tokens: Optional[int] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    **kwargs,
 ) -> LossOutput:
     """MATH §2 on hidden states [B, T, H] (or [N, H]) and the LM-head weight [V, H]: the oracle materializes the
     fp32 logits (``chunk_tokens`` is accepted and ignored)."""
-    return grpo_loss(hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap), targets, advantages, mask,
-                     return_entropy=return_entropy, config=config, **kwargs)
+    return grpo_loss(
+        hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap),
+        targets,
+        advantages,
+        mask,
+        return_entropy=return_entropy,
+        config=config,
+        **kwargs,
+    )

@@ -31,10 +31,22 @@ def cases(device: str, batches: list[int]) -> list[Case]:
 
 def case(b: int, device: str) -> Case:
     rewards = torch.randint(0, 2, (b,), device=device, generator=generator(device)).float()
-    providers = {f"fastgrpo ({k})": Provider(timed(lambda r, k=k: advantages(r, GROUP, backend=k), False),
-                                             lambda: rewards) for k in kernel_backends(device)}
-    providers.update(reference_providers(lambda r: reference.advantages(r, GROUP, config=AdvantageConfig())[0],
-                                         lambda: rewards, False))
+    providers = {
+        f"fastgrpo ({k})": Provider(timed(lambda r, k=k: advantages(r, GROUP, backend=k), False), lambda: rewards)
+        for k in kernel_backends(device)
+    }
+    providers.update(
+        reference_providers(
+            lambda r: reference.advantages(r, GROUP, config=AdvantageConfig())[0], lambda: rewards, False
+        )
+    )
     dst = torch.empty_like(rewards)
-    return Case(OP, "fwd", dict(B=b), "fp32", providers, bytes=bytes_moved(b),
-                roofline=Provider(lambda r: dst.copy_(r), lambda: rewards))
+    return Case(
+        OP,
+        "fwd",
+        dict(B=b),
+        "fp32",
+        providers,
+        bytes=bytes_moved(b),
+        roofline=Provider(lambda r: dst.copy_(r), lambda: rewards),
+    )

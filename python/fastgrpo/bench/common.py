@@ -21,8 +21,10 @@ VOCABS = {"qwen": 151936, "llama3": 128256, "gemma": 256000}
 def sizes(device: str, quick: bool) -> tuple[list[int], list[int]]:
     """(token counts N, vocabularies V) of the logits benchmarks."""
     if device == "cuda":
-        return ([4096, 16384] if quick else [1024, 4096, 16384, 32768],
-                [VOCABS["qwen"]] if quick else list(VOCABS.values()))
+        return (
+            [4096, 16384] if quick else [1024, 4096, 16384, 32768],
+            [VOCABS["qwen"]] if quick else list(VOCABS.values()),
+        )
     return ([256, 1024] if quick else [1024, 4096], [32000] if quick else [32000, VOCABS["qwen"]])
 
 
@@ -33,17 +35,21 @@ def kernel_backends(device: str) -> list[str]:
 def reference_providers(fn: Callable, make: Callable, grad: bool) -> dict[str, Provider]:
     """The eager fp32 reference (the TRL/verl-style chain of ops) and the same under torch.compile."""
     compiled = torch.compile(fn)
-    return {"eager reference": Provider(timed(fn, grad), make),
-            "torch.compile reference": Provider(timed(compiled, grad), make)}
+    return {
+        "eager reference": Provider(timed(fn, grad), make),
+        "torch.compile reference": Provider(timed(compiled, grad), make),
+    }
 
 
 def timed(fn: Callable, grad: bool) -> Callable:
     """The timed call: fn(x)'s scalar result (or LossOutput's loss) backpropagated, or fn(x) under no_grad."""
+
     def run(x) -> None:
         with contextlib.nullcontext() if grad else torch.no_grad():
             out = fn(x)
         if grad:
             getattr(out, "loss", out).backward()
+
     return run
 
 

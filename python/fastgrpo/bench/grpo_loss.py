@@ -29,8 +29,12 @@ def inputs(n: int, v: int, dtype: torch.dtype, device: str, seq_len: int = 512):
     logits = torch.randn(b, t, v, device=device, dtype=dtype, generator=g)
     targets = torch.randint(0, v, (b, t), device=device, generator=g)
     lp = torch.randn(b, t, device=device, generator=g) - 5.0
-    kw = dict(advantages=torch.randn(b, device=device, generator=g), mask=torch.ones(b, t, device=device),
-              old_logprobs=lp + 0.01, ref_logprobs=lp - 0.01)
+    kw = dict(
+        advantages=torch.randn(b, device=device, generator=g),
+        mask=torch.ones(b, t, device=device),
+        old_logprobs=lp + 0.01,
+        ref_logprobs=lp - 0.01,
+    )
     return logits, targets, kw
 
 
@@ -39,14 +43,27 @@ def _liger_loss(targets, kw):
     one position more than the completion (it drops the last), so it scores T − 1 of the T positions."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
-    old, ref, ids, mask = (x[:, :-1].contiguous() for x in (kw["old_logprobs"], kw["ref_logprobs"], targets,
-                                                            kw["mask"]))
+    old, ref, ids, mask = (
+        x[:, :-1].contiguous() for x in (kw["old_logprobs"], kw["ref_logprobs"], targets, kw["mask"])
+    )
 
     def loss(logits):
-        out = triton_grpo_loss(logits, old, ref, ids, kw["advantages"], mask, temperature=1.0, beta=CONFIG.beta,
-                               eps_low=CONFIG.epsilon_low, eps_high=CONFIG.epsilon_high, loss_type="dapo",
-                               reduce=True)
+        out = triton_grpo_loss(
+            logits,
+            old,
+            ref,
+            ids,
+            kw["advantages"],
+            mask,
+            temperature=1.0,
+            beta=CONFIG.beta,
+            eps_low=CONFIG.epsilon_low,
+            eps_high=CONFIG.epsilon_high,
+            loss_type="dapo",
+            reduce=True,
+        )
         return out[0] if isinstance(out, tuple) else out
+
     return loss
 
 
@@ -59,19 +76,24 @@ def case(n: int, v: int, device: str, dtype: str, mode: str) -> Case:
     grad = mode == "fwd+bwd"
 
     def fastgrpo(backend, inplace=False):
-        return timed(lambda z: grpo_loss(z, targets, config=CONFIG, backend=backend, inplace_grad=inplace, **kw),
-                     grad)
+        return timed(lambda z: grpo_loss(z, targets, config=CONFIG, backend=backend, inplace_grad=inplace, **kw), grad)
 
     def fresh():
         return leaf(logits, grad)
 
     providers = {f"fastgrpo ({b})": Provider(fastgrpo(b), fresh) for b in kernel_backends(device)}
     if grad:  # inplace_grad overwrites its input: a fresh non-leaf copy each call, as a model's logits are
-        providers.update({f"fastgrpo ({b}, inplace_grad)": Provider(
-            fastgrpo(b, inplace=True), lambda: logits.detach().clone().requires_grad_().view_as(logits))
-            for b in kernel_backends(device)})
-    providers.update(reference_providers(
-        lambda z: reference.grpo_loss(z, targets, config=CONFIG, **kw).loss, fresh, grad))
+        providers.update(
+            {
+                f"fastgrpo ({b}, inplace_grad)": Provider(
+                    fastgrpo(b, inplace=True), lambda: logits.detach().clone().requires_grad_().view_as(logits)
+                )
+                for b in kernel_backends(device)
+            }
+        )
+    providers.update(
+        reference_providers(lambda z: reference.grpo_loss(z, targets, config=CONFIG, **kw).loss, fresh, grad)
+    )
     if device == "cuda":
         try:
             providers["Liger triton_grpo_loss"] = Provider(timed(_liger_loss(targets, kw), grad), fresh)
@@ -79,5 +101,6 @@ def case(n: int, v: int, device: str, dtype: str, mode: str) -> Case:
             pass
     copy_dst = torch.empty_like(logits) if grad else None
     roof = Provider((lambda z: copy_dst.copy_(z)) if grad else (lambda z: z.sum(dtype=torch.float32)), lambda: logits)
-    return Case(OP, mode, dict(N=n, V=v), dtype, providers, bytes=bytes_moved(n, v, logits.element_size(), mode),
-                roofline=roof)
+    return Case(
+        OP, mode, dict(N=n, V=v), dtype, providers, bytes=bytes_moved(n, v, logits.element_size(), mode), roofline=roof
+    )

@@ -26,19 +26,19 @@ if TYPE_CHECKING:
 
 @dataclasses.dataclass
 class Provider:
-    run: Callable[[Any], Any]   # the timed call
-    make: Callable[[], Any]     # a fresh input for one call (not timed)
+    run: Callable[[Any], Any]  # the timed call
+    make: Callable[[], Any]  # a fresh input for one call (not timed)
 
 
 @dataclasses.dataclass
 class Case:
     op: str
-    mode: str                   # "fwd" or "fwd+bwd"
+    mode: str  # "fwd" or "fwd+bwd"
     shape: dict[str, int]
     dtype: str
     providers: dict[str, Provider]
-    bytes: Optional[int] = None   # work as bytes moved (bandwidth-bound ops) ...
-    flops: Optional[int] = None   # ... or as FLOPs (the linear path)
+    bytes: Optional[int] = None  # work as bytes moved (bandwidth-bound ops) ...
+    flops: Optional[int] = None  # ... or as FLOPs (the linear path)
     roofline: Optional[Provider] = None  # the copy or GEMM doing the same work
 
 
@@ -132,8 +132,9 @@ def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
     that meter, ``repeats`` calls (at least 10 on CUDA): CUDA events with L2 flushed, or perf_counter."""
     first, second = p.make(), p.make()
     # compared while both are alive: a freed block would come back at the same address
-    reusable = [t.untyped_storage().data_ptr() for t in _tensors(first)] == \
-        [t.untyped_storage().data_ptr() for t in _tensors(second)]
+    reusable = [t.untyped_storage().data_ptr() for t in _tensors(first)] == [
+        t.untyped_storage().data_ptr() for t in _tensors(second)
+    ]
     del second
     p.run(first)
     del first
@@ -148,8 +149,9 @@ def measure(p: Provider, device: str, repeats: int) -> tuple[list[float], int]:
         # the same signature on Triton 3.2 and 3.9; "all": the quantiles below are computed alike for every path
         times = do_bench(lambda: p.run(x), rep=max(100.0, calls * ms), grad_to_none=grads, return_mode="all")
     elif device == "cpu" and reusable and not grads:
-        timer = torch.utils.benchmark.Timer("run(x)", globals={"run": p.run, "x": x},
-                                            num_threads=torch.get_num_threads())  # its default is 1 thread
+        timer = torch.utils.benchmark.Timer(
+            "run(x)", globals={"run": p.run, "x": x}, num_threads=torch.get_num_threads()
+        )  # its default is 1 thread
         times = [s * 1e3 for s in timer.blocked_autorange(min_run_time=max(0.2, calls * ms / 1e3)).times]
     else:
         del x
@@ -180,9 +182,19 @@ def run_case(case: Case, device: str, repeats: int, progress: Optional[tqdm] = N
         else:
             rate = work / med / unit
             roof = rate if name == "roofline" else roof
-            rows.append(dict(base, provider=name, median_ms=med, p20_ms=p20, p80_ms=p80,
-                             peak_extra_mib=peak / 2**20, rate=rate, rate_unit="GB/s" if case.bytes else "TFLOP/s",
-                             fraction_of_roofline=rate / roof if roof else None))
+            rows.append(
+                dict(
+                    base,
+                    provider=name,
+                    median_ms=med,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                    peak_extra_mib=peak / 2**20,
+                    rate=rate,
+                    rate_unit="GB/s" if case.bytes else "TFLOP/s",
+                    fraction_of_roofline=rate / roof if roof else None,
+                )
+            )
         if device == "cuda":
             torch.cuda.empty_cache()
         if progress is not None:
@@ -203,8 +215,12 @@ def device_name(device: str) -> str:
 def environment(device: str) -> dict[str, str]:
     import importlib.metadata as md
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               device=device_name(device), python=platform.python_version(), torch=torch.__version__)
+    env = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=device_name(device),
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
     for pkg in ("triton", "fastgrpo", "liger-kernel", "trl"):
         try:
             env[pkg] = md.version(pkg)
@@ -215,14 +231,35 @@ def environment(device: str) -> dict[str, str]:
     return env
 
 
-COLUMNS = ["op", "mode", "N", "V", "H", "B", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib",
-           "rate", "rate_unit", "fraction_of_roofline", "speedup_vs_eager", "bytes", "flops", "error"]
+COLUMNS = [
+    "op",
+    "mode",
+    "N",
+    "V",
+    "H",
+    "B",
+    "dtype",
+    "provider",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_extra_mib",
+    "rate",
+    "rate_unit",
+    "fraction_of_roofline",
+    "speedup_vs_eager",
+    "bytes",
+    "flops",
+    "error",
+]
 
 
 def table(rows: list[dict]) -> str:
     """A plain-text table of the rows, one line per provider."""
-    head = f"{'op':<17}{'mode':<8}{'shape':<22}{'provider':<34}{'median ms':>10}{'p20-p80':>16}" \
-           f"{'rate':>16}{'roof':>7}{'vs eager':>9}{'+MiB':>8}"
+    head = (
+        f"{'op':<17}{'mode':<8}{'shape':<22}{'provider':<34}{'median ms':>10}{'p20-p80':>16}"
+        f"{'rate':>16}{'roof':>7}{'vs eager':>9}{'+MiB':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         shape = "x".join(f"{k}{r[k]}" for k in ("N", "H", "V", "B") if r.get(k) is not None)
@@ -231,9 +268,11 @@ def table(rows: list[dict]) -> str:
             continue
         frac = f"{r['fraction_of_roofline']:.0%}" if r.get("fraction_of_roofline") else ""
         speed = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else ""
-        lines.append(f"{r['op']:<17}{r['mode']:<8}{shape:<22}{r['provider']:<34}{r['median_ms']:>10.3f}"
-                     f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<7.3f}{r['rate']:>9.2f} {r['rate_unit']:<6}{frac:>7}"
-                     f"{speed:>9}{r['peak_extra_mib']:>8.0f}")
+        lines.append(
+            f"{r['op']:<17}{r['mode']:<8}{shape:<22}{r['provider']:<34}{r['median_ms']:>10.3f}"
+            f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<7.3f}{r['rate']:>9.2f} {r['rate_unit']:<6}{frac:>7}"
+            f"{speed:>9}{r['peak_extra_mib']:>8.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -273,8 +312,11 @@ def plot(rows: list[dict], env: dict, path: pathlib.Path) -> Optional[pathlib.Pa
         top, bottom = axes[row][col], axes[row + 1][col]
         sel = [r for r in ok if (r["op"], r["mode"], r.get("V"), r.get("H")) == (op, mode, v, h)]
         for provider in sorted({r["provider"] for r in sel}):
-            pts = sorted((r["N"] if r.get("N") is not None else r["B"], r["median_ms"], r["peak_extra_mib"])
-                         for r in sel if r["provider"] == provider)
+            pts = sorted(
+                (r["N"] if r.get("N") is not None else r["B"], r["median_ms"], r["peak_extra_mib"])
+                for r in sel
+                if r["provider"] == provider
+            )
             xs = [p[0] for p in pts]
             style = dict(marker="o", color=colors[provider], label=provider)
             top.plot(xs, [p[1] for p in pts], **style)

@@ -48,18 +48,28 @@ def _trl_loss(x, w, targets, kw):
 def _liger_loss(targets, kw):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    module = LigerFusedLinearGRPOLoss(beta=CONFIG.beta, epsilon_low=CONFIG.epsilon_low,
-                                      epsilon_high=CONFIG.epsilon_high, loss_type="dapo")
+    module = LigerFusedLinearGRPOLoss(
+        beta=CONFIG.beta, epsilon_low=CONFIG.epsilon_low, epsilon_high=CONFIG.epsilon_high, loss_type="dapo"
+    )
 
     def loss(x, w):
-        out = module(x, w, targets, kw["mask"], kw["advantages"], ref_per_token_logps=kw["ref_logprobs"],
-                     old_per_token_logps=kw["old_logprobs"])
+        out = module(
+            x,
+            w,
+            targets,
+            kw["mask"],
+            kw["advantages"],
+            ref_per_token_logps=kw["ref_logprobs"],
+            old_per_token_logps=kw["old_logprobs"],
+        )
         return out[0] if isinstance(out, tuple) else out
+
     return loss
 
 
-def cases(device: str, dtype: str, tokens: list[int], hiddens: list[int], vocabs: list[int],
-          modes: list[str]) -> list[Case]:
+def cases(
+    device: str, dtype: str, tokens: list[int], hiddens: list[int], vocabs: list[int], modes: list[str]
+) -> list[Case]:
     return [case(n, h, v, device, dtype, mode) for v in vocabs for h in hiddens for n in tokens for mode in modes]
 
 
@@ -67,24 +77,33 @@ def case(n: int, h: int, v: int, device: str, dtype: str, mode: str) -> Case:
     g = generator(device)
     b, t = max(1, n // 512), min(n, 512)
     hidden = torch.randn(b, t, h, device=device, generator=g).to(DTYPES[dtype])
-    weight = (torch.randn(v, h, device=device, generator=g) / h ** 0.5).to(DTYPES[dtype])
+    weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(DTYPES[dtype])
     targets = torch.randint(0, v, (b, t), device=device, generator=g)
     lp = torch.randn(b, t, device=device, generator=g) - 5.0
-    kw = dict(advantages=torch.randn(b, device=device, generator=g), mask=torch.ones(b, t, device=device),
-              old_logprobs=lp + 0.01, ref_logprobs=lp - 0.01)
+    kw = dict(
+        advantages=torch.randn(b, device=device, generator=g),
+        mask=torch.ones(b, t, device=device),
+        old_logprobs=lp + 0.01,
+        ref_logprobs=lp - 0.01,
+    )
     grad = mode == "fwd+bwd"
 
     def provider(loss):
         return Provider(timed(lambda xw: loss(*xw), grad), lambda: (leaf(hidden, grad), leaf(weight, grad)))
 
-    providers = {f"fastgrpo ({k})": provider(
-        lambda x, w, k=k: linear_grpo_loss(x, w, targets, config=CONFIG, backend=k, **kw).loss)
-        for k in kernel_backends(device)}
+    providers = {
+        f"fastgrpo ({k})": provider(
+            lambda x, w, k=k: linear_grpo_loss(x, w, targets, config=CONFIG, backend=k, **kw).loss
+        )
+        for k in kernel_backends(device)
+    }
     backend = (kernel_backends(device) or ["reference"])[0]
     providers["materialized logits + fastgrpo"] = provider(
-        lambda x, w: grpo_loss(x @ w.t(), targets, config=CONFIG, backend=backend, **kw).loss)
+        lambda x, w: grpo_loss(x @ w.t(), targets, config=CONFIG, backend=backend, **kw).loss
+    )
     providers["eager reference"] = provider(
-        lambda x, w: reference.linear_grpo_loss(x, w, targets, config=CONFIG, **kw).loss)
+        lambda x, w: reference.linear_grpo_loss(x, w, targets, config=CONFIG, **kw).loss
+    )
     try:
         import trl.kernels  # noqa: F401
 
@@ -105,5 +124,13 @@ def case(n: int, h: int, v: int, device: str, dtype: str, mode: str) -> Case:
         z = gemm._mm(x, w.t())
         if grad:
             gemm._mm(z, w), gemm._mm(z.t(), x)
-    return Case(OP, mode, dict(N=n, H=h, V=v), dtype, providers, flops=flops(n, v, h, mode),
-                roofline=Provider(gemms, lambda: (hidden.detach(), weight.detach())))
+
+    return Case(
+        OP,
+        mode,
+        dict(N=n, H=h, V=v),
+        dtype,
+        providers,
+        flops=flops(n, v, h, mode),
+        roofline=Provider(gemms, lambda: (hidden.detach(), weight.detach())),
+    )

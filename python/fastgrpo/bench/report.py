@@ -1,6 +1,6 @@
 """The README's Results section, generated from the JSON files ``python -m fastgrpo bench`` wrote.
 
-    python -m fastgrpo report [--results bench/results] [--readme README.md]
+python -m fastgrpo report [--results bench/results] [--readme README.md]
 """
 
 from __future__ import annotations
@@ -30,19 +30,25 @@ def markdown(results: pathlib.Path) -> str:
     out = []
     for env, rows, name in runs:
         versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda") if k in env)
-        out += [f"**{env['device']}**, {env['date'][:10]} ({versions}; `{name}`)", "",
-                "| op | mode | shape | provider | median ms | p20–p80 ms | rate | of roofline | vs eager | +MiB |",
-                "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            f"**{env['device']}**, {env['date'][:10]} ({versions}; `{name}`)",
+            "",
+            "| op | mode | shape | provider | median ms | p20–p80 ms | rate | of roofline | vs eager | +MiB |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in rows:
             if "error" in r:
-                out.append(f"| {r['op']} | {r['mode']} | {_shape(r)} | {r['provider']} | error: "
-                           f"{r['error'][:80]} |||||")
+                out.append(
+                    f"| {r['op']} | {r['mode']} | {_shape(r)} | {r['provider']} | error: {r['error'][:80]} |||||"
+                )
                 continue
-            out.append(f"| {r['op']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['median_ms']:.2f} | "
-                       f"{r['p20_ms']:.2f}–{r['p80_ms']:.2f} | {r['rate']:.2f} {r['rate_unit']} | "
-                       f"{_fmt(r.get('fraction_of_roofline'), '.0%')} | "
-                       f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | "
-                       f"{r['peak_extra_mib']:.0f} |")
+            out.append(
+                f"| {r['op']} | {r['mode']} | {_shape(r)} | {r['provider']} | {r['median_ms']:.2f} | "
+                f"{r['p20_ms']:.2f}–{r['p80_ms']:.2f} | {r['rate']:.2f} {r['rate_unit']} | "
+                f"{_fmt(r.get('fraction_of_roofline'), '.0%')} | "
+                f"{_fmt(r.get('speedup_vs_eager'), '.2f', '×')} | "
+                f"{r['peak_extra_mib']:.0f} |"
+            )
         out.append("")
     return "\n".join(out) if out else "No results yet: run `python -m fastgrpo bench`.\n"
 

@@ -23,8 +23,9 @@ OPS = ("token_logprobs", "grpo_loss", "linear_grpo_loss", "advantages")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="two sizes per op (about a minute on a CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--out", default="bench/results",
-                        help="folder for the CSV, JSON and PNG (default: %(default)s)")
+    parser.add_argument(
+        "--out", default="bench/results", help="folder for the CSV, JSON and PNG (default: %(default)s)"
+    )
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
     parser.add_argument("--modes", default=None, help="fwd,fwd+bwd (default: fwd+bwd with --quick, both otherwise)")
     parser.add_argument("--dtype", default=None, choices=DTYPES, help="default: bf16 on CUDA, fp32 on CPU")
@@ -32,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", default=None, help="comma-separated vocabulary sizes V")
     parser.add_argument("--hidden", default=None, help="comma-separated hidden sizes H of the linear path")
     parser.add_argument("--batch", default=None, help="comma-separated reward counts B of advantages")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per provider, at least (10 on CUDA; default 3 quick, 5 full)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per provider, at least (10 on CUDA; default 3 quick, 5 full)",
+    )
 
 
 def _ints(text: Optional[str], default: list[int]) -> list[int]:
@@ -55,7 +60,8 @@ def collect(args: argparse.Namespace) -> list[Case]:
         "token_logprobs": lambda: token_logprobs.cases(device, dtype, tokens, vocabs, modes),
         "grpo_loss": lambda: grpo_loss.cases(device, dtype, tokens, vocabs, modes),
         "linear_grpo_loss": lambda: linear_grpo_loss.cases(
-            device, dtype, _ints(args.tokens, ln), _ints(args.hidden, lh), _ints(args.vocab, lv), modes),
+            device, dtype, _ints(args.tokens, ln), _ints(args.hidden, lh), _ints(args.vocab, lv), modes
+        ),
         "advantages": lambda: advantages.cases(device, _ints(args.batch, advantages.sizes(device, quick))),
     }
     return [plan[op] for op in args.ops.split(",")]

@@ -35,13 +35,20 @@ def case(n: int, v: int, device: str, dtype: str, mode: str) -> Case:
     def fresh():
         return leaf(logits, grad)
 
-    providers = {f"fastgrpo ({b})": Provider(
-        timed(lambda z, b=b: (token_logprobs(z, targets, backend=b) * weights).sum(), grad), fresh)
-        for b in kernel_backends(device)}
-    providers.update(reference_providers(
-        lambda z: (reference.token_logprobs(z, targets)[0] * weights).sum(), fresh, grad))
+    providers = {
+        f"fastgrpo ({b})": Provider(
+            timed(lambda z, b=b: (token_logprobs(z, targets, backend=b) * weights).sum(), grad), fresh
+        )
+        for b in kernel_backends(device)
+    }
+    providers.update(
+        reference_providers(lambda z: (reference.token_logprobs(z, targets)[0] * weights).sum(), fresh, grad)
+    )
     copy_dst = torch.empty_like(logits) if grad else None
-    roof = Provider((lambda z: (z.sum(dtype=torch.float32), copy_dst.copy_(z))) if grad else
-                    (lambda z: z.sum(dtype=torch.float32)), lambda: logits)
-    return Case(OP, mode, dict(N=n, V=v), dtype, providers, bytes=bytes_moved(n, v, logits.element_size(), mode),
-                roofline=roof)
+    roof = Provider(
+        (lambda z: (z.sum(dtype=torch.float32), copy_dst.copy_(z))) if grad else (lambda z: z.sum(dtype=torch.float32)),
+        lambda: logits,
+    )
+    return Case(
+        OP, mode, dict(N=n, V=v), dtype, providers, bytes=bytes_moved(n, v, logits.element_size(), mode), roofline=roof
+    )

@@ -21,8 +21,10 @@ def labels_per_row(name: str, x: Tensor, labels: Tensor) -> Tensor:
         raise ValueError(f"{name} must have a last (vocabulary or hidden) dimension, got a 0-dim tensor")
     rows = x.shape[:-1]
     if labels.numel() != math.prod(rows):
-        raise ValueError(f"labels must hold one id per row of {name} ({math.prod(rows)} for {name} of shape "
-                         f"{list(x.shape)}), got shape {list(labels.shape)}")
+        raise ValueError(
+            f"labels must hold one id per row of {name} ({math.prod(rows)} for {name} of shape "
+            f"{list(x.shape)}), got shape {list(labels.shape)}"
+        )
     return labels.reshape(rows)
 
 

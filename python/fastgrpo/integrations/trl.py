@@ -59,12 +59,14 @@ def patch_grpo_trainer(trainer: Any, *, backend: str = "auto", chunk_tokens: Opt
     if trainer.use_adaptive_entropy:
         raise ValueError("use_adaptive_entropy=True is not supported by fastgrpo's TRL integration")
     if trainer.aux_loss_enabled:
-        raise ValueError("MoE router auxiliary losses (router_aux_loss_coef != 0) are not supported by fastgrpo's "
-                         "TRL integration")
-    if (trainer._entropy_bonus_enabled and args.top_entropy_quantile < 1.0
-            and args.loss_type in ("dapo", "cispo")):
-        raise ValueError("entropy_coef != 0 with top_entropy_quantile < 1 is not supported for loss_type "
-                         f"{args.loss_type!r} by fastgrpo's TRL integration")
+        raise ValueError(
+            "MoE router auxiliary losses (router_aux_loss_coef != 0) are not supported by fastgrpo's TRL integration"
+        )
+    if trainer._entropy_bonus_enabled and args.top_entropy_quantile < 1.0 and args.loss_type in ("dapo", "cispo"):
+        raise ValueError(
+            "entropy_coef != 0 with top_entropy_quantile < 1 is not supported for loss_type "
+            f"{args.loss_type!r} by fastgrpo's TRL integration"
+        )
     model = trainer.model
     if hasattr(model, "get_base_model"):  # PEFT: the head sits on the base model, as TRL's fused head does
         model = model.get_base_model()
@@ -117,8 +119,9 @@ def _signature_with_loss(bound: inspect.Signature) -> inspect.Signature:
     loss = inspect.Parameter("fastgrpo_loss", inspect.Parameter.KEYWORD_ONLY, default=None)
     at = len(params) - (bool(params) and params[-1].kind is inspect.Parameter.VAR_KEYWORD)
     self = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return bound.replace(parameters=[self, *params[:at], loss, *params[at:]],
-                         return_annotation=inspect.Signature.empty)  # it returns the loss function's result too
+    return bound.replace(
+        parameters=[self, *params[:at], loss, *params[at:]], return_annotation=inspect.Signature.empty
+    )  # it returns the loss function's result too
 
 
 def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
@@ -133,13 +136,22 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
     advantages = inputs["advantages"]
     accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
     config = presets.trl(
-        loss_type=self.loss_type, epsilon=self.epsilon_low, epsilon_high=self.epsilon_high, delta=args.delta,
-        beta=self.beta, importance_sampling_level=self.importance_sampling_level, temperature=self.temperature,
-        max_completion_length=self.max_completion_length, use_bias_correction_kl=args.use_bias_correction_kl,
-        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-        top_entropy_quantile=self.top_entropy_quantile, off_policy_mask_threshold=self.off_policy_mask_threshold,
+        loss_type=self.loss_type,
+        epsilon=self.epsilon_low,
+        epsilon_high=self.epsilon_high,
+        delta=args.delta,
+        beta=self.beta,
+        importance_sampling_level=self.importance_sampling_level,
+        temperature=self.temperature,
+        max_completion_length=self.max_completion_length,
+        use_bias_correction_kl=args.use_bias_correction_kl,
+        sapo_temperature_pos=args.sapo_temperature_pos,
+        sapo_temperature_neg=args.sapo_temperature_neg,
+        top_entropy_quantile=self.top_entropy_quantile,
+        off_policy_mask_threshold=self.off_policy_mask_threshold,
         entropy_coef=self.entropy_coef if self._entropy_bonus_enabled else 0.0,
-        gradient_accumulation_steps=accumulation)
+        gradient_accumulation_steps=accumulation,
+    )
     normalizer = None
     if self.loss_type in ("dapo", "cispo"):  # num_items_in_batch spans the generation batch
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -161,17 +173,31 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
     def loss_head(hidden: Tensor, head: Any, scale: float, softcap: Optional[float]) -> LossOutput:
         if hasattr(head, "base_layer"):
             raise NotImplementedError("a PEFT adapter on the LM head is not supported by fastgrpo's TRL integration")
-        hidden = hidden[:, -num_completion - 1:-1].to(head.weight.device)  # position t predicts token t + 1
+        hidden = hidden[:, -num_completion - 1 : -1].to(head.weight.device)  # position t predicts token t + 1
         weight, bias = head.weight, head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL's fused head does
             weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
         fp32_head = args.cast_lm_head_to_fp32  # TRL runs the head in fp32, outside autocast
         with torch.autocast(hidden.device.type, enabled=False) if fp32_head else contextlib.nullcontext():
             return linear_grpo_loss(
-                hidden.float() if fp32_head else hidden, weight, completion_ids, advantages, mask, bias=bias,
-                old_logprobs=old, ref_logprobs=ref, sampling_logprobs=sampling, is_weights=is_weights,
-                normalizer=normalizer, return_entropy=True, chunk_tokens=self._fastgrpo["chunk_tokens"],
-                logit_scale=scale, logit_softcap=softcap, config=config, backend=self._fastgrpo["backend"])
+                hidden.float() if fp32_head else hidden,
+                weight,
+                completion_ids,
+                advantages,
+                mask,
+                bias=bias,
+                old_logprobs=old,
+                ref_logprobs=ref,
+                sampling_logprobs=sampling,
+                is_weights=is_weights,
+                normalizer=normalizer,
+                return_entropy=True,
+                chunk_tokens=self._fastgrpo["chunk_tokens"],
+                logit_scale=scale,
+                logit_softcap=softcap,
+                config=config,
+                backend=self._fastgrpo["backend"],
+            )
 
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -181,8 +207,17 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
     return out.loss
 
 
-def _log_metrics(self: Any, mode: str, out: LossOutput, inputs: dict, mask: Tensor, old: Optional[Tensor],
-                 ref: Optional[Tensor], config: Any, accumulation: int) -> None:
+def _log_metrics(
+    self: Any,
+    mode: str,
+    out: LossOutput,
+    inputs: dict,
+    mask: Tensor,
+    old: Optional[Tensor],
+    ref: Optional[Tensor],
+    config: Any,
+    accumulation: int,
+) -> None:
     """TRL's metrics, under TRL's names and reductions, from fastgrpo's detached per-token outputs."""
     from trl.trainer.utils import nanmax, nanmin
 

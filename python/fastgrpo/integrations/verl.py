@@ -38,8 +38,9 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum()
 
 
-def _verl_metrics(loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Tensor, low: float, high: float,
-                  clip_ratio_c: float) -> dict[str, float]:
+def _verl_metrics(
+    loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Tensor, low: float, high: float, clip_ratio_c: float
+) -> dict[str, float]:
     """verl's three policy metrics, by its per-mode definitions."""
     if loss_mode == "gpg":
         return {}
@@ -68,8 +69,11 @@ def _verl_metrics(loss_mode: str, old: Tensor, lp: Tensor, adv: Tensor, mask: Te
         clipfrac, lower = _masked_mean((ratio != ratio.clamp(1 - low, 1 + high)).float(), m), zero
     else:  # sapo reports no clipping
         clipfrac = lower = zero
-    return {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
-            "actor/pg_clipfrac_lower": lower.item()}
+    return {
+        "actor/pg_clipfrac": clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": lower.item(),
+    }
 
 
 def _global_normalizer(loss_mode: str, loss_agg_mode: str, info: dict, padded_length: int) -> Optional[float]:
@@ -86,8 +90,10 @@ def _global_normalizer(loss_mode: str, loss_agg_mode: str, info: dict, padded_le
     count = info.get(name)
     if count is None:
         if dp > 1:  # verl's agg_loss raises too: a local count would scale each rank's gradient differently
-            raise ValueError(f"global_batch_info[{name!r}] (the global count) is required when dp_size > 1 "
-                             f"(loss_agg_mode={loss_agg_mode!r}), as in verl's agg_loss")
+            raise ValueError(
+                f"global_batch_info[{name!r}] (the global count) is required when dp_size > 1 "
+                f"(loss_agg_mode={loss_agg_mode!r}), as in verl's agg_loss"
+            )
         return None
     if loss_agg_mode == "seq-mean-token-sum-norm":
         return count / dp * (info.get("loss_scale_factor") or padded_length)
@@ -100,21 +106,41 @@ def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, floa
         raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
     default_agg = "seq-mean-token-mean" if loss_mode in ("gspo", "sapo") else "token-mean"  # verl's defaults
 
-    def compute_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                            loss_agg_mode: str = default_agg, config: Any = None,
-                            rollout_is_weights: Optional[Tensor] = None) -> tuple[Tensor, dict[str, float]]:
+    def compute_policy_loss(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = default_agg,
+        config: Any = None,
+        rollout_is_weights: Optional[Tensor] = None,
+    ) -> tuple[Tensor, dict[str, float]]:
         clip_ratio = _option(config, "clip_ratio", 0.2)
         low = _option(config, "clip_ratio_low", clip_ratio)
         high = _option(config, "clip_ratio_high", clip_ratio)
         clip_ratio_c = _option(config, "clip_ratio_c", 3.0)
         info = _option(config, "global_batch_info", {}) or {}
-        cfg = presets.verl(loss_mode=loss_mode, loss_agg_mode=loss_agg_mode, clip_ratio=clip_ratio, clip_ratio_low=low,
-                           clip_ratio_high=high, clip_ratio_c=clip_ratio_c, tau_pos=_option(config, "tau_pos", 1.0),
-                           tau_neg=_option(config, "tau_neg", 1.05),
-                           loss_scale_factor=info.get("loss_scale_factor") or _option(config, "loss_scale_factor"))
+        cfg = presets.verl(
+            loss_mode=loss_mode,
+            loss_agg_mode=loss_agg_mode,
+            clip_ratio=clip_ratio,
+            clip_ratio_low=low,
+            clip_ratio_high=high,
+            clip_ratio_c=clip_ratio_c,
+            tau_pos=_option(config, "tau_pos", 1.0),
+            tau_neg=_option(config, "tau_neg", 1.05),
+            loss_scale_factor=info.get("loss_scale_factor") or _option(config, "loss_scale_factor"),
+        )
         normalizer = _global_normalizer(loss_mode, loss_agg_mode, info, response_mask.shape[-1])
-        out = policy_loss(log_prob, advantages, response_mask, old_logprobs=old_log_prob,
-                          is_weights=rollout_is_weights, normalizer=normalizer, config=cfg)
+        out = policy_loss(
+            log_prob,
+            advantages,
+            response_mask,
+            old_logprobs=old_log_prob,
+            is_weights=rollout_is_weights,
+            normalizer=normalizer,
+            config=cfg,
+        )
         metrics = _verl_metrics(loss_mode, old_log_prob, log_prob, advantages, response_mask, low, high, clip_ratio_c)
         return out.loss, metrics
 
@@ -157,28 +183,38 @@ class FusedLinearForPPO(nn.Module):
             raise ValueError(f"impl_backend must be 'torch' or 'liger', got {impl_backend!r}")
         self.chunk_size, self.impl_backend = chunk_size, impl_backend
 
-    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
-                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-        lp, ent = linear_token_logprobs(hidden_states, vocab_weights, input_ids.long(), temperature=temperature,
-                                        entropy=True)
+    def forward(
+        self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        lp, ent = linear_token_logprobs(
+            hidden_states, vocab_weights, input_ids.long(), temperature=temperature, entropy=True
+        )
         return lp, ent.to(hidden_states.dtype)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
-                         reduction: str = "none", dist_process_group: Any = None) -> tuple[Tensor, Tensor]:
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group: Any = None,
+) -> tuple[Tensor, Tensor]:
     """verl's ``linear_cross_entropy`` (verl/utils/kernel/linear_cross_entropy.py, CUDA-only there): the rows of
     ``hidden`` [..., H] flattened, one label per row in any shape → (log-probs [N], entropy [N]), fp32,
     differentiable w.r.t. hidden and weight; ``reduction`` ``"sum"``/``"mean"`` reduces the log-probs to a
     scalar (the entropy stays [N]), as verl's. A tensor-parallel vocabulary (``dist_process_group``) is not
     supported."""
     if dist_process_group is not None:
-        raise NotImplementedError("fastgrpo's linear_cross_entropy does not support dist_process_group (a "
-                                  "tensor-parallel vocabulary)")
+        raise NotImplementedError(
+            "fastgrpo's linear_cross_entropy does not support dist_process_group (a tensor-parallel vocabulary)"
+        )
     if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
         # verl reads any other string as "none"; a typo should not silently change the output's shape
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     ids = labels_per_row("hidden", hidden, labels).reshape(-1)
-    lp, ent = linear_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, ids.long(),
-                                    temperature=temperature, entropy=True)
+    lp, ent = linear_token_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, ids.long(), temperature=temperature, entropy=True
+    )
     reduce = {"none": lambda x: x, "sum": torch.sum, "mean": torch.mean}[reduction.lower()]
     return reduce(lp), ent

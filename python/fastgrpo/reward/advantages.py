@@ -34,8 +34,15 @@ def advantages_launcher(rewards: Tensor, params: Tensor, codes: Sequence[int]) -
     adv, mean, std = torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
     if groups > 0:
         _library.launch(K.advantages_kernel)[(rewards.numel(),)](
-            rewards, _library.float_params(params, rewards, len(P.ADVANTAGE_SCALARS), "params"), adv, mean, std,
-            **named, BLOCK=K.GROUP_BLOCK, num_warps=1)
+            rewards,
+            _library.float_params(params, rewards, len(P.ADVANTAGE_SCALARS), "params"),
+            adv,
+            mean,
+            std,
+            **named,
+            BLOCK=K.GROUP_BLOCK,
+            num_warps=1,
+        )
     return adv, mean, std
 
 
@@ -148,7 +155,11 @@ def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tens
         "frac_groups_all_solved": frac(zero_std & (mean == 1)),
         "frac_groups_all_failed": frac(zero_std & (mean == 0)),
         "advantage/group_sum_abs_max": torch.zeros(num_groups, device=r.device, dtype=adv.dtype)
-        .index_add_(0, g, adv).abs().max() if num_groups else r.new_zeros(()),
+        .index_add_(0, g, adv)
+        .abs()
+        .max()
+        if num_groups
+        else r.new_zeros(()),
     }
 
 
@@ -161,15 +172,25 @@ def batch_std(r: Tensor, config: AdvantageConfig) -> tuple[bool, Tensor]:
 
 def advantage_codes(config: AdvantageConfig, group_size: int, batch: bool) -> list[int]:
     """The op's ``codes`` (``ADVANTAGE_CODES``) for ``config``."""
-    named = dict(group_size=group_size, adv_estimator=P.ADV_ESTIMATOR[config.estimator],
-                 adv_divide=int(config.scale != "none"), adv_use_batch_std=int(batch),
-                 adv_singleton_raw=int(config.singleton == "raw"))
+    named = dict(
+        group_size=group_size,
+        adv_estimator=P.ADV_ESTIMATOR[config.estimator],
+        adv_divide=int(config.scale != "none"),
+        adv_use_batch_std=int(batch),
+        adv_singleton_raw=int(config.singleton == "raw"),
+    )
     return [named[name] for name in P.ADVANTAGE_CODES]
 
 
-def kernel_advantages(ops: _library.Ops, rewards: Tensor, group_size: Optional[int], group_ids: Optional[Tensor],
-                      config: AdvantageConfig, reward_weights: Optional[Tensor],
-                      metrics: bool) -> tuple[Tensor, dict[str, Tensor]]:
+def kernel_advantages(
+    ops: _library.Ops,
+    rewards: Tensor,
+    group_size: Optional[int],
+    group_ids: Optional[Tensor],
+    config: AdvantageConfig,
+    reward_weights: Optional[Tensor],
+    metrics: bool,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and use the
     PyTorch form. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
     if group_ids is not None or group_size is None:
@@ -191,11 +212,23 @@ def kernel_advantages(ops: _library.Ops, rewards: Tensor, group_size: Optional[i
 
 # ------------------------------------------------------------------------------------------ public function
 @overload
-def advantages(rewards: Tensor, group_size: Optional[int] = ..., group_ids: Optional[Tensor] = ..., *,
-               return_metrics: Literal[False] = ..., **kw) -> Tensor: ...
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = ...,
+    group_ids: Optional[Tensor] = ...,
+    *,
+    return_metrics: Literal[False] = ...,
+    **kw,
+) -> Tensor: ...
 @overload
-def advantages(rewards: Tensor, group_size: Optional[int] = ..., group_ids: Optional[Tensor] = ..., *,
-               return_metrics: Literal[True], **kw) -> tuple[Tensor, dict[str, Tensor]]: ...
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = ...,
+    group_ids: Optional[Tensor] = ...,
+    *,
+    return_metrics: Literal[True],
+    **kw,
+) -> tuple[Tensor, dict[str, Tensor]]: ...
 
 
 def advantages(

@@ -47,8 +47,17 @@ from .token_logprobs import kernel_token_logprobs
 
 
 # ---------------------------------------------------------------------------------------- Triton launchers
-def _launch(logits: Tensor, targets: Tensor, tokens: Tensor, rewards: Optional[Tensor], seq: Optional[Tensor],
-            params: Tensor, codes: Sequence[int], with_entropy: bool, grad: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _launch(
+    logits: Tensor,
+    targets: Tensor,
+    tokens: Tensor,
+    rewards: Optional[Tensor],
+    seq: Optional[Tensor],
+    params: Tensor,
+    codes: Sequence[int],
+    with_entropy: bool,
+    grad: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
     """Runs the kernel; ``grad`` is None (no gradient), a new buffer, or ``logits`` itself (in place). Absent
     optional pointers are replaced by any valid buffer: the kernel never reads them."""
     from ..kernels import grpo_loss as K
@@ -62,26 +71,58 @@ def _launch(logits: Tensor, targets: Tensor, tokens: Tensor, rewards: Optional[T
         block = K.block_v(vocab)
         ids = _library.rows(targets)
         _library.launch(K.grpo_loss_fwd_kernel)[(n,)](
-            logits, ids, tokens.float().contiguous(), tokens if rewards is None else rewards,
-            ids if seq is None else seq, _library.float_params(params, logits, len(P.SCALARS), "params"),
-            outputs, outputs if grad is None else grad, n, t, vocab, stride_b, stride_t, grad_stride_b, grad_stride_t,
+            logits,
+            ids,
+            tokens.float().contiguous(),
+            tokens if rewards is None else rewards,
+            ids if seq is None else seq,
+            _library.float_params(params, logits, len(P.SCALARS), "params"),
+            outputs,
+            outputs if grad is None else grad,
+            n,
+            t,
+            vocab,
+            stride_b,
+            stride_t,
+            grad_stride_b,
+            grad_stride_t,
             **dict(zip(P.CODES, codes)),
-            HAS_ENTROPY=with_entropy, WRITE_GRAD=grad is not None, BLOCK_V=block, num_warps=K.num_warps(block))
+            HAS_ENTROPY=with_entropy,
+            WRITE_GRAD=grad is not None,
+            BLOCK_V=block,
+            num_warps=K.num_warps(block),
+        )
     return outputs[P.TOKEN_OUTPUTS.index("loss_terms")].sum(), outputs
 
 
-def grpo_loss_fused_launcher(logits: Tensor, targets: Tensor, tokens: Tensor, rewards: Optional[Tensor],
-                             seq: Optional[Tensor], params: Tensor, codes: Sequence[int], with_entropy: bool,
-                             write_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+def grpo_loss_fused_launcher(
+    logits: Tensor,
+    targets: Tensor,
+    tokens: Tensor,
+    rewards: Optional[Tensor],
+    seq: Optional[Tensor],
+    params: Tensor,
+    codes: Sequence[int],
+    with_entropy: bool,
+    write_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     grad = torch.empty(logits.shape if write_grad else (0,), device=logits.device, dtype=logits.dtype)
-    loss, outputs = _launch(logits, targets, tokens, rewards, seq, params, codes, with_entropy,
-                            grad if write_grad else None)
+    loss, outputs = _launch(
+        logits, targets, tokens, rewards, seq, params, codes, with_entropy, grad if write_grad else None
+    )
     return loss, outputs, grad
 
 
-def grpo_loss_fused_inplace_launcher(logits: Tensor, targets: Tensor, tokens: Tensor, rewards: Optional[Tensor],
-                                     seq: Optional[Tensor], params: Tensor, codes: Sequence[int],
-                                     with_entropy: bool) -> tuple[Tensor, Tensor]:
+def grpo_loss_fused_inplace_launcher(
+    logits: Tensor,
+    targets: Tensor,
+    tokens: Tensor,
+    rewards: Optional[Tensor],
+    seq: Optional[Tensor],
+    params: Tensor,
+    codes: Sequence[int],
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor]:
     return _launch(logits, targets, tokens, rewards, seq, params, codes, with_entropy, logits)
 
 
@@ -91,12 +132,18 @@ def scale_grad_launcher(grad: Tensor, scale: Tensor) -> None:
     if grad.numel() > 0:
         # logits-shaped gradients ([B, T, V] / [N, V], maybe the in-place view of a larger buffer) keep their
         # strides; the others (hidden, weight, bias of the linear path) are contiguous: one row per leading index
-        rows2d = (grad if grad.dim() in (2, 3) and (grad.shape[-1] <= 1 or grad.stride(-1) == 1)
-                  else grad.view(-1, grad.shape[-1]) if grad.dim() else grad.view(1, 1))
+        rows2d = (
+            grad
+            if grad.dim() in (2, 3) and (grad.shape[-1] <= 1 or grad.stride(-1) == 1)
+            else grad.view(-1, grad.shape[-1])
+            if grad.dim()
+            else grad.view(1, 1)
+        )
         t, stride_b, stride_t = _library.row_addressing(rows2d)
         vocab = rows2d.shape[-1]
         _library.launch(K.scale_grad_kernel)[(grad.numel() // vocab, -(-vocab // K.SCALE_BLOCK))](
-            grad, scale.reshape(1).float(), t, vocab, stride_b, stride_t, BLOCK=K.SCALE_BLOCK)
+            grad, scale.reshape(1).float(), t, vocab, stride_b, stride_t, BLOCK=K.SCALE_BLOCK
+        )
 
 
 # ------------------------------------------------------------------------------------------- registration
@@ -179,9 +226,13 @@ def inplace_grad_function(ops: _library.Ops) -> type:
 def is_token_local(inputs: LossInputs) -> bool:
     """Whether every per-token quantity of the config depends on that token alone (the fused path)."""
     cfg = inputs.config
-    return (cfg.ratio_level == "token" and cfg.policy_loss in P.POLICY
-            and cfg.top_entropy_quantile == 1.0 and cfg.off_policy_mask_threshold is None
-            and (cfg.rollout_correction is None or inputs.old_logprobs is not None or inputs.is_weights is not None))
+    return (
+        cfg.ratio_level == "token"
+        and cfg.policy_loss in P.POLICY
+        and cfg.top_entropy_quantile == 1.0
+        and cfg.off_policy_mask_threshold is None
+        and (cfg.rollout_correction is None or inputs.old_logprobs is not None or inputs.is_weights is not None)
+    )
 
 
 def loss_params(cfg: LossConfig, device: torch.device, batch_std: Optional[Tensor] = None) -> Tensor:
@@ -189,24 +240,39 @@ def loss_params(cfg: LossConfig, device: torch.device, batch_std: Optional[Tenso
     identity). Values go in as given: ``float()`` of a SymFloat would specialize it."""
     inf = math.inf
     opt = lambda v, default: default if v is None else v  # noqa: E731
-    named = dict(inv_temperature=1.0 / cfg.temperature, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
-                 ratio_cap=opt(cfg.ratio_cap, inf), dual_clip=opt(cfg.dual_clip, inf),
-                 log_ratio_clamp=opt(cfg.log_ratio_clamp, inf), cispo_low=opt(cfg.cispo_low, -inf),
-                 cispo_high=opt(cfg.cispo_high, inf), sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
-                 kl_input_clamp=opt(cfg.kl_input_clamp, inf), kl_output_clamp=opt(cfg.kl_output_clamp, inf),
-                 adv_eps=cfg.advantage.eps, batch_std=1.0)
+    named = dict(
+        inv_temperature=1.0 / cfg.temperature,
+        eps_low=cfg.epsilon_low,
+        eps_high=cfg.epsilon_high,
+        ratio_cap=opt(cfg.ratio_cap, inf),
+        dual_clip=opt(cfg.dual_clip, inf),
+        log_ratio_clamp=opt(cfg.log_ratio_clamp, inf),
+        cispo_low=opt(cfg.cispo_low, -inf),
+        cispo_high=opt(cfg.cispo_high, inf),
+        sapo_tau_pos=cfg.sapo_tau_pos,
+        sapo_tau_neg=cfg.sapo_tau_neg,
+        kl_input_clamp=opt(cfg.kl_input_clamp, inf),
+        kl_output_clamp=opt(cfg.kl_output_clamp, inf),
+        adv_eps=cfg.advantage.eps,
+        batch_std=1.0,
+    )
     params = _library.params_tensor([named[name] for name in P.SCALARS], device)
     if batch_std is None:
         return params
-    return torch.cat([params[:P.SCALARS.index("batch_std")], batch_std.reshape(1).float()])
+    return torch.cat([params[: P.SCALARS.index("batch_std")], batch_std.reshape(1).float()])
 
 
 def loss_codes(cfg: LossConfig, has_old: bool, group_size: Optional[int] = None, batch: bool = False) -> list[int]:
     """The fused op's ``codes`` (``CODES``): ``group_size`` set, the kernel normalizes rewards itself (by the
     batch std with ``batch``)."""
-    named = dict(policy=P.POLICY[cfg.policy_loss], kl=P.KL["none" if cfg.beta == 0.0 else cfg.kl_estimator.rstrip("+")],
-                 kl_straight=int(cfg.kl_estimator.endswith("+")), kl_ratio_weighted=int(cfg.kl_ratio_weighted),
-                 has_old=int(has_old), adv_from_rewards=int(group_size is not None))
+    named = dict(
+        policy=P.POLICY[cfg.policy_loss],
+        kl=P.KL["none" if cfg.beta == 0.0 else cfg.kl_estimator.rstrip("+")],
+        kl_straight=int(cfg.kl_estimator.endswith("+")),
+        kl_ratio_weighted=int(cfg.kl_ratio_weighted),
+        has_old=int(has_old),
+        adv_from_rewards=int(group_size is not None),
+    )
     advantage = reward.advantage_codes(cfg.advantage, group_size or 1, batch)
     named.update(zip(P.ADVANTAGE_CODES, advantage))
     return [named[name] for name in P.CODES]
@@ -239,8 +305,9 @@ class FusedInputs:
         return self.tokens[:, rows].contiguous(), self.rewards, seq, self.params, self.codes, self.with_entropy
 
 
-def prepare(ops: _library.Ops, targets: Tensor, inputs: LossInputs, return_entropy: bool,
-            device: torch.device) -> FusedInputs:
+def prepare(
+    ops: _library.Ops, targets: Tensor, inputs: LossInputs, return_entropy: bool, device: torch.device
+) -> FusedInputs:
     """Everything the fused op takes besides the logits, as per-token fp32 rows (O(N) work)."""
     cfg, shape = inputs.config, targets.shape
     lay = objective.TokenLayout(shape, inputs.cu_seqlens, cfg.max_length, device)
@@ -249,9 +316,13 @@ def prepare(ops: _library.Ops, targets: Tensor, inputs: LossInputs, return_entro
     old, ref, samp = flat(inputs.old_logprobs), flat(inputs.ref_logprobs), flat(inputs.sampling_logprobs)
 
     advantages, rewards, std_b, group_size, batch = inputs.advantages, None, None, None, False
-    if (isinstance(advantages, Rewards) and advantages.group_ids is None and advantages.group_size is not None
-            and cfg.advantage.estimator in ("grpo", "rloo")
-            and not (cfg.advantage.scale == "batch" and advantages.rewards.shape[0] <= 1)):
+    if (
+        isinstance(advantages, Rewards)
+        and advantages.group_ids is None
+        and advantages.group_size is not None
+        and cfg.advantage.estimator in ("grpo", "rloo")
+        and not (cfg.advantage.scale == "batch" and advantages.rewards.shape[0] <= 1)
+    ):
         # contiguous groups: the kernel normalizes each token's reward itself, in the same launch
         rewards = reward.combine_rewards(advantages.rewards, advantages.weights).float().contiguous()
         batch, std_b = reward.batch_std(rewards, cfg.advantage)
@@ -260,8 +331,9 @@ def prepare(ops: _library.Ops, targets: Tensor, inputs: LossInputs, return_entro
     else:
         if isinstance(advantages, Rewards):
             r = advantages
-            advantages, _ = reward.kernel_advantages(ops, r.rewards, r.group_size, r.group_ids, cfg.advantage,
-                                                     r.weights, metrics=False)
+            advantages, _ = reward.kernel_advantages(
+                ops, r.rewards, r.group_size, r.group_ids, cfg.advantage, r.weights, metrics=False
+            )
         adv = lay.per_token(advantages.detach(), shape)
 
     weight = torch.ones_like(m)  # MATH §2.4 rollout weights: functions of the inputs alone here
@@ -270,15 +342,28 @@ def prepare(ops: _library.Ops, targets: Tensor, inputs: LossInputs, return_entro
     elif cfg.rollout_correction is not None:
         weight = objective.rollout_weights(old, samp, m, lay, cfg)
     agg = lambda mode: objective.aggregation_weights(m, mode, lay, cfg, inputs.normalizer) * cfg.loss_scale  # noqa: E731
-    rows = dict(mask=m, advantages=adv, old_logprobs=old if old is not None else torch.zeros_like(m),
-                ref_logprobs=ref if ref is not None else torch.zeros_like(m),
-                w_policy=agg(cfg.aggregation) * weight, w_kl=agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta,
-                w_entropy=agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef)
+    rows = dict(
+        mask=m,
+        advantages=adv,
+        old_logprobs=old if old is not None else torch.zeros_like(m),
+        ref_logprobs=ref if ref is not None else torch.zeros_like(m),
+        w_policy=agg(cfg.aggregation) * weight,
+        w_kl=agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta,
+        w_entropy=agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef,
+    )
     return FusedInputs(
-        shape=shape, tokens=torch.stack([rows[name].float() for name in P.TOKEN_INPUTS]), rewards=rewards,
-        seq=lay.seq.contiguous() if rewards is not None else None, params=loss_params(cfg, device, std_b),
-        codes=loss_codes(cfg, old is not None, group_size, batch), with_entropy=return_entropy or cfg.entropy_coef != 0.0,
-        has_old=old is not None, has_ref=ref is not None, is_weight=weight, used_weights=inputs.is_weights is not None or cfg.rollout_correction is not None)
+        shape=shape,
+        tokens=torch.stack([rows[name].float() for name in P.TOKEN_INPUTS]),
+        rewards=rewards,
+        seq=lay.seq.contiguous() if rewards is not None else None,
+        params=loss_params(cfg, device, std_b),
+        codes=loss_codes(cfg, old is not None, group_size, batch),
+        with_entropy=return_entropy or cfg.entropy_coef != 0.0,
+        has_old=old is not None,
+        has_ref=ref is not None,
+        is_weight=weight,
+        used_weights=inputs.is_weights is not None or cfg.rollout_correction is not None,
+    )
 
 
 def finish(f: FusedInputs, cfg: LossConfig, loss: Tensor, outputs: Tensor) -> LossOutput:
@@ -287,18 +372,25 @@ def finish(f: FusedInputs, cfg: LossConfig, loss: Tensor, outputs: Tensor) -> Lo
     lp, rho, adv, m = out["logprobs"], out["ratio"], out["advantages_used"], f.row("mask")
     lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
     old = f.row("old_logprobs") if f.has_old else lp
-    values = {"rho": rho, "is_weight": f.is_weight, "low": (rho < lo) & (adv < 0), "high": (rho > hi) & (adv > 0),
-              "ppo_kl": old - lp}
+    values = {
+        "rho": rho,
+        "is_weight": f.is_weight,
+        "low": (rho < lo) & (adv < 0),
+        "high": (rho > hi) & (adv > 0),
+        "ppo_kl": old - lp,
+    }
     if f.has_ref:
         values["kl"] = objective.kl_estimate(lp, f.row("ref_logprobs"), cfg)
     ent = out["entropy"] if f.with_entropy else None
     metrics = objective.loss_metrics(values, out["grad_logprobs"], adv, m, ent, cfg, f.used_weights)
-    return LossOutput(loss=loss, logprobs=lp.reshape(f.shape), entropy=None if ent is None else ent.reshape(f.shape),
-                      metrics=metrics)
+    return LossOutput(
+        loss=loss, logprobs=lp.reshape(f.shape), entropy=None if ent is None else ent.reshape(f.shape), metrics=metrics
+    )
 
 
-def fused(ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool,
-          inplace_grad: bool) -> LossOutput:
+def fused(
+    ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
+) -> LossOutput:
     """One launch: loss, metrics' per-token values and (when logits need it) ∂loss/∂logits."""
     f = prepare(ops, targets, inputs, return_entropy, logits.device)
     write_grad = logits.requires_grad and torch.is_grad_enabled()
@@ -309,17 +401,21 @@ def fused(ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs
     return finish(f, inputs.config, loss, outputs)
 
 
-def kernel_grpo_loss(ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool,
-                     inplace_grad: bool) -> LossOutput:
+def kernel_grpo_loss(
+    ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
+) -> LossOutput:
     if is_token_local(inputs):
         return fused(ops, logits, targets, inputs, return_entropy, inplace_grad)
     if inplace_grad:
-        raise ValueError("inplace_grad=True needs a token-local config (token-level ratio, no entropy quantile "
-                         "or off-policy mask, rollout weights from given old_logprobs): this one runs in two "
-                         "phases")
+        raise ValueError(
+            "inplace_grad=True needs a token-local config (token-level ratio, no entropy quantile "
+            "or off-policy mask, rollout weights from given old_logprobs): this one runs in two "
+            "phases"
+        )
     cfg = inputs.config
-    lp, ent = kernel_token_logprobs(ops, logits, targets, cfg.temperature,
-                                    entropy=return_entropy or cfg.needs_entropy, mask=inputs.mask)
+    lp, ent = kernel_token_logprobs(
+        ops, logits, targets, cfg.temperature, entropy=return_entropy or cfg.needs_entropy, mask=inputs.mask
+    )
     return objective.policy_loss(lp, inputs, ent)
 
 
@@ -375,13 +471,28 @@ def policy_loss(
     tokens = logprobs.shape
     checks = _checks.ValueChecks(check_values, logprobs)
     inputs = resolve(
-        tokens, logprobs.device, checks, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
-        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config)
+        tokens,
+        logprobs.device,
+        checks,
+        advantages=advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        rewards=rewards,
+        group_size=group_size,
+        group_ids=group_ids,
+        reward_weights=reward_weights,
+        cu_seqlens=cu_seqlens,
+        normalizer=normalizer,
+        config=config,
+    )
     if config.needs_entropy and entropy is None:
-        raise ValueError("entropy is required by this config (entropy_coef != 0 or top_entropy_quantile < 1): "
-                         "pass the per-token entropy, or use grpo_loss on logits")
+        raise ValueError(
+            "entropy is required by this config (entropy_coef != 0 or top_entropy_quantile < 1): "
+            "pass the per-token entropy, or use grpo_loss on logits"
+        )
     if entropy is not None:
         _checks.tensor("entropy", entropy)
         _checks.floating("entropy", entropy)
@@ -433,10 +544,23 @@ def grpo_loss(
     check_logits(logits, targets)
     checks = _checks.ValueChecks(check_values, logits)
     inputs = resolve(
-        targets.shape, logits.device, checks, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
-        group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-        normalizer=normalizer, config=config)
+        targets.shape,
+        logits.device,
+        checks,
+        advantages=advantages,
+        mask=mask,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        sampling_logprobs=sampling_logprobs,
+        is_weights=is_weights,
+        rewards=rewards,
+        group_size=group_size,
+        group_ids=group_ids,
+        reward_weights=reward_weights,
+        cu_seqlens=cu_seqlens,
+        normalizer=normalizer,
+        config=config,
+    )
     checks.token_ids("targets", targets, logits.shape[-1])
     checks.run()
     impl = backends.select(backend, logits.device)
@@ -452,8 +576,9 @@ class GRPOLoss(nn.Module):
     ``check_values`` is the default of every call (a call may pass its own).
     """
 
-    def __init__(self, config: LossConfig = LossConfig(), backend: str = "auto",
-                 check_values: Optional[bool] = None) -> None:
+    def __init__(
+        self, config: LossConfig = LossConfig(), backend: str = "auto", check_values: Optional[bool] = None
+    ) -> None:
         super().__init__()
         check_config(config)
         _checks.ValueChecks.resolve(check_values)
@@ -461,8 +586,14 @@ class GRPOLoss(nn.Module):
         self.backend = backend
         self.check_values = check_values
 
-    def forward(self, logits: Tensor, targets: Tensor, advantages: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None, **kwargs) -> LossOutput:
+    def forward(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        advantages: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+        **kwargs,
+    ) -> LossOutput:
         kwargs.setdefault("check_values", self.check_values)
         return grpo_loss(logits, targets, advantages, mask, config=self.config, backend=self.backend, **kwargs)
 

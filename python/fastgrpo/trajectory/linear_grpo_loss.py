@@ -127,8 +127,13 @@ class _Gemm:
             d_weight.addmm_(dz.t(), h.float())
 
 
-def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, logit_scale: float = 1.0,
-                     logit_softcap: Optional[float] = None) -> Tensor:
+def hidden_to_logits(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+) -> Tensor:
     """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32, materialized (differentiable log-probs need it);
     softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
     z = objective._acc(hidden) @ objective._acc(weight).t()
@@ -138,16 +143,27 @@ def hidden_to_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = No
 
 def _has_out_dtype() -> bool:
     try:
-        torch.mm(torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"),
-                 torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"), out_dtype=torch.float32)
+        torch.mm(
+            torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"),
+            torch.zeros(1, 1, dtype=torch.bfloat16, device="meta"),
+            out_dtype=torch.float32,
+        )
         return True
     except (TypeError, RuntimeError):
         return False
 
 
-def kernel_linear_token_logprobs(ops: _library.Ops, hidden: Tensor, weight: Tensor, targets: Tensor,
-                                 bias: Optional[Tensor], temperature: float, entropy: bool, logit_scale: float,
-                                 logit_softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+def kernel_linear_token_logprobs(
+    ops: _library.Ops,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    entropy: bool,
+    logit_scale: float,
+    logit_softcap: Optional[float],
+) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs (and entropy) of ``linear_token_logprobs``. Without gradients (old/ref policy log-probs) the logits
     are alive one chunk of tokens at a time; differentiable log-probs materialize the fp32 logits (the loss itself
     never does)."""
@@ -186,9 +202,21 @@ class _PrecomputedGrads(torch.autograd.Function):
         return (None, None, None, *_library.precomputed_gradients(ctx, grad_loss, ctx.scale_, "linear_grpo_loss"))
 
 
-def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Tensor, y: Tensor, rows: Tensor,
-                      g_lp: Tensor, g_ent: Optional[Tensor], stats: Tensor, ent: Tensor, inv_t: Tensor,
-                      d_hidden: Tensor, d_bias: Optional[Tensor]) -> Tensor:
+def _sliced_gradients(
+    weight: Tensor,
+    bias: Optional[Tensor],
+    gemm: _Gemm,
+    h: Tensor,
+    y: Tensor,
+    rows: Tensor,
+    g_lp: Tensor,
+    g_ent: Optional[Tensor],
+    stats: Tensor,
+    ent: Tensor,
+    inv_t: Tensor,
+    d_hidden: Tensor,
+    d_bias: Optional[Tensor],
+) -> Tensor:
     """The gradient pass vocabulary-slice-outer (see the module docstring): returns dW in the weight's dtype,
     adds into the fp32 ``d_hidden`` (and ``d_bias``); ``inv_t``: 1/τ as a 1-element fp32 tensor. With u = z/τ,
     p = exp(u − lse):
@@ -219,9 +247,18 @@ def _sliced_gradients(weight: Tensor, bias: Optional[Tensor], gemm: _Gemm, h: Te
     return d_weight
 
 
-def kernel_linear_grpo_loss(ops: _library.Ops, hidden: Tensor, weight: Tensor, targets: Tensor,
-                            bias: Optional[Tensor], inputs: LossInputs, return_entropy: bool,
-                            chunk_tokens: Optional[int], logit_scale: float, logit_softcap: Optional[float]) -> LossOutput:
+def kernel_linear_grpo_loss(
+    ops: _library.Ops,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    inputs: LossInputs,
+    return_entropy: bool,
+    chunk_tokens: Optional[int],
+    logit_scale: float,
+    logit_softcap: Optional[float],
+) -> LossOutput:
     cfg, mask = inputs.config, inputs.mask
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
@@ -278,19 +315,42 @@ def kernel_linear_grpo_loss(ops: _library.Ops, hidden: Tensor, weight: Tensor, t
             g_lp = torch.zeros(n, **f32) if grads[0] is None else grads[0].reshape(n)
             g_ent = grads[1].reshape(n) if len(grads) > 1 and grads[1] is not None else None
             if sliced:
-                d_weight = _sliced_gradients(weight, bias, gemm, h.detach(), y, torch.cat(chunks) if chunks else
-                                             y.new_zeros(0), g_lp, g_ent, stats, ent, inv_t, d_hidden, d_bias)
+                d_weight = _sliced_gradients(
+                    weight,
+                    bias,
+                    gemm,
+                    h.detach(),
+                    y,
+                    torch.cat(chunks) if chunks else y.new_zeros(0),
+                    g_lp,
+                    g_ent,
+                    stats,
+                    ent,
+                    inv_t,
+                    d_hidden,
+                    d_bias,
+                )
             for rows in () if sliced else chunks:
-                dz = ops.token_logprobs_backward(g_lp[rows], None if g_ent is None else g_ent[rows],
-                                                 gemm.logits(h[rows].detach()), y[rows], None, stats[rows],
-                                                 ent[rows], inv_t)
+                dz = ops.token_logprobs_backward(
+                    g_lp[rows],
+                    None if g_ent is None else g_ent[rows],
+                    gemm.logits(h[rows].detach()),
+                    y[rows],
+                    None,
+                    stats[rows],
+                    ent[rows],
+                    inv_t,
+                )
                 accumulate(rows, dz.float())
                 del dz
         result.loss = result.loss.detach()
 
     if needs_grad:
-        grads = (d_hidden.view(hidden.shape).to(hidden.dtype), d_weight.to(weight.dtype),  # no copy when sliced
-                 None if d_bias is None else d_bias.to(bias.dtype))
+        grads = (
+            d_hidden.view(hidden.shape).to(hidden.dtype),
+            d_weight.to(weight.dtype),  # no copy when sliced
+            None if d_bias is None else d_bias.to(bias.dtype),
+        )
         result.loss = _PrecomputedGrads.apply(result.loss, grads, ops.scale_grad_, hidden, weight, bias)
     return result
 
@@ -344,11 +404,25 @@ def linear_grpo_loss(
         check_linear(hidden, weight, targets, bias)
         checks = _checks.ValueChecks(check_values, hidden)
         inputs = resolve(
-            targets.shape, hidden.device, checks, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs, sampling_logprobs=sampling_logprobs, is_weights=is_weights, rewards=rewards,
-            group_size=group_size, group_ids=group_ids, reward_weights=reward_weights, cu_seqlens=cu_seqlens,
-            normalizer=normalizer, config=config)
+            targets.shape,
+            hidden.device,
+            checks,
+            advantages=advantages,
+            mask=mask,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            sampling_logprobs=sampling_logprobs,
+            is_weights=is_weights,
+            rewards=rewards,
+            group_size=group_size,
+            group_ids=group_ids,
+            reward_weights=reward_weights,
+            cu_seqlens=cu_seqlens,
+            normalizer=normalizer,
+            config=config,
+        )
         checks.token_ids("targets", targets, weight.shape[0])
         checks.run()
         return backends.select(backend, hidden.device).linear_grpo_loss(
-            hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap)
+            hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
+        )

@@ -40,7 +40,6 @@ def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) ->
     return x.clamp(_as(x, lo), _as(x, hi))
 
 
-
 class TokenLayout:
     """Which sequence each token belongs to, for segment sums over the flattened token axis."""
 
@@ -117,8 +116,9 @@ def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
     d = lp - ref
     if cfg.kl_input_clamp is not None:
         d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
-    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x,
-                "k3": _K3.apply}[cfg.kl_estimator.rstrip("+")]
+    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x, "k3": _K3.apply}[
+        cfg.kl_estimator.rstrip("+")
+    ]
     k = estimate(d)
     if cfg.kl_output_clamp is not None:
         # Where the estimate saturates its derivative is 0: selected, with the estimate evaluated there on a
@@ -195,8 +195,16 @@ class _RatioExp(torch.autograd.Function):
 
 
 def _objective(
-    lp: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig, normalizer: Normalizer,
-    old: Optional[Tensor], ref: Optional[Tensor], samp: Optional[Tensor], is_w: Optional[Tensor],
+    lp: Tensor,
+    adv: Tensor,
+    m: Tensor,
+    lay: TokenLayout,
+    cfg: LossConfig,
+    normalizer: Normalizer,
+    old: Optional[Tensor],
+    ref: Optional[Tensor],
+    samp: Optional[Tensor],
+    is_w: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need."""
@@ -279,13 +287,21 @@ def _objective(
     if cfg.entropy_coef != 0.0:  # §2.7
         ent_mask = m if emask is None else m * emask
         loss = loss - cfg.entropy_coef * _aggregate(
-            ent, ent_mask, cfg.entropy_aggregation or cfg.aggregation, lay, cfg, normalizer)
+            ent, ent_mask, cfg.entropy_aggregation or cfg.aggregation, lay, cfg, normalizer
+        )
     values["ppo_kl"] = (old - lp).detach()
     return loss * cfg.loss_scale, values
 
 
-def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Tensor, ent: Optional[Tensor],
-             cfg: LossConfig, weights_used: bool) -> dict[str, Tensor]:
+def loss_metrics(
+    values: dict[str, Tensor],
+    grad_lp: Tensor,
+    adv: Tensor,
+    m: Tensor,
+    ent: Optional[Tensor],
+    cfg: LossConfig,
+    weights_used: bool,
+) -> dict[str, Tensor]:
     """MATH §4 over the masked tokens."""
     rho = values["rho"]
     low, high = values["low"].float(), values["high"].float()
@@ -294,7 +310,8 @@ def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Ten
         "clip_ratio/high_mean": _masked_mean(high, m),
         "clip_ratio/region_mean": _masked_mean(torch.maximum(low, high), m),
         "clip_ratio/dual": _masked_mean(((adv < 0) & (rho > cfg.dual_clip)).float(), m)
-        if cfg.dual_clip is not None else m.new_zeros(()),
+        if cfg.dual_clip is not None
+        else m.new_zeros(()),
         "ppo_kl": _masked_mean(values["ppo_kl"], m),
         "ratio/mean": _masked_mean(rho, m),
         "ratio/min": _masked_extreme(rho, m, largest=False),
@@ -302,8 +319,12 @@ def loss_metrics(values: dict[str, Tensor], grad_lp: Tensor, adv: Tensor, m: Ten
         "grad_active_fraction": _masked_mean((grad_lp != 0).float(), m),
     }
     if cfg.policy_loss == "cispo":
-        above = (rho > cfg.cispo_high) & (adv > 0) if cfg.cispo_high is not None else torch.zeros_like(m, dtype=torch.bool)
-        below = (rho < cfg.cispo_low) & (adv < 0) if cfg.cispo_low is not None else torch.zeros_like(m, dtype=torch.bool)
+        above = (
+            (rho > cfg.cispo_high) & (adv > 0) if cfg.cispo_high is not None else torch.zeros_like(m, dtype=torch.bool)
+        )
+        below = (
+            (rho < cfg.cispo_low) & (adv < 0) if cfg.cispo_low is not None else torch.zeros_like(m, dtype=torch.bool)
+        )
         out["cispo_clip_ratio"] = _masked_mean((above | below).float(), m)
     if "kl" in values:
         out["kl"] = _masked_mean(values["kl"], m)
@@ -327,6 +348,7 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     lay = TokenLayout(shape, inputs.cu_seqlens, config.max_length, logprobs.device)
 
     m = _acc(inputs.mask.reshape(-1))
+
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
         """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding
         id far from ℓ^ref) must not turn into NaN through a multiplication by the mask."""
@@ -334,8 +356,17 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
 
     adv = lay.per_token(advantages.detach(), shape)
     is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
-    args = (adv, m, lay, config, normalizer, flat(old_logprobs), flat(ref_logprobs), flat(inputs.sampling_logprobs),
-            is_w)
+    args = (
+        adv,
+        m,
+        lay,
+        config,
+        normalizer,
+        flat(old_logprobs),
+        flat(ref_logprobs),
+        flat(inputs.sampling_logprobs),
+        is_w,
+    )
     lp = flat(logprobs)
     ent = flat(entropy)
     loss, values = _objective(lp, *args, ent)
@@ -346,5 +377,9 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     grad_lp = torch.func.grad(lambda leaf: _objective(leaf, *args, ent_probe)[0])(lp.detach())
     weights_used = is_weights is not None or config.rollout_correction is not None
     metrics = loss_metrics(values, grad_lp, adv, m, ent, config, weights_used)
-    return LossOutput(loss=loss, logprobs=lp.detach().reshape(shape),
-                      entropy=None if ent is None else ent.detach().reshape(shape), metrics=metrics)
+    return LossOutput(
+        loss=loss,
+        logprobs=lp.detach().reshape(shape),
+        entropy=None if ent is None else ent.detach().reshape(shape),
+        metrics=metrics,
+    )

@@ -47,16 +47,34 @@ def token_logprobs_launcher(
         m = row_mask(mask)
         block = K.block_v(vocab)
         _library.launch(K.token_logprobs_fwd_kernel)[(n,)](
-            logits, _library.rows(targets), logprobs if m is None else m,
-            _library.float_params(inv_temperature, logits, 1, "inv_temperature"), logprobs, stats, entropy,
-            t, vocab, stride_b, stride_t,
-            HAS_MASK=m is not None, HAS_ENTROPY=with_entropy, BLOCK_V=block, num_warps=K.num_warps(block))
+            logits,
+            _library.rows(targets),
+            logprobs if m is None else m,
+            _library.float_params(inv_temperature, logits, 1, "inv_temperature"),
+            logprobs,
+            stats,
+            entropy,
+            t,
+            vocab,
+            stride_b,
+            stride_t,
+            HAS_MASK=m is not None,
+            HAS_ENTROPY=with_entropy,
+            BLOCK_V=block,
+            num_warps=K.num_warps(block),
+        )
     return logprobs, stats, entropy
 
 
 def token_logprobs_backward_launcher(
-    grad_logprobs: Tensor, grad_entropy: Optional[Tensor], logits: Tensor, targets: Tensor, mask: Optional[Tensor],
-    stats: Tensor, entropy: Tensor, inv_temperature: Tensor,
+    grad_logprobs: Tensor,
+    grad_entropy: Optional[Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    mask: Optional[Tensor],
+    stats: Tensor,
+    entropy: Tensor,
+    inv_temperature: Tensor,
 ) -> Tensor:
     from ..kernels import token_logprobs as K
 
@@ -68,10 +86,24 @@ def token_logprobs_backward_launcher(
         has_grad_entropy = grad_entropy is not None
         m = row_mask(mask)
         _library.launch(K.token_logprobs_bwd_kernel)[(n,)](
-            grad_logits, logits, _library.rows(targets), stats if m is None else m, stats, _library.rows(entropy),
-            _library.rows(grad_logprobs, torch.float32), _library.rows(grad_entropy, torch.float32) if has_grad_entropy else stats,
-            _library.float_params(inv_temperature, logits, 1, "inv_temperature"), t, vocab, stride_b, stride_t,
-            HAS_MASK=m is not None, HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=block, num_warps=K.num_warps(block))
+            grad_logits,
+            logits,
+            _library.rows(targets),
+            stats if m is None else m,
+            stats,
+            _library.rows(entropy),
+            _library.rows(grad_logprobs, torch.float32),
+            _library.rows(grad_entropy, torch.float32) if has_grad_entropy else stats,
+            _library.float_params(inv_temperature, logits, 1, "inv_temperature"),
+            t,
+            vocab,
+            stride_b,
+            stride_t,
+            HAS_MASK=m is not None,
+            HAS_GRAD_ENTROPY=has_grad_entropy,
+            BLOCK_V=block,
+            num_warps=K.num_warps(block),
+        )
     return grad_logits
 
 
@@ -83,12 +115,14 @@ def register_triton() -> None:
 
 def _fake_token_logprobs(logits, targets, mask, inv_temperature, with_entropy):
     f32 = dict(device=logits.device, dtype=torch.float32)
-    return (logits.new_empty(targets.shape, **f32), logits.new_empty(targets.shape + (2,), **f32),
-            logits.new_empty(targets.shape if with_entropy else (0,), **f32))
+    return (
+        logits.new_empty(targets.shape, **f32),
+        logits.new_empty(targets.shape + (2,), **f32),
+        logits.new_empty(targets.shape if with_entropy else (0,), **f32),
+    )
 
 
-def _fake_token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
-                                  inv_temperature):
+def _fake_token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy, inv_temperature):
     return logits.new_empty(logits.shape)
 
 
@@ -112,16 +146,23 @@ def register(prefix: str, ops: _library.Ops) -> None:
             grad_entropy = None
         if not _library.traced(logits):
             _library.first_order_only()
-        grad = ops.token_logprobs_backward(grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy,
-                                           inv_temperature)
+        grad = ops.token_logprobs_backward(
+            grad_logprobs, grad_entropy, logits, targets, mask, stats, entropy, inv_temperature
+        )
         return _library.gradients_by_name(op, logits=grad)
 
     torch.library.register_autograd(name, logprobs_backward, setup_context=logprobs_setup)
 
 
 # ------------------------------------------------------------------------------- kernel backends' host code
-def kernel_token_logprobs(ops: _library.Ops, logits: Tensor, targets: Tensor, temperature: float = 1.0,
-                          entropy: bool = False, mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def kernel_token_logprobs(
+    ops: _library.Ops,
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
     inv_temperature = _library.params_tensor([1.0 / temperature], logits.device)
     logprobs, _, ent = ops.token_logprobs(logits, targets, mask, inv_temperature, entropy)
     return logprobs, ent if entropy else None
@@ -129,7 +170,12 @@ def kernel_token_logprobs(ops: _library.Ops, logits: Tensor, targets: Tensor, te
 
 # ----------------------------------------------------------------------------------------- public functions
 def token_logprobs(
-    logits: Tensor, targets: Tensor, *, temperature: float = 1.0, entropy: bool = False, backend: str = "auto",
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LogprobsResult:
     """log π(y_t) [B, T] (fp32) of ``targets`` [B, T] under ``logits`` [B, T, V] / τ; also the entropy
@@ -155,9 +201,17 @@ def token_logprobs(
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Optional[Tensor] = None,
-    temperature: float = 1.0, entropy: bool = False, logit_scale: float = 1.0, logit_softcap: Optional[float] = None,
-    backend: str = "auto", check_values: Optional[bool] = None,
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    logit_scale: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    backend: str = "auto",
+    check_values: Optional[bool] = None,
 ) -> LogprobsResult:
     """:func:`token_logprobs` of ``softcap(logit_scale · (hidden @ weight.T + bias))`` (hidden [B, T, H],
     weight [V, H]), differentiable w.r.t. hidden, weight and bias. ``check_values`` as in :func:`token_logprobs`."""
@@ -169,6 +223,7 @@ def linear_token_logprobs(
         checks.token_ids("targets", targets, weight.shape[0])
         checks.run()
         impl = backends.select(backend, hidden.device)
-        lp, ent = impl.linear_token_logprobs(hidden, weight, targets, bias, temperature, entropy, logit_scale,
-                                             logit_softcap)
+        lp, ent = impl.linear_token_logprobs(
+            hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
+        )
     return (lp, ent) if entropy else lp
