@@ -1,7 +1,7 @@
 """The reward side's op (MATH §3): rewards → group-normalized advantages.
 
 Kernel: ``kernels/advantages.py`` (Triton, one program per reward; its ``group_advantage`` also runs inside the
-fused loss kernel, which normalizes each token's reward itself), ``csrc/cpu/grpo_cpu.cpp`` and
+fused loss kernel, which normalizes each token's reward itself), ``csrc/cpu/advantages.cpp`` and
 ``csrc/cuda/grpo_cuda.cu`` (``advantages``). This module, top to bottom: the Triton launcher, the op's
 registration (fake), the PyTorch form (arbitrary ``group_ids``, and the backends without the op), the kernel
 backends' host code (``kernel_advantages``) and the public function ``advantages``.
