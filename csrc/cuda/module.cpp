@@ -1,4 +1,4 @@
-// `import fastgrpo._C_cuda` loads this library, whose static registrations (grpo_cuda_bindings.cpp) add the CUDA
+// `import fastgrpo._C_cuda` loads this library, whose static registrations (the *_bindings.cpp files) add the CUDA
 // implementations of the ops that fastgrpo._C declares. A module of its own, so that the CPU ops never depend
 // on the CUDA runtime: where libcudart cannot be loaded, only backend="cuda" is unavailable.
 #include <Python.h>

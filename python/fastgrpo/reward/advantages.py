@@ -2,7 +2,7 @@
 
 Kernel: ``kernels/advantages.py`` (Triton, one program per reward; its ``group_advantage`` also runs inside the
 fused loss kernel, which normalizes each token's reward itself), ``csrc/cpu/advantages.cpp`` and
-``csrc/cuda/grpo_cuda.cu`` (``advantages``). This module, top to bottom: the Triton launcher, the op's
+``csrc/cuda/advantages.cu`` (``advantages``). This module, top to bottom: the Triton launcher, the op's
 registration (fake), the PyTorch form (arbitrary ``group_ids``, and the backends without the op), the kernel
 backends' host code (``kernel_advantages``) and the public function ``advantages``.
 

@@ -2,7 +2,7 @@
 
 Kernels: ``kernels/grpo_loss.py`` (Triton: per row, the log-prob pass, the per-token objective and its
 derivative, the gradient row, in one launch), ``csrc/token_objective.h`` (the same objective for the C++ CPU
-kernel ``csrc/cpu/grpo_loss.cpp`` and the CUDA kernel ``csrc/cuda/grpo_cuda.cu``). This module, top to bottom:
+kernel ``csrc/cpu/grpo_loss.cpp`` and the CUDA kernel ``csrc/cuda/grpo_loss.cu``). This module, top to bottom:
 the Triton launchers, the ops' registration (fakes, autograd), the kernel backends' host code (``fused``,
 ``two_phase``) and the public functions ``policy_loss`` (given log-probs), ``grpo_loss`` (logits) and
 :class:`GRPOLoss`. The hidden-state level is ``linear_grpo_loss``.

@@ -1,7 +1,7 @@
 """The ``token_logprobs`` op (MATH §1): per-token log-probs and entropy of the targets, and their backward.
 
 Kernels: ``kernels/token_logprobs.py`` (Triton: one program per row, online log-sum-exp in fp32, batch
-invariant), ``csrc/cpu/token_logprobs.cpp`` and ``csrc/cuda/grpo_cuda.cu`` (``token_logprobs``,
+invariant), ``csrc/cpu/token_logprobs.cpp`` and ``csrc/cuda/token_logprobs.cu`` (``token_logprobs``,
 ``token_logprobs_backward``). This module, top to bottom: the Triton launchers, the ops' registration (fakes,
 autograd), the kernel backends' host code and the public functions ``token_logprobs`` and
 ``linear_token_logprobs`` (the hidden-state form; its chunked kernel path lives with ``linear_grpo_loss``).
