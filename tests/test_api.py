@@ -47,7 +47,7 @@ def test_backend_selection():
     available = backends.available(cpu)
     assert available[-1] == "reference"
     assert backends.select("auto", cpu) is backends.select(available[0], cpu)
-    assert backends.select("reference", cpu) is fastgrpo.reference
+    assert isinstance(backends.select("reference", cpu), backends.ReferenceBackend)
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run on cpu tensors"):
         backends.select("cuda", cpu)
 
