@@ -17,6 +17,8 @@ RolloutCorrection = Literal[
     "token_truncate", "token_mask", "sequence_truncate", "sequence_mask", "sequence_geomean_mask"
 ]
 AdvantageEstimator = Literal["grpo", "rloo", "reinforce_baseline"]
+AdvantageScale = Literal["group", "batch", "none"]
+SingletonGroup = Literal["zero", "raw"]
 
 POLICY_LOSSES = ("ppo", "cispo", "sapo", "gmpo", "reinforce")
 RATIO_LEVELS = ("token", "sequence")
@@ -82,9 +84,9 @@ class AdvantageConfig:
     """
 
     estimator: AdvantageEstimator = "grpo"
-    scale: Literal["group", "batch", "none"] = "group"
+    scale: AdvantageScale = "group"
     eps: float = 1e-4
-    singleton: Literal["zero", "raw"] = "zero"
+    singleton: SingletonGroup = "zero"
 
     def __post_init__(self) -> None:
         _one_of("estimator", self.estimator, ADVANTAGE_ESTIMATORS)

@@ -129,7 +129,7 @@ def check_rewards(
         if b % group_size != 0:
             raise ValueError(f"group_size ({group_size}) must divide the number of rewards ({b})")
     else:
-        _checks.tensor("group_ids", group_ids)
+        group_ids = _checks.tensor("group_ids", group_ids)
         _checks.integer("group_ids", group_ids)
         _checks.shape("group_ids", group_ids, (b,), "one group id per reward")
         _checks.same_device(rewards.device, group_ids=group_ids)
@@ -229,12 +229,14 @@ def resolve(
         raise ValueError(
             "pass exactly one of advantages (per sequence or per token) or rewards (with group_size or group_ids)"
         )
+    given: Union[Tensor, Rewards]
     if rewards is not None:
         check_rewards(rewards, group_size, group_ids, reward_weights, checks, num_seqs)
+        given = Rewards(rewards, group_size, group_ids, reward_weights)
     else:
-        _checks.tensor("advantages", advantages)
-        _checks.floating("advantages", advantages)
-        _checks.per_sequence_or_token("advantages", advantages, tokens, num_seqs)
+        given = _checks.tensor("advantages", advantages)
+        _checks.floating("advantages", given)
+        _checks.per_sequence_or_token("advantages", given, tokens, num_seqs)
 
     checks.finite("advantages", advantages)
     for name, x in (
@@ -247,7 +249,7 @@ def resolve(
     if isinstance(normalizer, Tensor):
         checks.normalizer(normalizer)
     return LossInputs(
-        advantages=advantages if rewards is None else Rewards(rewards, group_size, group_ids, reward_weights),
+        advantages=given,
         mask=mask,
         config=config,
         old_logprobs=old_logprobs,

@@ -11,14 +11,24 @@ docstring says which.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, cast
 
-from .config import AdvantageConfig, LossConfig
+from .config import (
+    AdvantageConfig,
+    AdvantageEstimator,
+    AdvantageScale,
+    Aggregation,
+    KLEstimator,
+    LossConfig,
+    PolicyLossType,
+    RatioLevel,
+    RolloutCorrection,
+)
 
 _ADVANTAGE_FIELDS = ("estimator", "scale", "eps", "singleton")
 
 
-def _names_options(preset: str, sources: dict[str, tuple[str, ...]]) -> Callable:
+def _names_options(preset: str, sources: Mapping[str, tuple[str, ...]]) -> Callable:
     """Re-raises a LossConfig/AdvantageConfig error about a field (``err.fields``) naming the trainer option
     the user passed instead: ``sources`` maps each field to the options that may set it, in order of
     precedence (the first one the call set to a value other than None wins)."""
@@ -75,6 +85,15 @@ def _pair(preset: str, name: str, value: object) -> tuple[float, float]:
 
 
 _TRL_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+_TRL_AGGREGATION: dict[str, Aggregation] = {
+    "grpo": "seq_mean_token_mean",
+    "sapo": "seq_mean_token_mean",
+    "bnpo": "token_mean",
+    "dr_grpo": "token_sum_norm",
+    "dapo": "token_mean",
+    "cispo": "token_mean",
+}
+_TRL_POLICY: dict[str, PolicyLossType] = {"cispo": "cispo", "sapo": "sapo"}  # the other loss types: ppo
 
 
 _TRL_SOURCES = {
@@ -153,28 +172,25 @@ def trl(
     ):
         _flag("trl", name, value)
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    aggregation = {
-        "grpo": "seq_mean_token_mean",
-        "sapo": "seq_mean_token_mean",
-        "bnpo": "token_mean",
-        "dr_grpo": "token_sum_norm",
-        "dapo": "token_mean",
-        "cispo": "token_mean",
-    }[loss_type]
+    aggregation = _TRL_AGGREGATION[loss_type]
     global_count = loss_type in ("dapo", "cispo")
-    policy = {"cispo": "cispo", "sapo": "sapo"}.get(loss_type, "ppo")
+    policy = _TRL_POLICY.get(loss_type, "ppo")
     if policy == "cispo" and importance_sampling_level != "token":
         raise ValueError("presets.trl: loss_type='cispo' is token level only: set importance_sampling_level='token'")
     return LossConfig(
         policy_loss=policy,
-        ratio_level=importance_sampling_level,
+        ratio_level=cast(RatioLevel, importance_sampling_level),  # one of them: checked above
         epsilon_low=epsilon,
         epsilon_high=eps_high,
         ratio_cap=delta if policy == "ppo" else None,
         cispo_high=eps_high if policy == "cispo" else None,
         sapo_tau_pos=sapo_temperature_pos,
         sapo_tau_neg=sapo_temperature_neg,
-        rollout_correction=vllm_importance_sampling_mode if use_vllm and vllm_importance_sampling_correction else None,
+        rollout_correction=(  # checked by LossConfig, whose error names the TRL option
+            cast(RolloutCorrection, vllm_importance_sampling_mode)
+            if use_vllm and vllm_importance_sampling_correction
+            else None
+        ),
         rollout_min=vllm_importance_sampling_clip_min,
         rollout_max=vllm_importance_sampling_clip_max,
         top_entropy_quantile=top_entropy_quantile,
@@ -188,11 +204,14 @@ def trl(
         entropy_aggregation="token_mean",
         temperature=temperature,
         loss_scale=1.0 if global_count else 1.0 / gradient_accumulation_steps,
-        advantage=AdvantageConfig(estimator="grpo", scale=scale_rewards, eps=1e-4, singleton="zero"),
+        # scale_rewards is checked by AdvantageConfig, whose error names the TRL option
+        advantage=AdvantageConfig(
+            estimator="grpo", scale=cast(AdvantageScale, scale_rewards), eps=1e-4, singleton="zero"
+        ),
     )
 
 
-_VERL_AGG = {
+_VERL_AGG: dict[str, Aggregation] = {
     "token-mean": "token_mean",
     "token-sum": "token_sum_norm",
     "seq-mean-token-sum": "seq_mean_token_sum",
@@ -200,11 +219,22 @@ _VERL_AGG = {
     "seq-mean-token-sum-norm": "token_sum_norm",
 }
 _VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
-_VERL_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
-_VERL_ADV = {"grpo": "grpo", "rloo": "rloo", "reinforce_plus_plus_baseline": "reinforce_baseline"}
+_VERL_POLICY: dict[str, PolicyLossType] = {
+    "vanilla": "ppo",
+    "gspo": "ppo",
+    "sapo": "sapo",
+    "gpg": "reinforce",
+    "geo_mean": "gmpo",
+    "cispo": "cispo",
+}
+_VERL_ADV: dict[str, AdvantageEstimator] = {
+    "grpo": "grpo",
+    "rloo": "rloo",
+    "reinforce_plus_plus_baseline": "reinforce_baseline",
+}
 
 
-def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
+def _verl_kl(kl_loss_type: str) -> tuple[KLEstimator, Optional[float], Optional[float]]:
     """verl's kl_penalty: (estimator, input clamp, output clamp); a '+' suffix is straight-through to k2."""
     base, straight = (kl_loss_type[:-1], True) if kl_loss_type.endswith("+") else (kl_loss_type, False)
     if base not in _VERL_KL:
@@ -214,7 +244,8 @@ def _verl_kl(kl_loss_type: str) -> tuple[str, Optional[float], Optional[float]]:
     est = _VERL_KL[base]
     if straight and est != "k2":  # k2+ is plain k2 in verl
         est += "+"
-    return (est, 20.0, 10.0) if est.startswith("k3") else (est, None, None)
+    kind = cast(KLEstimator, est)  # k1, abs, k2 or k3 (_VERL_KL's values), maybe with "+"
+    return (kind, 20.0, 10.0) if est.startswith("k3") else (kind, None, None)
 
 
 _VERL_SOURCES = {
@@ -278,7 +309,7 @@ def verl(
     - ``gradient_accumulation_steps``: verl scales each micro-batch loss by 1/steps (``loss_scale``).
     - Pass verl's ``rollout_is_weights`` as ``is_weights``.
     """
-    _choice("verl", "loss_mode", loss_mode, _VERL_MODES)
+    _choice("verl", "loss_mode", loss_mode, tuple(_VERL_POLICY))
     _choice("verl", "loss_agg_mode", loss_agg_mode, tuple(_VERL_AGG))
     _choice("verl", "adv_estimator", adv_estimator, tuple(_VERL_ADV))
     if not isinstance(kl_loss_type, str):
@@ -292,14 +323,7 @@ def verl(
     _number("verl", "clip_ratio_high" if clip_ratio_high is not None else "clip_ratio", high)
     agg = _VERL_AGG[loss_agg_mode]
     kl_est, kl_in, kl_out = _verl_kl(kl_loss_type)
-    policy = {
-        "vanilla": "ppo",
-        "gspo": "ppo",
-        "sapo": "sapo",
-        "gpg": "reinforce",
-        "geo_mean": "gmpo",
-        "cispo": "cispo",
-    }[loss_mode]
+    policy = _VERL_POLICY[loss_mode]
     forced_seq_mean = loss_mode == "sapo"
     return LossConfig(
         policy_loss=policy,
@@ -336,12 +360,12 @@ def verl(
     )
 
 
-_OPENRLHF_IS = {
+_OPENRLHF_IS: dict[tuple[str, str], RolloutCorrection] = {
     ("token", "clip"): "token_truncate",
     ("token", "mask"): "token_mask",
     ("seq", "mask"): "sequence_geomean_mask",
 }
-_OPENRLHF_ADV = {
+_OPENRLHF_ADV: dict[str, tuple[AdvantageEstimator, AdvantageScale, float]] = {
     "group_norm": ("grpo", "group", 1e-9),
     "dr_grpo": ("grpo", "none", 1e-9),
     "rloo": ("rloo", "group", 1e-9),
@@ -429,7 +453,7 @@ def openrlhf(
         rollout_min=threshold[0] if is_mode else None,
         rollout_max=threshold[1] if is_mode else None,
         beta=init_kl_coef if use_kl_loss else 0.0,
-        kl_estimator=kl_estimator,
+        kl_estimator=cast(KLEstimator, kl_estimator),  # k1, k2 or k3: checked above
         kl_output_clamp=10.0,
         kl_aggregation="token_mean",
         aggregation="token_mean" if token_level_loss and not gspo else "seq_mean_token_mean",

@@ -15,7 +15,7 @@ Values are fp32, or fp64 for fp64 inputs (gradcheck). Inputs are valid: the publ
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -27,6 +27,12 @@ INF = float("inf")
 
 def _acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
+
+
+@overload
+def _const(like: Tensor, value: float) -> Tensor: ...
+@overload
+def _const(like: Tensor, value: Optional[float]) -> Optional[Tensor]: ...
 
 
 def _const(like: Tensor, value: Optional[float]) -> Optional[Tensor]:
@@ -145,6 +151,7 @@ def advantages(
         num_groups = member.shape[0]
         sums, of_group = (lambda x: _sums(member, x)), (lambda v: _spread(member, v))
     else:  # contiguous groups: the rows of a [groups, group_size] view (the membership matrix has B²/size entries)
+        assert group_size is not None  # one of the two is given (the public functions check it)
         num_groups = num // group_size
         sums = lambda x: x.reshape(num_groups, group_size).sum(-1)  # noqa: E731
         of_group = lambda v: v.repeat_interleave(group_size)  # noqa: E731
@@ -259,6 +266,7 @@ def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
     mode = mode or cfg.aggregation
     per_seq = _sums(b.seq, m)
     num_seqs = _at_least_1(b.seq.shape[0] if cfg.count_empty_sequences else (per_seq > 0).sum())
+    denominator: Union[int, Tensor]
     if mode == "token_mean":  # Σ m·x / Σ m
         total, denominator = _masked(m, x).sum(), m.sum().clamp(min=1)
     elif mode == "seq_mean_token_mean":  # Σ_i [Σ_t m·x / max(1, Σ_t m)] / S
@@ -275,7 +283,10 @@ def _rollout_weight(old: Tensor, b: _Batch) -> Tensor:
     """MATH §2.4: w = e^(ℓ^old − ℓ^samp) per token, or e^Σ_t m·(ℓ^old − ℓ^samp) per sequence; ``truncate`` clamps w
     to [min, max], ``mask`` zeroes it outside; ``sequence_geomean_mask`` keeps the token's own w and zeroes the
     sequences whose geometric-mean weight lies outside. A soft mask weights the loss, not the ratio (TRL, OpenRLHF)."""
-    cfg, log_w = b.cfg, old - b.samp
+    cfg = b.cfg
+    # called only with a rollout_correction and no is_weights, which need sampling_logprobs (checked on input)
+    assert cfg.rollout_correction is not None and b.samp is not None
+    log_w = old - b.samp
     lo = -INF if cfg.rollout_min is None else cfg.rollout_min
     hi = INF if cfg.rollout_max is None else cfg.rollout_max
     if cfg.rollout_correction == "sequence_geomean_mask":
@@ -337,6 +348,7 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
         w_rollout = torch.ones_like(m)
     w, top = w_rollout, None
     if cfg.top_entropy_quantile < 1.0:  # TRL: H_t ≥ the (1 − q) quantile of the unmasked entropies
+        assert ent is not None  # the config needs the entropy (checked on input)
         h = ent.detach()
         top = m > 0
         if h.numel():  # nanquantile skips the masked tokens (no data-dependent shape); none unmasked: NaN, none kept
@@ -351,9 +363,11 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
     else:
         loss = _aggregate(_policy_term(lp, rho, adv, cfg) * w, m, None, b)
     if cfg.beta != 0.0:  # §2.5
+        assert b.ref is not None  # beta != 0 needs ref_logprobs (checked on input)
         k = kl_estimate(lp, b.ref, cfg)
         loss = loss + cfg.beta * _aggregate(k * rho if cfg.kl_ratio_weighted else k, m, cfg.kl_aggregation, b)
     if cfg.entropy_coef != 0.0:  # §2.7, over the tokens the entropy mask keeps
+        assert ent is not None  # the config needs the entropy (checked on input)
         loss = loss - cfg.entropy_coef * _aggregate(
             ent, m if top is None else torch.where(top, m, 0.0), cfg.entropy_aggregation, b
         )
@@ -431,6 +445,11 @@ def policy_loss(
     position = torch.arange(n, device=device)
     seq = (cu_seqlens[:-1, None] <= position) & (position < cu_seqlens[1:, None])
     m = mask.to(dtype).reshape(-1)
+
+    @overload
+    def per_token(x: Tensor) -> Tensor: ...
+    @overload
+    def per_token(x: Optional[Tensor]) -> Optional[Tensor]: ...
 
     def per_token(x: Optional[Tensor]) -> Optional[Tensor]:
         """[N], a per-sequence x spread over its tokens (packed with S == N: read per token); masked tokens 0."""

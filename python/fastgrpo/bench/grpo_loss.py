@@ -99,8 +99,11 @@ def case(n: int, v: int, device: str, dtype: str, mode: str) -> Case:
             providers["Liger triton_grpo_loss"] = Provider(timed(_liger_loss(targets, kw), grad), fresh)
         except ImportError:
             pass
-    copy_dst = torch.empty_like(logits) if grad else None
-    roof = Provider((lambda z: copy_dst.copy_(z)) if grad else (lambda z: z.sum(dtype=torch.float32)), lambda: logits)
+    if grad:
+        copy_dst = torch.empty_like(logits)
+        roof = Provider(lambda z: copy_dst.copy_(z), lambda: logits)
+    else:
+        roof = Provider(lambda z: z.sum(dtype=torch.float32), lambda: logits)
     return Case(
         OP, mode, dict(N=n, V=v), dtype, providers, bytes=bytes_moved(n, v, logits.element_size(), mode), roofline=roof
     )

@@ -166,10 +166,13 @@ def run_case(case: Case, device: str, repeats: int, progress: Optional[tqdm] = N
     measured here, and the speed-up over the eager reference. A provider that fails (e.g. out of memory)
     gets a row with its error."""
     work = case.bytes if case.bytes is not None else case.flops
+    assert work is not None, f"{case.op}: a Case counts its work in bytes or in FLOPs"
     unit = 1e6 if case.bytes is not None else 1e9  # per ms → GB/s or TFLOP/s
-    base = dict(op=case.op, mode=case.mode, dtype=case.dtype, **case.shape, bytes=case.bytes, flops=case.flops)
+    base: dict[str, Any] = dict(
+        op=case.op, mode=case.mode, dtype=case.dtype, **case.shape, bytes=case.bytes, flops=case.flops
+    )
     roof = None
-    rows = []
+    rows: list[dict[str, Any]] = []
     entries = ([("roofline", case.roofline)] if case.roofline else []) + list(case.providers.items())
     shape = "x".join(f"{k}{v}" for k, v in case.shape.items())
     for name, provider in entries:

@@ -9,6 +9,8 @@ Liger-Kernel's ``LigerFusedLinearGRPOLoss``, when installed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .. import reference
@@ -80,7 +82,7 @@ def case(n: int, h: int, v: int, device: str, dtype: str, mode: str) -> Case:
     weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(DTYPES[dtype])
     targets = torch.randint(0, v, (b, t), device=device, generator=g)
     lp = torch.randn(b, t, device=device, generator=g) - 5.0
-    kw = dict(
+    kw: dict[str, Any] = dict(  # the loss functions' keywords
         advantages=torch.randn(b, device=device, generator=g),
         mask=torch.ones(b, t, device=device),
         old_logprobs=lp + 0.01,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,8 +45,9 @@ def _ints(text: Optional[str], default: list[int]) -> list[int]:
     return default if text is None else [int(x) for x in text.split(",") if x]
 
 
-def collect(args: argparse.Namespace) -> list[Case]:
-    """Every case of the requested ops (inputs are built lazily, op by op, to bound memory)."""
+def collect(args: argparse.Namespace) -> list[Callable[[], list[Case]]]:
+    """For each requested op, the function building its cases (inputs are built lazily, op by op, to bound
+    memory)."""
     device, quick = args.device, args.quick
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     modes = args.modes.split(",") if args.modes else (["fwd+bwd"] if quick else ["fwd", "fwd+bwd"])

@@ -87,9 +87,13 @@ class PolicyLoss(nn.Module):
         gspo = self.policy_loss_type == "gspo"
         correction = self.level != "off"
         # OpenRLHF's GSPO with a correction level measures the ratio against the rollout log-probs
-        old = rollout_log_probs if gspo and correction else old_log_probs
-        is_weights = dropped = None
+        old = old_log_probs
+        if gspo and correction:
+            assert rollout_log_probs is not None, "is_correction_level needs rollout_log_probs (as in OpenRLHF)"
+            old = rollout_log_probs
+        is_weights = vllm_kl = is_filter_ratio = None
         if correction and not gspo:
+            assert rollout_log_probs is not None, "is_correction_level needs rollout_log_probs (as in OpenRLHF)"
             old_d, rollout_d = old_log_probs.detach(), rollout_log_probs.detach()
             if self.gating != "ratio":
                 is_weights, dropped = self._divergence_gate(old_d, rollout_d, mask)
@@ -97,6 +101,10 @@ class PolicyLoss(nn.Module):
                 log_is = old_d - rollout_d
                 stat = log_is if self.level == "token" else _masked_mean(log_is, mask, dim=-1).unsqueeze(-1)
                 dropped = (stat.exp() < self.threshold[0]) | (stat.exp() > self.threshold[1])
+            vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
+            is_filter_ratio = (
+                dropped.to(mask.dtype).mean() if self.level == "seq" else _masked_mean(dropped.to(mask.dtype), mask)
+            )
         count = batch_num_tokens if self.config.aggregation == "token_mean" else global_batch_size
         out = policy_loss(
             log_probs,
@@ -118,12 +126,6 @@ class PolicyLoss(nn.Module):
         surr2 = ratio.clamp(1 - self.clip_eps_low, 1 + self.clip_eps_high) * advantages
         clip_ratio = _masked_mean((surr2 < surr1).to(mask.dtype), mask)
         ppo_kl = _masked_mean(-(log_probs - old_log_probs).detach(), mask)
-        vllm_kl = is_filter_ratio = None
-        if dropped is not None:
-            vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
-            is_filter_ratio = (
-                dropped.to(mask.dtype).mean() if self.level == "seq" else _masked_mean(dropped.to(mask.dtype), mask)
-            )
         return out.loss, clip_ratio, ppo_kl, vllm_kl, is_filter_ratio
 
 

@@ -42,8 +42,10 @@ from ..trajectory.linear_grpo_loss import linear_grpo_loss
 
 try:
     from torch.distributed.tensor import DTensor
+
+    _DTENSOR: tuple[type[Any], ...] = (DTensor,)  # a tuple: isinstance(x, ()) is False
 except ImportError:  # a torch build without distributed
-    DTensor = ()
+    _DTENSOR = ()
 
 _VISION_INPUTS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "num_images")
 
@@ -107,7 +109,8 @@ def _add_loss_forward(model: Any) -> None:
     # transformers reads forward's parameter names (generate() checks model_kwargs such as attention_mask
     # against them when prepare_inputs_for_generation takes **kwargs, as the Mamba hybrids' do; it also looks
     # for logits_to_keep): the wrapper shows the original's parameters plus its own keyword
-    forward.__signature__ = _signature_with_loss(inspect.signature(original))
+    signature = _signature_with_loss(inspect.signature(original))
+    forward.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect; typeshed does not declare it
     model.forward = types.MethodType(forward, model)
     model._fastgrpo_forward = True
 
@@ -175,7 +178,7 @@ def _compute_loss(self: Any, model: Any, inputs: dict) -> Tensor:
             raise NotImplementedError("a PEFT adapter on the LM head is not supported by fastgrpo's TRL integration")
         hidden = hidden[:, -num_completion - 1 : -1].to(head.weight.device)  # position t predicts token t + 1
         weight, bias = head.weight, head.bias
-        if isinstance(weight, DTensor):  # FSDP2 shards the head: gather it, as TRL's fused head does
+        if isinstance(weight, _DTENSOR):  # FSDP2 shards the head: gather it, as TRL's fused head does
             weight, bias = weight.full_tensor(), None if bias is None else bias.full_tensor()
         fp32_head = args.cast_lm_head_to_fp32  # TRL runs the head in fp32, outside autocast
         with torch.autocast(hidden.device.type, enabled=False) if fp32_head else contextlib.nullcontext():
@@ -224,6 +227,7 @@ def _log_metrics(
     metrics = self._metrics[mode]
     mask = mask.float()
     lp, entropy = out.logprobs, out.entropy
+    assert entropy is not None  # the loss ran with return_entropy=True
     advantages = inputs["advantages"]
     advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     log_ratio = lp - (lp if old is None else old)

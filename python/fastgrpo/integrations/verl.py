@@ -216,5 +216,6 @@ def linear_cross_entropy(
     lp, ent = linear_token_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, ids.long(), temperature=temperature, entropy=True
     )
-    reduce = {"none": lambda x: x, "sum": torch.sum, "mean": torch.mean}[reduction.lower()]
+    reductions: dict[str, Callable[[Tensor], Tensor]] = {"none": lambda x: x, "sum": torch.sum, "mean": torch.mean}
+    reduce = reductions[reduction.lower()]
     return reduce(lp), ent

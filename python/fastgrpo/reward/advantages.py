@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _library, backends
-from ..config import AdvantageConfig, Rewards
+from ..config import AdvantageConfig, AdvantageEstimator, AdvantageScale, Rewards, SingletonGroup
 from ..inputs import check_rewards
 from ..kernels import params as P
 
@@ -217,8 +217,15 @@ def advantages(
     group_size: Optional[int] = ...,
     group_ids: Optional[Tensor] = ...,
     *,
+    estimator: AdvantageEstimator = ...,
+    scale: AdvantageScale = ...,
+    eps: float = ...,
+    singleton: SingletonGroup = ...,
+    reward_weights: Optional[Tensor] = ...,
+    config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[False] = ...,
-    **kw,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
 ) -> Tensor: ...
 @overload
 def advantages(
@@ -226,9 +233,32 @@ def advantages(
     group_size: Optional[int] = ...,
     group_ids: Optional[Tensor] = ...,
     *,
+    estimator: AdvantageEstimator = ...,
+    scale: AdvantageScale = ...,
+    eps: float = ...,
+    singleton: SingletonGroup = ...,
+    reward_weights: Optional[Tensor] = ...,
+    config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[True],
-    **kw,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
 ) -> tuple[Tensor, dict[str, Tensor]]: ...
+@overload
+def advantages(
+    rewards: Tensor,
+    group_size: Optional[int] = ...,
+    group_ids: Optional[Tensor] = ...,
+    *,
+    estimator: AdvantageEstimator = ...,
+    scale: AdvantageScale = ...,
+    eps: float = ...,
+    singleton: SingletonGroup = ...,
+    reward_weights: Optional[Tensor] = ...,
+    config: Optional[AdvantageConfig] = ...,
+    return_metrics: bool = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]: ...
 
 
 def advantages(
@@ -236,10 +266,10 @@ def advantages(
     group_size: Optional[int] = None,
     group_ids: Optional[Tensor] = None,
     *,
-    estimator: str = "grpo",
-    scale: str = "group",
+    estimator: AdvantageEstimator = "grpo",
+    scale: AdvantageScale = "group",
     eps: float = 1e-4,
-    singleton: str = "zero",
+    singleton: SingletonGroup = "zero",
     reward_weights: Optional[Tensor] = None,
     config: Optional[AdvantageConfig] = None,
     return_metrics: bool = False,

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -154,7 +154,7 @@ def register_triton() -> None:
 
 
 def _fake_outputs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    f32 = dict(device=logits.device, dtype=torch.float32)
+    f32: dict[str, Any] = dict(device=logits.device, dtype=torch.float32)
     return logits.new_empty((), **f32), logits.new_empty((len(P.TOKEN_OUTPUTS), targets.numel()), **f32)
 
 
@@ -199,7 +199,7 @@ def register(prefix: str, ops: _library.Ops) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def inplace_grad_function(ops: _library.Ops) -> type:
+def inplace_grad_function(ops: _library.Ops) -> type[torch.autograd.Function]:
     """Autograd for ``inplace_grad``: after the forward the logits buffer *is* the gradient. Held on ctx (not
     saved for backward) because its version changed by design; eager only. A backward that keeps the graph
     leaves the buffer holding the unscaled gradient (see ``_library.precomputed_gradients``)."""
@@ -340,6 +340,8 @@ def prepare(
     if inputs.is_weights is not None:
         weight = lay.per_token(inputs.is_weights.detach(), shape)
     elif cfg.rollout_correction is not None:
+        # token local (the fused path): old_logprobs given; sampling_logprobs are then required (checked on input)
+        assert old is not None and samp is not None
         weight = objective.rollout_weights(old, samp, m, lay, cfg)
     agg = lambda mode: objective.aggregation_weights(m, mode, lay, cfg, inputs.normalizer) * cfg.loss_scale  # noqa: E731
     rows = dict(

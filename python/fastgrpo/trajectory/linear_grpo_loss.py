@@ -25,7 +25,7 @@ one vocabulary slice of the weight at a time (``_Gemm``).
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -106,6 +106,7 @@ class _Gemm:
     def to_raw_grad(self, dz: Tensor) -> Tensor:
         """∂/∂(X·Wᵀ + b) from ∂/∂z of the chunk last passed to ``logits``."""
         if self.softcap is not None:
+            assert self._tanh is not None  # set by that call to ``logits``
             dz = dz * (1.0 - self._tanh * self._tanh)
             self._tanh = None
         return dz * self.scale if self.scale != 1.0 else dz
@@ -265,13 +266,14 @@ def kernel_linear_grpo_loss(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab, hidden.device))
     gemm = _Gemm(weight.detach(), None if bias is None else bias.detach(), logit_scale, logit_softcap)
-    f32 = dict(device=hidden.device, dtype=torch.float32)
+    f32: dict[str, Any] = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
     sliced = needs_grad and vocab * hid * 4 > _per_device(DW_ACCUMULATOR_BYTES, hidden.device)
     d_weight = torch.zeros(vocab, hid, **f32) if needs_grad and not sliced else None  # sliced: per slice
     d_bias = torch.zeros(vocab, **f32) if needs_grad and bias is not None else None
 
     def accumulate(rows: Tensor, dz: Tensor) -> None:
+        assert d_hidden is not None and d_weight is not None  # called only when needs_grad and not sliced
         dz = gemm.to_raw_grad(dz)
         gemm.accumulate(dz, h[rows].detach(), rows, d_hidden, d_weight)
         if d_bias is not None:
@@ -311,10 +313,11 @@ def kernel_linear_grpo_loss(
             result = objective.policy_loss(lp_leaf, inputs, ent_leaf)
         if needs_grad:
             leaves = [x for x in (lp_leaf, ent_leaf) if x is not None and x.requires_grad]
-            grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
-            g_lp = torch.zeros(n, **f32) if grads[0] is None else grads[0].reshape(n)
-            g_ent = grads[1].reshape(n) if len(grads) > 1 and grads[1] is not None else None
+            leaf_grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
+            g_lp = torch.zeros(n, **f32) if leaf_grads[0] is None else leaf_grads[0].reshape(n)
+            g_ent = leaf_grads[1].reshape(n) if len(leaf_grads) > 1 and leaf_grads[1] is not None else None
             if sliced:
+                assert d_hidden is not None  # allocated when needs_grad
                 d_weight = _sliced_gradients(
                     weight,
                     bias,
@@ -346,10 +349,12 @@ def kernel_linear_grpo_loss(
         result.loss = result.loss.detach()
 
     if needs_grad:
+        # allocated when needs_grad (d_weight: by the sliced pass when sliced), d_bias when there is a bias
+        assert d_hidden is not None and d_weight is not None
         grads = (
             d_hidden.view(hidden.shape).to(hidden.dtype),
             d_weight.to(weight.dtype),  # no copy when sliced
-            None if d_bias is None else d_bias.to(bias.dtype),
+            None if d_bias is None or bias is None else d_bias.to(bias.dtype),
         )
         result.loss = _PrecomputedGrads.apply(result.loss, grads, ops.scale_grad_, hidden, weight, bias)
     return result

@@ -13,7 +13,7 @@ validate them). ``fastgrpo.reference`` states the same math independently; the t
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -26,6 +26,12 @@ from ..reward import advantages as reward
 def _acc(x: Tensor) -> Tensor:
     """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+@overload
+def _as(x: Tensor, value: float) -> Tensor: ...
+@overload
+def _as(x: Tensor, value: Optional[float]) -> Optional[Tensor]: ...
 
 
 def _as(x: Tensor, value: Optional[float]) -> Optional[Tensor]:
@@ -140,6 +146,7 @@ def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg:
     log_w = torch.where(m > 0, old - samp, 0.0)
     seq_log_w = lay.seg_sum(m * log_w)
     mode = cfg.rollout_correction
+    assert mode is not None  # called only with a rollout_correction
     lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
     hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
     if mode == "sequence_geomean_mask":
@@ -233,10 +240,12 @@ def _objective(
     if is_w is not None:
         weight = is_w
     elif cfg.rollout_correction is not None:
+        assert samp is not None  # a rollout correction without is_weights needs them (checked on input)
         weight = rollout_weights(old, samp, m, lay, cfg)
     is_weight = weight
     emask = None
     if cfg.top_entropy_quantile < 1.0:
+        assert ent is not None  # the config needs the entropy (checked on input)
         emask = _entropy_mask(ent.detach(), m, cfg.top_entropy_quantile)
         weight = weight * emask
     if cfg.off_policy_mask_threshold is not None:
@@ -278,6 +287,7 @@ def _objective(
 
     loss = policy
     if cfg.beta != 0.0:  # §2.5
+        assert ref is not None  # beta != 0 needs ref_logprobs (checked on input)
         k = kl_estimate(lp, ref, cfg)
         if cfg.kl_ratio_weighted:
             k = k * rho
@@ -285,6 +295,7 @@ def _objective(
     if ref is not None:
         values["kl"] = kl_estimate(lp.detach(), ref, cfg).detach()
     if cfg.entropy_coef != 0.0:  # §2.7
+        assert ent is not None  # the config needs the entropy (checked on input)
         ent_mask = m if emask is None else m * emask
         loss = loss - cfg.entropy_coef * _aggregate(
             ent, ent_mask, cfg.entropy_aggregation or cfg.aggregation, lay, cfg, normalizer
@@ -348,6 +359,11 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     lay = TokenLayout(shape, inputs.cu_seqlens, config.max_length, logprobs.device)
 
     m = _acc(inputs.mask.reshape(-1))
+
+    @overload
+    def flat(x: Tensor) -> Tensor: ...
+    @overload
+    def flat(x: Optional[Tensor]) -> Optional[Tensor]: ...
 
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
         """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding

@@ -14,7 +14,7 @@ autograd), the kernel backends' host code and the public functions ``token_logpr
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Literal, Optional, Union, cast, overload
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ def token_logprobs_launcher(
     from ..kernels import token_logprobs as K
 
     n, vocab = targets.numel(), logits.shape[-1]
-    out = dict(device=logits.device, dtype=torch.float32)
+    out: dict[str, Any] = dict(device=logits.device, dtype=torch.float32)
     logprobs, stats = torch.empty(targets.shape, **out), torch.empty(targets.shape + (2,), **out)
     entropy = torch.empty(targets.shape if with_entropy else (0,), **out)
     if n > 0:
@@ -93,7 +93,7 @@ def token_logprobs_backward_launcher(
             stats,
             _library.rows(entropy),
             _library.rows(grad_logprobs, torch.float32),
-            _library.rows(grad_entropy, torch.float32) if has_grad_entropy else stats,
+            _library.rows(grad_entropy, torch.float32) if grad_entropy is not None else stats,
             _library.float_params(inv_temperature, logits, 1, "inv_temperature"),
             t,
             vocab,
@@ -169,6 +169,38 @@ def kernel_token_logprobs(
 
 
 # ----------------------------------------------------------------------------------------- public functions
+@overload
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    entropy: Literal[False] = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> Tensor: ...
+@overload
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    entropy: Literal[True],
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = ...,
+    entropy: bool = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> LogprobsResult: ...
+
+
 def token_logprobs(
     logits: Tensor,
     targets: Tensor,
@@ -197,7 +229,51 @@ def token_logprobs(
     checks.token_ids("targets", targets, logits.shape[-1])
     checks.run()
     lp, ent = backends.select(backend, logits.device).token_logprobs(logits, targets, temperature, entropy)
-    return (lp, ent) if entropy else lp
+    return (lp, cast(Tensor, ent)) if entropy else lp  # a backend returns the entropy when asked
+
+
+@overload
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = ...,
+    temperature: float = ...,
+    entropy: Literal[False] = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> Tensor: ...
+@overload
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = ...,
+    temperature: float = ...,
+    entropy: Literal[True],
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = ...,
+    temperature: float = ...,
+    entropy: bool = ...,
+    logit_scale: float = ...,
+    logit_softcap: Optional[float] = ...,
+    backend: str = ...,
+    check_values: Optional[bool] = ...,
+) -> LogprobsResult: ...
 
 
 def linear_token_logprobs(
@@ -226,4 +302,4 @@ def linear_token_logprobs(
         lp, ent = impl.linear_token_logprobs(
             hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
         )
-    return (lp, ent) if entropy else lp
+    return (lp, cast(Tensor, ent)) if entropy else lp  # a backend returns the entropy when asked
