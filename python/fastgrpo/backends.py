@@ -109,32 +109,61 @@ class ReferenceBackend:
             config=inputs.config,
         )
 
-    def token_logprobs(self, logits, targets, temperature, entropy):
+    def token_logprobs(
+        self, logits: Tensor, targets: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
         return reference.token_logprobs(logits, targets, temperature, entropy)
 
-    def linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap):
+    def linear_token_logprobs(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        temperature: float,
+        entropy: bool,
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> tuple[Tensor, Optional[Tensor]]:
         return reference.linear_token_logprobs(
             hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
         )
 
     def advantages(
-        self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None, metrics=True
-    ):
+        self,
+        rewards: Tensor,
+        group_size: Optional[int] = None,
+        group_ids: Optional[Tensor] = None,
+        config: AdvantageConfig = AdvantageConfig(),
+        reward_weights: Optional[Tensor] = None,
+        metrics: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return reference.advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
 
-    def policy_loss(self, logprobs, entropy, inputs):
+    def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
         return reference.policy_loss(
             logprobs, inputs.advantages, inputs.mask, entropy=entropy, **self._keywords(inputs)
         )
 
-    def grpo_loss(self, logits, targets, inputs, return_entropy, inplace_grad):
+    def grpo_loss(
+        self, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
+    ) -> LossOutput:
         return reference.grpo_loss(
             logits, targets, inputs.advantages, inputs.mask, return_entropy=return_entropy, **self._keywords(inputs)
         )
 
     def linear_grpo_loss(
-        self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
-    ):
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        inputs: LossInputs,
+        return_entropy: bool,
+        chunk_tokens: Optional[int],
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> LossOutput:
         return reference.linear_grpo_loss(
             hidden,
             weight,
@@ -160,28 +189,58 @@ class KernelBackend:
     def __init__(self, name: str, ops: _library.Ops) -> None:
         self.name, self.ops = name, ops
 
-    def token_logprobs(self, logits, targets, temperature, entropy):
+    def token_logprobs(
+        self, logits: Tensor, targets: Tensor, temperature: float, entropy: bool
+    ) -> tuple[Tensor, Optional[Tensor]]:
         return _token_logprobs.kernel_token_logprobs(self.ops, logits, targets, temperature, entropy)
 
-    def linear_token_logprobs(self, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap):
+    def linear_token_logprobs(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        temperature: float,
+        entropy: bool,
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> tuple[Tensor, Optional[Tensor]]:
         return _linear_grpo_loss.kernel_linear_token_logprobs(
             self.ops, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
         )
 
     def advantages(
-        self, rewards, group_size=None, group_ids=None, config=AdvantageConfig(), reward_weights=None, metrics=True
-    ):
+        self,
+        rewards: Tensor,
+        group_size: Optional[int] = None,
+        group_ids: Optional[Tensor] = None,
+        config: AdvantageConfig = AdvantageConfig(),
+        reward_weights: Optional[Tensor] = None,
+        metrics: bool = True,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         return _advantages.kernel_advantages(self.ops, rewards, group_size, group_ids, config, reward_weights, metrics)
 
-    def policy_loss(self, logprobs, entropy, inputs):  # O(N) on given log-probs: no vocabulary pass to fuse
+    def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
+        # O(N) on given log-probs: no vocabulary pass to fuse
         return _objective.policy_loss(logprobs, inputs, entropy)
 
-    def grpo_loss(self, logits, targets, inputs, return_entropy, inplace_grad):
+    def grpo_loss(
+        self, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
+    ) -> LossOutput:
         return _grpo_loss.kernel_grpo_loss(self.ops, logits, targets, inputs, return_entropy, inplace_grad)
 
     def linear_grpo_loss(
-        self, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
-    ):
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        bias: Optional[Tensor],
+        inputs: LossInputs,
+        return_entropy: bool,
+        chunk_tokens: Optional[int],
+        logit_scale: float,
+        logit_softcap: Optional[float],
+    ) -> LossOutput:
         return _linear_grpo_loss.kernel_linear_grpo_loss(
             self.ops, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
         )
