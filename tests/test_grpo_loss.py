@@ -315,6 +315,8 @@ def test_float_hyper_parameters_come_as_one_checked_tensor(backend):
     targets_, tokens, rewards, seq, _, codes, *_ = fused_args(cfg, targets, kw)
     with pytest.raises((RuntimeError, ValueError), match="params must hold 14 value"):
         ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params[:13], codes, False, False)
+    with pytest.raises((RuntimeError, ValueError), match=r"tokens must be \[7, 6\]"):
+        ops.grpo_loss_fused(logits, targets_, tokens[:, :5], rewards, seq, params, codes, False, False)
     with pytest.raises((RuntimeError, ValueError), match="codes must hold 11 ints"):
         ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params, codes[:10], False, False)
     with pytest.raises((RuntimeError, ValueError), match="inv_temperature must hold 1 value"):

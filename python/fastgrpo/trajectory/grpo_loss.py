@@ -64,6 +64,10 @@ def _launch(
 
     _library.check_codes(codes, len(P.CODES))
     n, vocab = targets.numel(), logits.shape[-1]
+    if tokens.shape != (len(P.TOKEN_INPUTS), n):  # the kernel reads row k of token r at k·N + r
+        raise ValueError(
+            f"tokens must be [{len(P.TOKEN_INPUTS)}, {n}] (kernels/params.py: TOKEN_INPUTS), got {list(tokens.shape)}"
+        )
     outputs = torch.empty(len(P.TOKEN_OUTPUTS), n, device=logits.device, dtype=torch.float32)
     if n > 0:
         t, stride_b, stride_t = _library.row_addressing(logits)
