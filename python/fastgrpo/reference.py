@@ -3,9 +3,10 @@
 
 It imports nothing of the production layer (``fastgrpo.trajectory``, ``fastgrpo.reward``, the kernels), so an error
 there cannot hide in a kernel-vs-reference test. Written for reading, not speed:
-- tokens lie on one axis of N entries; a membership matrix M [sets, N] says which sequence each token is in (the
-  rows of [B, T], or the spans of ``cu_seqlens``), and another which group each reward is in. A per-set sum is a row
-  sum of M-selected entries, a per-set value reaches its members through Mᵀ: static shapes, no host sync;
+- tokens lie on one axis of N entries, grouped in sets (sequences; rewards in groups) that give two operations: the
+  sum over each set and the spread of a per-set value to its members. Equal contiguous sets (the rows of [B, T],
+  groups of ``group_size``) are the rows of a view; the spans of ``cu_seqlens`` and ``group_ids`` a membership
+  matrix M [sets, N] (a row sum of M-selected entries, and Mᵀ). Static shapes, no host sync;
 - each aggregation is its formula of MATH §2.6; group statistics are computed in fp64, where (r − mean)² of
   rewards near 1e20 does not overflow;
 - anything at a masked position (NaN, inf, padding ids) is selected away with torch.where, never multiplied by 0,
@@ -15,7 +16,7 @@ Values are fp32, or fp64 for fp64 inputs (gradcheck). Inputs are valid: the publ
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union, overload
+from typing import Callable, NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -45,15 +46,27 @@ def _clamp(x: Tensor, lo: Optional[float] = None, hi: Optional[float] = None) ->
     return x if lo is None and hi is None else x.clamp(_const(x, lo), _const(x, hi))
 
 
-def _sums(member: Tensor, x: Tensor) -> Tensor:
-    """Σ of x over the members of each set: member [sets, N], x [N] → [sets]. Selected, not M @ x: an inf of one
-    set would make 0·inf = NaN in all the others."""
-    return torch.where(member, x, 0.0).sum(-1)
+class _Sets(NamedTuple):
+    """Which set (sequence, group) each of N entries is in, as the two operations the math needs."""
+
+    sums: Callable[[Tensor], Tensor]  # x [N] → Σ of x over each set [sets]
+    spread: Callable[[Tensor], Tensor]  # v [sets] → each entry's set value [N]
+    count: int
 
 
-def _spread(member: Tensor, v: Tensor) -> Tensor:
-    """Mᵀ v: each of the N members gets its set's value. member [sets, N], v [sets] → [N]."""
-    return torch.where(member, v[:, None], 0.0).sum(0)
+def _rows(count: int, size: int) -> _Sets:
+    """Contiguous sets of ``size`` entries: the rows of a [count, size] view."""
+    return _Sets(lambda x: x.reshape(count, size).sum(-1), lambda v: v[:, None].expand(count, size).reshape(-1), count)
+
+
+def _members(member: Tensor) -> _Sets:
+    """Sets given by a membership matrix M [sets, N]: sums selected, not M @ x (an inf of one set would make
+    0·inf = NaN in all the others), values reaching their members through Mᵀ."""
+    return _Sets(
+        lambda x: torch.where(member, x, 0.0).sum(-1),
+        lambda v: torch.where(member, v[:, None], 0.0).sum(0),
+        member.shape[0],
+    )
 
 
 def _at_least_1(n: Union[int, Tensor]) -> Union[int, Tensor]:
@@ -147,14 +160,11 @@ def advantages(
         r = r @ (torch.ones_like(r[0]) if reward_weights is None else reward_weights.double())
     num = r.shape[0]
     if group_ids is not None:  # one group per distinct id: a membership matrix [groups, B]
-        member = torch.unique(group_ids)[:, None] == group_ids
-        num_groups = member.shape[0]
-        sums, of_group = (lambda x: _sums(member, x)), (lambda v: _spread(member, v))
+        groups = _members(torch.unique(group_ids)[:, None] == group_ids)
     else:  # contiguous groups: the rows of a [groups, group_size] view (the membership matrix has B²/size entries)
         assert group_size is not None  # one of the two is given (the public functions check it)
-        num_groups = num // group_size
-        sums = lambda x: x.reshape(num_groups, group_size).sum(-1)  # noqa: E731
-        of_group = lambda v: v.repeat_interleave(group_size)  # noqa: E731
+        groups = _rows(num // group_size, group_size)
+    sums, of_group, num_groups = groups.sums, groups.spread, groups.count
     size = sums(torch.ones_like(r))
     total = sums(r)
     mean = total / size.clamp(min=1)
@@ -243,7 +253,7 @@ class _Batch(NamedTuple):
     ref: Optional[Tensor]
     samp: Optional[Tensor]
     is_weights: Optional[Tensor]
-    seq: Tensor  # membership [num_seqs, N]
+    seq: _Sets  # the sequences
     max_length: Union[int, Tensor]  # L_max of token_sum_norm
     normalizer: Normalizer
     cfg: LossConfig
@@ -256,7 +266,7 @@ def _masked(m: Tensor, x: Tensor) -> Tensor:
 
 def _seq_mean(b: _Batch, x: Tensor) -> Tensor:
     """Σ_t m·x / max(1, Σ_t m) per sequence."""
-    return _sums(b.seq, _masked(b.m, x)) / _sums(b.seq, b.m).clamp(min=1)
+    return b.seq.sums(_masked(b.m, x)) / b.seq.sums(b.m).clamp(min=1)
 
 
 def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
@@ -264,15 +274,15 @@ def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
     a call's ``normalizer`` replaces the denominator."""
     cfg = b.cfg
     mode = mode or cfg.aggregation
-    per_seq = _sums(b.seq, m)
-    num_seqs = _at_least_1(b.seq.shape[0] if cfg.count_empty_sequences else (per_seq > 0).sum())
+    per_seq = b.seq.sums(m)
+    num_seqs = _at_least_1(b.seq.count if cfg.count_empty_sequences else (per_seq > 0).sum())
     denominator: Union[int, Tensor]
     if mode == "token_mean":  # Σ m·x / Σ m
         total, denominator = _masked(m, x).sum(), m.sum().clamp(min=1)
     elif mode == "seq_mean_token_mean":  # Σ_i [Σ_t m·x / max(1, Σ_t m)] / S
-        total, denominator = (_sums(b.seq, _masked(m, x)) / per_seq.clamp(min=1)).sum(), num_seqs
+        total, denominator = (b.seq.sums(_masked(m, x)) / per_seq.clamp(min=1)).sum(), num_seqs
     elif mode == "seq_mean_token_sum":  # Σ_i Σ_t m·x / S
-        total, denominator = _sums(b.seq, _masked(m, x)).sum(), num_seqs
+        total, denominator = b.seq.sums(_masked(m, x)).sum(), num_seqs
     else:  # token_sum_norm: Σ m·x / (S·L_max), or / L_max alone
         total = _masked(m, x).sum()
         denominator = _at_least_1((num_seqs if cfg.divide_by_num_sequences else 1) * b.max_length)
@@ -290,10 +300,10 @@ def _rollout_weight(old: Tensor, b: _Batch) -> Tensor:
     lo = -INF if cfg.rollout_min is None else cfg.rollout_min
     hi = INF if cfg.rollout_max is None else cfg.rollout_max
     if cfg.rollout_correction == "sequence_geomean_mask":
-        geo = _spread(b.seq, torch.exp(_seq_mean(b, log_w)))
+        geo = b.seq.spread(torch.exp(_seq_mean(b, log_w)))
         return torch.where((geo < lo) | (geo > hi), 0.0, torch.exp(log_w))
     if cfg.rollout_correction.startswith("sequence"):
-        log_w = _spread(b.seq, _sums(b.seq, _masked(b.m, log_w)))
+        log_w = b.seq.spread(b.seq.sums(_masked(b.m, log_w)))
     w = torch.exp(log_w)
     if cfg.rollout_correction.endswith("truncate"):
         return _clamp(w, cfg.rollout_min, cfg.rollout_max)
@@ -319,9 +329,9 @@ def _gmpo(log_r: Tensor, w: Tensor, b: _Batch) -> Tensor:
     ratios, each sequence weighted by the geometric mean of its token weights (log(w + 1e-10): w = 0 drops it)."""
     cfg, sign = b.cfg, torch.sign(b.adv)
     d = sign * torch.minimum(sign * log_r, sign * _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high))
-    mean = lambda x: _sums(b.seq, _masked(b.m, x)) / (_sums(b.seq, b.m) + 1e-8)  # noqa: E731
+    mean = lambda x: b.seq.sums(_masked(b.m, x)) / (b.seq.sums(b.m) + 1e-8)  # noqa: E731
     per_seq = -mean(b.adv) * torch.exp(mean(d)) * torch.exp(mean(torch.log(w + 1e-10)))
-    return per_seq.sum() / (max(b.seq.shape[0], 1) if b.normalizer is None else b.normalizer)
+    return per_seq.sum() / (max(b.seq.count, 1) if b.normalizer is None else b.normalizer)
 
 
 def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -333,7 +343,7 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
         log_r = _clamp(log_r, -cfg.log_ratio_clamp, cfg.log_ratio_clamp)
     log_rho = log_r
     if cfg.ratio_level == "sequence":  # §2.2 GSPO: log s_i on every token of sequence i
-        log_rho = _spread(b.seq, _seq_mean(b, log_r))
+        log_rho = b.seq.spread(_seq_mean(b, log_r))
         if cfg.sequence_ratio_grad == "token":  # verl's GSPO-token: the value of log s_i, the gradient of ℓ_t
             log_rho = lp - lp.detach() + log_rho.detach()
         log_rho = _clamp(log_rho, hi=cfg.seq_log_ratio_max)
@@ -355,7 +365,7 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
             top = top & (h >= torch.nanquantile(torch.where(top, h, float("nan")), 1.0 - cfg.top_entropy_quantile))
         w = torch.where(top, w, 0.0)
     if cfg.off_policy_mask_threshold is not None:  # TRL: drop a stale sequence with A < 0
-        drift = _spread(b.seq, _seq_mean(b, (old if b.samp is None else b.samp).detach() - lp.detach()))
+        drift = b.seq.spread(_seq_mean(b, (old if b.samp is None else b.samp).detach() - lp.detach()))
         w = torch.where((adv >= 0) | (drift <= cfg.off_policy_mask_threshold), w, 0.0)
 
     if cfg.policy_loss == "gmpo":
@@ -436,14 +446,14 @@ def policy_loss(
     """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages and ``is_weights``
     per sequence ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t.
     ``logprobs`` (and ``entropy`` for the bonus)."""
-    shape, device = logprobs.shape, logprobs.device
+    shape = logprobs.shape
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     n = shape.numel()
     if cu_seqlens is None:  # the rows of [B, T]; a 1-D [N] is one sequence
-        rows, length = (shape[0], shape[1]) if len(shape) == 2 else (1, n)
-        cu_seqlens = torch.arange(rows + 1, device=device) * length
-    position = torch.arange(n, device=device)
-    seq = (cu_seqlens[:-1, None] <= position) & (position < cu_seqlens[1:, None])
+        seq = _rows(shape[0], shape[1]) if len(shape) == 2 else _rows(1, n)
+    else:  # the spans of cu_seqlens: a membership matrix [S, N]
+        position = torch.arange(n, device=logprobs.device)
+        seq = _members((cu_seqlens[:-1, None] <= position) & (position < cu_seqlens[1:, None]))
     m = mask.to(dtype).reshape(-1)
 
     @overload
@@ -457,9 +467,9 @@ def policy_loss(
             return None
         per_seq = x.numel() != n or (len(shape) == 2 and x.shape != shape)
         x = x.to(dtype).reshape(-1)
-        return torch.where(m > 0, _spread(seq, x) if per_seq else x, 0.0)
+        return torch.where(m > 0, seq.spread(x) if per_seq else x, 0.0)
 
-    longest = _sums(seq, torch.ones_like(m)).amax() if seq.shape[0] else 0
+    longest = seq.sums(torch.ones_like(m)).amax() if seq.count else 0
     b = _Batch(
         m,
         per_token(_from_rewards(advantages, config.advantage).detach()),
