@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "token_objective.h"
 
@@ -43,12 +44,29 @@ inline at::Tensor float_params(const at::Tensor& x, const at::Tensor& like, int6
   return rows_float(x);
 }
 
-// The fused op's per-token inputs as the kernels read them: dense fp32 [kNumTokenInputs, rows].
-inline at::Tensor token_inputs(const at::Tensor& tokens, int64_t rows) {
+// The fused op's per-token inputs as the kernels read them: dense fp32 [kNumTokenInputs, rows] on the device of the
+// op's inputs (`like`).
+inline at::Tensor token_inputs(const at::Tensor& tokens, const at::Tensor& like, int64_t rows) {
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == kNumTokenInputs && tokens.size(1) == rows, "tokens must be [",
               static_cast<int64_t>(kNumTokenInputs), ", ", rows, "] (kernels/params.py: TOKEN_INPUTS), got ",
               tokens.sizes());
+  TORCH_CHECK(tokens.device() == like.device(), "tokens must be on the device of the op's inputs (", like.device(),
+              "), got ", tokens.device());
   return tokens.to(at::kFloat).contiguous();
+}
+
+// The fused op's rewards when the kernel normalizes them itself (codes: adv_from_rewards): `rewards` [B] in whole
+// groups and `seq` (each token's sequence) [rows], on the device of the op's inputs. (The indices in `seq` are the
+// caller's: the public functions build them from the token layout.)
+inline void check_reward_inputs(const ObjectiveParams& p, const std::optional<at::Tensor>& rewards,
+                                const std::optional<at::Tensor>& seq, const at::Tensor& like, int64_t rows) {
+  if (!p.adv_from_rewards) return;
+  TORCH_CHECK(rewards.has_value() && seq.has_value(), "rewards and seq are required when adv_from_rewards is set");
+  TORCH_CHECK(p.group_size > 0 && rewards->numel() % p.group_size == 0, "group_size (", p.group_size,
+              ") must divide the number of rewards (", rewards->numel(), ")");
+  TORCH_CHECK(seq->numel() == rows, "seq must hold one sequence index per token (", rows, "), got ", seq->numel());
+  TORCH_CHECK(rewards->device() == like.device() && seq->device() == like.device(),
+              "rewards and seq must be on the device of the op's inputs (", like.device(), ")");
 }
 
 // The ints an op takes as `codes` (kernels/params.py: CODES or ADVANTAGE_CODES).

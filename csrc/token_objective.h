@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #ifdef __CUDACC__
 #define FASTGRPO_HD __host__ __device__ __forceinline__
@@ -26,8 +27,22 @@ enum TokenOutput : int64_t {
   kOutLogprobs, kOutEntropy, kOutLossTerms, kOutRatio, kOutGradLogprobs, kOutAdvantagesUsed, kNumTokenOutputs
 };
 
-// The ops' `codes` (ints, passed by value: they select variants) and `params` (fp32 on the logits' device, so that
-// torch.compile never specializes on their values; unused bounds are ±inf: a clamp to ±inf is the identity).
+// Entries of the fused op's `params` (fp32 on the logits' device, so that torch.compile never specializes on their
+// values; unused bounds are ±inf: a clamp to ±inf is the identity). The advantages op's `params` are the tail
+// from kAdvEps.
+enum Scalar : int64_t {
+  kInvTemperature, kEpsLow, kEpsHigh, kRatioCap, kDualClip, kLogRatioClamp, kCispoLow, kCispoHigh, kSapoTauPos,
+  kSapoTauNeg, kKlInputClamp, kKlOutputClamp, kAdvEps, kBatchStd, kNumScalars
+};
+// Entries of the fused op's `codes` (ints, passed by value: they select variants). The advantages op's `codes` are
+// the tail from kGroupSize.
+enum Code : int64_t {
+  kPolicy, kKl, kKlStraight, kKlRatioWeighted, kHasOld, kAdvFromRewards, kGroupSize, kAdvEstimator, kAdvDivide,
+  kAdvUseBatchStd, kAdvSingletonRaw, kNumCodes
+};
+constexpr int64_t kNumAdvantageCodes = kNumCodes - kGroupSize;
+constexpr int64_t kNumAdvantageScalars = kNumScalars - kAdvEps;
+
 struct ObjectiveParams {
   // codes
   int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old;
@@ -37,40 +52,37 @@ struct ObjectiveParams {
       sapo_tau_pos, sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps, batch_std;
 };
 
-constexpr int kNumCodes = 11;
-constexpr int kNumAdvantageCodes = 5;  // the advantages op's codes: the tail of the fused op's, from group_size
-constexpr int kNumScalars = 14;
-constexpr int kNumAdvantageScalars = 2;  // the advantages op's params: the tail of the fused op's, from adv_eps
-
-// The advantages op's codes (and the tail of the fused op's).
+// The advantage codes: `c` holds the fused op's codes (first = 0) or the advantages op's (first = kGroupSize).
 template <typename Ints>
-void unpack_advantage_codes(ObjectiveParams& p, const Ints& c, int offset = 0) {
-  p.group_size = c[offset]; p.adv_estimator = c[offset + 1]; p.adv_divide = c[offset + 2];
-  p.adv_use_batch_std = c[offset + 3]; p.adv_singleton_raw = c[offset + 4];
+void unpack_advantage_codes(ObjectiveParams& p, const Ints& c, int64_t first = kGroupSize) {
+  p.group_size = c[kGroupSize - first]; p.adv_estimator = c[kAdvEstimator - first];
+  p.adv_divide = c[kAdvDivide - first]; p.adv_use_batch_std = c[kAdvUseBatchStd - first];
+  p.adv_singleton_raw = c[kAdvSingletonRaw - first];
 }
 
 // The fused op's codes.
 template <typename Ints>
 ObjectiveParams unpack_codes(const Ints& c) {
   ObjectiveParams p{};
-  p.policy = c[0]; p.kl = c[1]; p.kl_straight = c[2]; p.kl_ratio_weighted = c[3]; p.has_old = c[4];
-  p.adv_from_rewards = c[5];
-  unpack_advantage_codes(p, c, kNumCodes - kNumAdvantageCodes);
+  p.policy = c[kPolicy]; p.kl = c[kKl]; p.kl_straight = c[kKlStraight]; p.kl_ratio_weighted = c[kKlRatioWeighted];
+  p.has_old = c[kHasOld]; p.adv_from_rewards = c[kAdvFromRewards];
+  unpack_advantage_codes(p, c, 0);
   return p;
 }
 
-// The advantages op's params (and the tail of the fused op's), on the host from a CPU tensor, on the device
-// from the kernel's pointer.
-FASTGRPO_HD void load_advantage_scalars(ObjectiveParams& p, const float* s) {
-  p.adv_eps = s[0]; p.batch_std = s[1];
+// The advantage scalars: `s` holds the fused op's params (first = 0) or the advantages op's (first = kAdvEps); on the
+// host from a CPU tensor, on the device from the kernel's pointer.
+FASTGRPO_HD void load_advantage_scalars(ObjectiveParams& p, const float* s, int64_t first = kAdvEps) {
+  p.adv_eps = s[kAdvEps - first]; p.batch_std = s[kBatchStd - first];
 }
 
 // The fused op's params.
 FASTGRPO_HD void load_scalars(ObjectiveParams& p, const float* s) {
-  p.inv_temperature = s[0]; p.eps_low = s[1]; p.eps_high = s[2]; p.ratio_cap = s[3]; p.dual_clip = s[4];
-  p.log_ratio_clamp = s[5]; p.cispo_low = s[6]; p.cispo_high = s[7]; p.sapo_tau_pos = s[8];
-  p.sapo_tau_neg = s[9]; p.kl_input_clamp = s[10]; p.kl_output_clamp = s[11];
-  load_advantage_scalars(p, s + kNumScalars - kNumAdvantageScalars);
+  p.inv_temperature = s[kInvTemperature]; p.eps_low = s[kEpsLow]; p.eps_high = s[kEpsHigh];
+  p.ratio_cap = s[kRatioCap]; p.dual_clip = s[kDualClip]; p.log_ratio_clamp = s[kLogRatioClamp];
+  p.cispo_low = s[kCispoLow]; p.cispo_high = s[kCispoHigh]; p.sapo_tau_pos = s[kSapoTauPos];
+  p.sapo_tau_neg = s[kSapoTauNeg]; p.kl_input_clamp = s[kKlInputClamp]; p.kl_output_clamp = s[kKlOutputClamp];
+  load_advantage_scalars(p, s, 0);
 }
 
 struct TokenResult {
@@ -122,9 +134,11 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
     P = -(4.f / tau) * gate * A;
     // where σ' underflows to 0 the derivative σ'·ρ is 0 (e^(−τρ)·ρ → 0), not 0·inf at ρ = inf
     dP = d_gate == 0.f ? 0.f : -4.f * d_gate * A * d_rho;
-  } else {  // reinforce
+  } else if (p.policy == kREINFORCE) {
     P = -A * lp;
     dP = -A;
+  } else {  // a code this build does not know: a NaN loss, never another variant's value
+    P = dP = std::numeric_limits<float>::quiet_NaN();
   }
 
   float K = 0.f, dK = 0.f;
@@ -138,9 +152,11 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
       K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
     } else if (p.kl == kK2) {
       K = 0.5f * dc * dc; dK = dc;
-    } else {  // k3 = e^(−D) − 1 + D as expm1(−D) + D: the order that loses the least to cancellation
+    } else if (p.kl == kK3) {  // k3 = e^(−D) − 1 + D as expm1(−D) + D: the order that loses the least to cancellation
       const float em1 = expm1f(-dc);
       K = em1 + dc; dK = -em1;
+    } else {  // a code this build does not know: a NaN loss
+      K = dK = std::numeric_limits<float>::quiet_NaN();
     }
     // a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
     // are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN

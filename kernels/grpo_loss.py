@@ -17,7 +17,7 @@ coefficient and ``loss_scale`` arrive folded into three per-token weights (w_pol
 from the mask beforehand, so the loss is
 Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
 executed once per row, so they cost nothing and need no recompilation. The float hyper-parameters (1/τ, clip
-bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as ``PARAMS``), loaded once per
+bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as ``SCALARS``), loaded once per
 program: a few scalar loads of the same cached words, nothing per element, and torch.compile sees a tensor
 where a float argument would be specialized (a recompile per value). Unused bounds are ±inf.
 Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
@@ -70,8 +70,8 @@ SAPO_TAU_POS, SAPO_TAU_NEG, KL_INPUT_CLAMP, KL_OUTPUT_CLAMP = (
     _PARAM[n] for n in ("sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")
 )
 ADV_EPS, BATCH_STD = _PARAM["adv_eps"], _PARAM["batch_std"]
-PPO, CISPO, SAPO = tl.constexpr(P.POLICY["ppo"]), tl.constexpr(P.POLICY["cispo"]), tl.constexpr(P.POLICY["sapo"])
-KL_NONE, KL_K1, KL_ABS, KL_K2 = (tl.constexpr(P.KL[n]) for n in ("none", "k1", "abs", "k2"))
+PPO, CISPO, SAPO, REINFORCE = (tl.constexpr(P.POLICY[n]) for n in ("ppo", "cispo", "sapo", "reinforce"))
+KL_NONE, KL_K1, KL_ABS, KL_K2, KL_K3 = (tl.constexpr(P.KL[n]) for n in ("none", "k1", "abs", "k2", "k3"))
 
 
 @triton.jit
@@ -148,6 +148,7 @@ def grpo_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    N = tl.cast(N, tl.int64)  # k·N + row, 64-bit (k·N in i32 would overflow past ~300M tokens)
     out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
     if tl.load(tokens_ptr + MASK * N + row) == 0:
         for k in tl.static_range(NUM_OUTPUTS):
@@ -207,13 +208,23 @@ def grpo_loss_fwd_kernel(
     d_gate = gate * (1.0 - gate)
     dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
+    # a code this build does not know gives a NaN loss, never another variant's value
+    reinforce = policy == REINFORCE
     p_term = tl.where(
         policy == PPO,
         p_ppo,
-        tl.where(policy == CISPO, -w_cispo * A * lp, tl.where(policy == SAPO, -(4.0 / tau) * gate * A, -A * lp)),
-    )  # else REINFORCE
+        tl.where(
+            policy == CISPO,
+            -w_cispo * A * lp,
+            tl.where(policy == SAPO, -(4.0 / tau) * gate * A, tl.where(reinforce, -A * lp, float("nan"))),
+        ),
+    )
     dp_term = tl.where(
-        policy == PPO, dp_ppo, tl.where(policy == CISPO, -w_cispo * A, tl.where(policy == SAPO, dp_sapo, -A))
+        policy == PPO,
+        dp_ppo,
+        tl.where(
+            policy == CISPO, -w_cispo * A, tl.where(policy == SAPO, dp_sapo, tl.where(reinforce, -A, float("nan")))
+        ),
     )
 
     # KL estimate of D = ℓ − ℓ^ref; k3 = e^(−D) − 1 + D as expm1(−D) + D, which loses the least to cancellation
@@ -223,12 +234,21 @@ def grpo_loss_fwd_kernel(
     dc = _clamp(d, -kl_input_clamp, kl_input_clamp)
     d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
     em1 = _expm1(-dc)
-    k = tl.where(kl == KL_K1, dc, tl.where(kl == KL_ABS, tl.abs(dc), tl.where(kl == KL_K2, 0.5 * dc * dc, em1 + dc)))
+    k3 = kl == KL_K3  # (KL_NONE is zeroed below; another code gives NaN)
+    k = tl.where(
+        kl == KL_K1,
+        dc,
+        tl.where(kl == KL_ABS, tl.abs(dc), tl.where(kl == KL_K2, 0.5 * dc * dc, tl.where(k3, em1 + dc, float("nan")))),
+    )
     dk = tl.where(
         kl == KL_K1,
         1.0,
-        tl.where(kl == KL_ABS, tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)), tl.where(kl == KL_K2, dc, -em1)),
-    )  # else KL_K3
+        tl.where(
+            kl == KL_ABS,
+            tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
+            tl.where(kl == KL_K2, dc, tl.where(k3, -em1, float("nan"))),
+        ),
+    )
     # a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
     # are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
     dk = tl.where((d_dc != 0.0) & (tl.abs(k) <= kl_output_clamp), dk, 0.0)
@@ -293,7 +313,9 @@ SCALE_BLOCK = 4096
 
 
 def aot_specializations():
-    """Every (kernel, signature, constexprs, num_warps) the launchers can produce (see tests/aot_compile.py)."""
+    """Every (kernel, signature, constexprs, num_warps) the launchers can produce (see tests/aot_compile.py). The
+    smallest block also compiles with the arguments a GPU launch specializes to constants when they are 1: T
+    (packed [N, V] logits) and N (one token)."""
     for dtype in ("fp32", "bf16", "fp16"):
         for block in (16, MAX_BLOCK_V):
             for has_entropy in (False, True):
@@ -308,7 +330,8 @@ def aot_specializations():
                     yield (
                         grpo_loss_fwd_kernel,
                         sig,
-                        {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block},
+                        {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}
+                        | ({"T": 1, "N": 1} if block == 16 else {}),
                         num_warps(block),
                     )
         yield (

@@ -4,7 +4,8 @@ The fused loss op takes its per-token fp32 inputs as the rows of one [len(TOKEN_
 its float hyper-parameters as one fp32 tensor ``params`` laid out as ``SCALARS``, and its variant choices as
 the ints ``codes`` laid out as ``CODES``. The Triton kernels index them through the constants of
 ``kernels/grpo_loss.py``, the C++/CUDA kernels through ``csrc/token_objective.h`` (``TokenInput``,
-``unpack_codes``, ``load_scalars``); ``tests/test_op_params.py`` pins all of them to these tuples.
+``Scalar``, ``Code``, ``unpack_codes``, ``load_scalars``); ``tests/test_op_params.py`` pins their names and
+order to these tuples.
 
 Plain Python (no torch, no Triton): the Python op layer reads it on every platform, the Triton kernels at
 compile time.

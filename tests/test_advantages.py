@@ -61,3 +61,11 @@ def test_opcheck(backend):
         (r, params(1e-6, r.std().item()), [3, 1, 1, 1, 1]),
     ]:
         torch.library.opcheck(advantages_op, args)
+
+
+def test_op_refuses_a_partial_group(backend):
+    """A group size that does not divide the rewards would read past the end: refused by the C++ and Triton op."""
+    advantages_op = kernel_backend(backend).ops.advantages
+    params = torch.tensor([1e-4, 1.0], device=DEVICE)
+    with pytest.raises((RuntimeError, ValueError), match=r"group_size \(2\) must divide the number of rewards \(5\)"):
+        advantages_op(torch.rand(5, device=DEVICE), params, [2, 0, 1, 0, 0])

@@ -400,3 +400,24 @@ def test_batch_invariance_of_the_fused_loss(backend):
         lp, g = row_results(idx)
         pos = (idx == 2).nonzero()[0, 0]
         assert torch.equal(lp[pos], lp_all[2]) and torch.equal(g[pos], g_all[2])
+
+
+def test_reward_inputs_are_checked_by_the_op(backend):
+    """With adv_from_rewards the kernel reads each token's reward group: missing or misshaped rewards and seq are
+    refused by name (by the C++ and the Triton op alike), never read out of bounds."""
+    ops = kernel_backend(backend).ops
+    logits, targets, kw = inputs((2, 3), 40, torch.float32)
+    cfg = LossConfig()
+    targets_, tokens, _, _, params, _, *_ = fused_args(cfg, targets, kw)
+    codes = op.loss_codes(cfg, has_old=True, group_size=2)
+    seq, rewards = torch.arange(2, device=DEVICE).repeat_interleave(3), torch.randn(2, device=DEVICE)
+    bad = [
+        ((None, None), "rewards and seq are required"),
+        ((torch.randn(3, device=DEVICE), seq), r"group_size \(2\) must divide the number of rewards \(3\)"),
+        ((rewards, seq[:5]), r"seq must hold one sequence index per token \(6\)"),
+    ]
+    for (r, s), message in bad:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            ops.grpo_loss_fused(logits, targets_, tokens, r, s, params, codes, False, False)
+    loss, *_ = ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params, codes, False, False)
+    assert torch.isfinite(loss)

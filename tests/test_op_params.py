@@ -26,14 +26,10 @@ def enum(name: str) -> list[str]:
     return [snake(v[1:]) for v in values if not v.startswith("kNum")]
 
 
-def assignments(function: str, source: str) -> dict[str, str]:
-    """``p.<field> = <index expression>`` inside the body of a C++ function: field → index expression."""
+def assignments(function: str) -> dict[str, str]:
+    """``p.<field> = x[k<Name> …]`` inside the body of a C++ function: field → the enumerator it is read with."""
     body = re.search(rf"{function}\(.*?\{{(.*?)\n}}", HEADER, re.S).group(1)
-    return dict(re.findall(rf"p\.(\w+) = {source}\[([^\]]+)\]", body))
-
-
-def constant(name: str) -> int:
-    return int(re.search(rf"constexpr int {name} = (\d+);", HEADER).group(1))
+    return {field: snake(name) for field, name in re.findall(r"p\.(\w+) = \w+\[k(\w+)", body)}
 
 
 def test_token_rows_in_cpp():
@@ -42,20 +38,22 @@ def test_token_rows_in_cpp():
 
 
 def test_codes_and_scalars_in_cpp():
-    assert constant("kNumCodes") == len(P.CODES)
-    assert constant("kNumAdvantageCodes") == len(P.ADVANTAGE_CODES)
-    assert constant("kNumScalars") == len(P.SCALARS)
-    assert constant("kNumAdvantageScalars") == len(P.ADVANTAGE_SCALARS)
-    codes = {k: int(v) for k, v in assignments("ObjectiveParams unpack_codes", "c").items()}
-    offset = len(P.CODES) - len(P.ADVANTAGE_CODES)
-    for field, index in assignments("void unpack_advantage_codes", "c").items():
-        codes[field] = offset + int(index.replace("offset", "0").replace(" ", "").lstrip("0+") or 0)
-    assert sorted(codes, key=codes.get) == list(P.CODES) and sorted(codes.values()) == list(range(len(P.CODES)))
-    scalars = {k: int(v) for k, v in assignments("void load_scalars", "s").items()}
-    offset = len(P.SCALARS) - len(P.ADVANTAGE_SCALARS)
-    scalars.update({k: offset + int(v) for k, v in assignments("void load_advantage_scalars", "s").items()})
-    assert sorted(scalars, key=scalars.get) == list(P.SCALARS)
-    assert sorted(scalars.values()) == list(range(len(P.SCALARS)))
+    """The enums of token_objective.h in the order of kernels/params.py, and every field read with its own name."""
+    assert enum("Scalar") == list(P.SCALARS) and enum("Code") == list(P.CODES)
+    reads = {}
+    for function in (
+        "ObjectiveParams unpack_codes",
+        "void unpack_advantage_codes",
+        "void load_scalars",
+        "void load_advantage_scalars",
+    ):
+        reads.update(assignments(function))
+    assert reads == {name: name for name in P.CODES + P.SCALARS}
+    # the advantages op's codes and params are the tails the enums name as such
+    assert re.search(r"kNumAdvantageCodes = kNumCodes - k(\w+);", HEADER).group(1) == "GroupSize"
+    assert P.ADVANTAGE_CODES == P.CODES[P.CODES.index("group_size") :]
+    assert re.search(r"kNumAdvantageScalars = kNumScalars - k(\w+);", HEADER).group(1) == "AdvEps"
+    assert P.ADVANTAGE_SCALARS == P.SCALARS[P.SCALARS.index("adv_eps") :]
 
 
 def test_code_values_in_cpp():
@@ -80,10 +78,10 @@ def test_triton_constants_and_signatures():
     for i, name in enumerate(P.ADVANTAGE_SCALARS):
         assert value(getattr(A, name.upper())) == i, name
     assert value(K.NUM_OUTPUTS) == len(P.TOKEN_OUTPUTS)
-    assert [value(getattr(K, n)) for n in ("PPO", "CISPO", "SAPO")] == [P.POLICY[n] for n in ("ppo", "cispo", "sapo")]
-    assert [value(getattr(K, f"KL_{n.upper()}")) for n in ("none", "k1", "abs", "k2")] == [
-        P.KL[n] for n in ("none", "k1", "abs", "k2")
-    ]
+    for name, code in P.POLICY.items():  # every code has its branch (an unknown one gives NaN)
+        assert value(getattr(K, name.upper())) == code, name
+    for name, code in P.KL.items():
+        assert value(getattr(K, f"KL_{name.upper()}")) == code, name
     # the launchers pass the codes by name: the kernels must take them under those names, in that order
     args = K.grpo_loss_fwd_kernel.arg_names
     assert args[args.index(P.CODES[0]) :][: len(P.CODES)] == list(P.CODES)

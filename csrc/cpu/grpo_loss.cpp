@@ -17,8 +17,9 @@ std::tuple<at::Tensor, at::Tensor> fused_rows(const at::Tensor& logits, const at
   check_logits(logits, targets);
   check_codes(codes, kNumCodes);
   const int64_t rows = targets.numel(), V = logits.size(-1);
-  const auto in = token_inputs(tokens, rows);
+  const auto in = token_inputs(tokens, logits, rows);
   ObjectiveParams p = unpack_codes(codes);
+  check_reward_inputs(p, rewards, seq, logits, rows);
   load_scalars(p, float_params(params, logits, kNumScalars, "params").const_data_ptr<float>());
   auto outputs = at::empty({kNumTokenOutputs, rows}, logits.options().dtype(at::kFloat));
   const auto ids = rows_long(targets);

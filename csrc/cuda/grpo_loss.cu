@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logi
     if (out) write_zero_row(out, layout.V);
     return;
   }
-  const float inv_t = a.params[0];  // SCALARS[0]: inv_temperature
+  const float inv_t = a.params[kInvTemperature];
   const T* row = logits + row_offset(layout, r);
   const int64_t target = a.targets[r];
   RowStats st = row_statistics(row, target, layout.V, inv_t);

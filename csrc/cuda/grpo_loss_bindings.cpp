@@ -14,9 +14,10 @@ std::tuple<at::Tensor, at::Tensor> fused(const at::Tensor& logits, const at::Ten
   check_codes(codes, kNumCodes);
   c10::DeviceGuard guard(logits.device());
   const int64_t rows = targets.numel();
-  const auto in = token_inputs(tokens, rows);
+  const auto in = token_inputs(tokens, logits, rows);
   const auto values = float_params(params, logits, kNumScalars, "params");  // read by the kernel, never here
   const ObjectiveParams p = unpack_codes(codes);
+  check_reward_inputs(p, rewards, seq, logits, rows);
   auto outputs = at::empty({kNumTokenOutputs, rows}, logits.options().dtype(at::kFloat));
   const auto ids = rows_long(targets);
   const auto rw = p.adv_from_rewards ? rows_float(*rewards) : at::Tensor();

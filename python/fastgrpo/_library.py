@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor
@@ -96,6 +96,11 @@ class Ops:
         return cls(**{name: getattr(namespace, prefix + name) for name in cls.__dataclass_fields__})
 
 
+def accumulate(x: Tensor) -> Tensor:
+    """``x`` in the accumulation dtype of the O(N) layer: fp32, or fp64 for fp64 inputs (gradcheck runs on them)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def params_tensor(values: Sequence[float], device: torch.device) -> Tensor:
     """``values`` as the fp32 tensor on ``device`` that the ops take for their float hyper-parameters, with no host
     sync: on CUDA staged in pinned memory and copied asynchronously (a pageable source makes the copy wait for
@@ -112,6 +117,19 @@ def params_tensor(values: Sequence[float], device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.tensor(values, dtype=torch.float32, pin_memory=True).to(device, non_blocking=True)
     return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def params_of(names: Sequence[str], values: Mapping[str, Union[float, Tensor]], device: torch.device) -> Tensor:
+    """An op's fp32 ``params`` with its entries in the order of ``names`` (kernels/params.py), by name. An entry may
+    be a 1-element device tensor (the batch std), spliced in without a host read."""
+    # not isinstance(value, float): under torch.compile a config float may be a SymFloat, which params_tensor keeps
+    floats = [0.0 if isinstance(value, Tensor) else cast(float, value) for value in (values[n] for n in names)]
+    out = params_tensor(floats, device)
+    for i, name in enumerate(names):
+        value = values[name]
+        if isinstance(value, Tensor):
+            out = torch.cat([out[:i], value.reshape(1).to(out), out[i + 1 :]])
+    return out
 
 
 def op_arguments(op: Any) -> tuple[str, ...]:

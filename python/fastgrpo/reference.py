@@ -51,7 +51,7 @@ class _Sets(NamedTuple):
 
     sums: Callable[[Tensor], Tensor]  # x [N] → Σ of x over each set [sets]
     spread: Callable[[Tensor], Tensor]  # v [sets] → each entry's set value [N]
-    count: int
+    num: int  # how many sets
 
 
 def _rows(count: int, size: int) -> _Sets:
@@ -160,11 +160,11 @@ def advantages(
         r = r @ (torch.ones_like(r[0]) if reward_weights is None else reward_weights.double())
     num = r.shape[0]
     if group_ids is not None:  # one group per distinct id: a membership matrix [groups, B]
-        groups = _members(torch.unique(group_ids)[:, None] == group_ids)
+        sets = _members(torch.unique(group_ids)[:, None] == group_ids)
     else:  # contiguous groups: the rows of a [groups, group_size] view (the membership matrix has B²/size entries)
         assert group_size is not None  # one of the two is given (the public functions check it)
-        groups = _rows(num // group_size, group_size)
-    sums, of_group, num_groups = groups.sums, groups.spread, groups.count
+        sets = _rows(num // group_size, group_size)
+    sums, of_group, num_groups = sets.sums, sets.spread, sets.num
     size = sums(torch.ones_like(r))
     total = sums(r)
     mean = total / size.clamp(min=1)
@@ -275,7 +275,7 @@ def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
     cfg = b.cfg
     mode = mode or cfg.aggregation
     per_seq = b.seq.sums(m)
-    num_seqs = _at_least_1(b.seq.count if cfg.count_empty_sequences else (per_seq > 0).sum())
+    num_seqs = _at_least_1(b.seq.num if cfg.count_empty_sequences else (per_seq > 0).sum())
     denominator: Union[int, Tensor]
     if mode == "token_mean":  # Σ m·x / Σ m
         total, denominator = _masked(m, x).sum(), m.sum().clamp(min=1)
@@ -331,7 +331,7 @@ def _gmpo(log_r: Tensor, w: Tensor, b: _Batch) -> Tensor:
     d = sign * torch.minimum(sign * log_r, sign * _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high))
     mean = lambda x: b.seq.sums(_masked(b.m, x)) / (b.seq.sums(b.m) + 1e-8)  # noqa: E731
     per_seq = -mean(b.adv) * torch.exp(mean(d)) * torch.exp(mean(torch.log(w + 1e-10)))
-    return per_seq.sum() / (max(b.seq.count, 1) if b.normalizer is None else b.normalizer)
+    return per_seq.sum() / (max(b.seq.num, 1) if b.normalizer is None else b.normalizer)
 
 
 def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -469,7 +469,7 @@ def policy_loss(
         x = x.to(dtype).reshape(-1)
         return torch.where(m > 0, seq.spread(x) if per_seq else x, 0.0)
 
-    longest = seq.sums(torch.ones_like(m)).amax() if seq.count else 0
+    longest = seq.sums(torch.ones_like(m)).amax() if seq.num else 0
     b = _Batch(
         m,
         per_token(_from_rewards(advantages, config.advantage).detach()),

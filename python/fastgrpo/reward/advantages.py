@@ -3,7 +3,8 @@
 Kernel: ``kernels/advantages.py`` (Triton, one program per reward; its ``group_advantage`` also runs inside the
 fused loss kernel, which normalizes each token's reward itself), ``csrc/cpu/advantages.cpp`` and
 ``csrc/cuda/advantages.cu`` (``advantages``). This module, top to bottom: the Triton launcher, the op's
-registration (fake), the PyTorch form (arbitrary ``group_ids``, and the backends without the op), the kernel
+registration (fake), the PyTorch form (arbitrary ``group_ids``, which need a relabelling, and raw rewards in
+the two-phase loss), the kernel
 backends' host code (``kernel_advantages``) and the public function ``advantages``.
 
     advantages(rewards, params, codes) -> (advantages, group mean, group std)
@@ -30,6 +31,8 @@ def advantages_launcher(rewards: Tensor, params: Tensor, codes: Sequence[int]) -
 
     _library.check_codes(codes, len(P.ADVANTAGE_CODES))
     named = dict(zip(P.ADVANTAGE_CODES, codes))
+    if named["group_size"] <= 0 or rewards.numel() % named["group_size"]:  # (a partial group would read past the end)
+        raise ValueError(f"group_size ({named['group_size']}) must divide the number of rewards ({rewards.numel()})")
     groups = rewards.numel() // named["group_size"]
     adv, mean, std = torch.empty_like(rewards), rewards.new_empty(groups), rewards.new_empty(groups)
     if groups > 0:
@@ -62,11 +65,6 @@ def register(prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch
-def _acc(x: Tensor) -> Tensor:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
 def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
     if group_ids is not None:
         _, inverse = torch.unique(group_ids, return_inverse=True)
@@ -133,9 +131,9 @@ def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: Ad
 
 def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
     """[B] rewards as they are; [B, K] reward functions summed with their weights (TRL "sum_then_normalize")."""
-    r = _acc(rewards.detach())
+    r = _library.accumulate(rewards.detach())
     if r.dim() == 2:
-        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else _acc(reward_weights)
+        w = torch.ones(r.shape[1], device=r.device) if reward_weights is None else _library.accumulate(reward_weights)
         r = (r * w).sum(-1)
     return r
 
@@ -197,7 +195,7 @@ def kernel_advantages(
         return torch_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
     r = combine_rewards(rewards, reward_weights).float().contiguous()
     batch, std_b = batch_std(r, config)
-    params = torch.cat([_library.params_tensor([config.eps], r.device), std_b.float()])
+    params = _library.params_of(P.ADVANTAGE_SCALARS, dict(adv_eps=config.eps, batch_std=std_b), r.device)
     adv, mean, std = ops.advantages(r, params, advantage_codes(config, group_size, batch))
     if batch and r.numel() <= 1:
         adv = torch.zeros_like(r)

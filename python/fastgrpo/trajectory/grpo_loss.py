@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,19 @@ def _launch(
         raise ValueError(
             f"tokens must be [{len(P.TOKEN_INPUTS)}, {n}] (kernels/params.py: TOKEN_INPUTS), got {list(tokens.shape)}"
         )
+    named = dict(zip(P.CODES, codes))
+    if named["adv_from_rewards"]:  # the kernel normalizes each token's reward: its group must be there
+        if rewards is None or seq is None:
+            raise ValueError("rewards and seq are required when adv_from_rewards is set")
+        if named["group_size"] <= 0 or rewards.numel() % named["group_size"]:
+            raise ValueError(
+                f"group_size ({named['group_size']}) must divide the number of rewards ({rewards.numel()})"
+            )
+        if seq.numel() != n:
+            raise ValueError(f"seq must hold one sequence index per token ({n}), got {seq.numel()}")
+    for name, x in (("tokens", tokens), ("rewards", rewards), ("seq", seq)):
+        if x is not None and x.device != logits.device:
+            raise ValueError(f"{name} must be on the device of the op's inputs ({logits.device}), got {x.device}")
     outputs = torch.empty(len(P.TOKEN_OUTPUTS), n, device=logits.device, dtype=torch.float32)
     if n > 0:
         t, stride_b, stride_t = _library.row_addressing(logits)
@@ -90,7 +103,7 @@ def _launch(
             stride_t,
             grad_stride_b,
             grad_stride_t,
-            **dict(zip(P.CODES, codes)),
+            **named,
             HAS_ENTROPY=with_entropy,
             WRITE_GRAD=grad is not None,
             BLOCK_V=block,
@@ -241,10 +254,11 @@ def is_token_local(inputs: LossInputs) -> bool:
 
 def loss_params(cfg: LossConfig, device: torch.device, batch_std: Optional[Tensor] = None) -> Tensor:
     """The fused op's ``params`` on ``device`` (``SCALARS``; unused bounds as ±inf: a clamp to ±inf is the
-    identity). Values go in as given: ``float()`` of a SymFloat would specialize it."""
+    identity; ``batch_std``: a 1-element device tensor, or 1 where unused). Values go in as given: ``float()`` of a
+    SymFloat would specialize it."""
     inf = math.inf
     opt = lambda v, default: default if v is None else v  # noqa: E731
-    named = dict(
+    named: dict[str, Union[float, Tensor]] = dict(
         inv_temperature=1.0 / cfg.temperature,
         eps_low=cfg.epsilon_low,
         eps_high=cfg.epsilon_high,
@@ -258,12 +272,9 @@ def loss_params(cfg: LossConfig, device: torch.device, batch_std: Optional[Tenso
         kl_input_clamp=opt(cfg.kl_input_clamp, inf),
         kl_output_clamp=opt(cfg.kl_output_clamp, inf),
         adv_eps=cfg.advantage.eps,
-        batch_std=1.0,
+        batch_std=1.0 if batch_std is None else batch_std,
     )
-    params = _library.params_tensor([named[name] for name in P.SCALARS], device)
-    if batch_std is None:
-        return params
-    return torch.cat([params[: P.SCALARS.index("batch_std")], batch_std.reshape(1).float()])
+    return _library.params_of(P.SCALARS, named, device)
 
 
 def loss_codes(cfg: LossConfig, has_old: bool, group_size: Optional[int] = None, batch: bool = False) -> list[int]:

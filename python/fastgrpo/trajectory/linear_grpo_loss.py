@@ -137,8 +137,8 @@ def hidden_to_logits(
 ) -> Tensor:
     """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32, materialized (differentiable log-probs need it);
     softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
-    z = objective._acc(hidden) @ objective._acc(weight).t()
-    z = (z if bias is None else z + objective._acc(bias)) * logit_scale
+    z = _library.accumulate(hidden) @ _library.accumulate(weight).t()
+    z = (z if bias is None else z + _library.accumulate(bias)) * logit_scale
     return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
 
 

@@ -18,14 +18,10 @@ from typing import Optional, Union, overload
 import torch
 from torch import Tensor
 
+from .. import _library
 from ..config import LossConfig, LossOutput, Normalizer
 from ..inputs import LossInputs
 from ..reward import advantages as reward
-
-
-def _acc(x: Tensor) -> Tensor:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck can run on the oracle)."""
-    return x if x.dtype == torch.float64 else x.float()
 
 
 @overload
@@ -70,7 +66,7 @@ class TokenLayout:
 
         Packed input with S == N is read per token (the only case where the two shapes coincide)."""
         per_sequence = x.numel() != token_shape.numel() or (len(token_shape) == 2 and x.shape != token_shape)
-        x = _acc(x).reshape(-1)
+        x = _library.accumulate(x).reshape(-1)
         return x[self.seq] if per_sequence else x
 
 
@@ -358,7 +354,7 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     shape = logprobs.shape
     lay = TokenLayout(shape, inputs.cu_seqlens, config.max_length, logprobs.device)
 
-    m = _acc(inputs.mask.reshape(-1))
+    m = _library.accumulate(inputs.mask.reshape(-1))
 
     @overload
     def flat(x: Tensor) -> Tensor: ...
@@ -368,7 +364,7 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
         """Flattened, with masked tokens set to 0: kernels never read them, and an inf there (ℓ of a padding
         id far from ℓ^ref) must not turn into NaN through a multiplication by the mask."""
-        return None if x is None else torch.where(m > 0, _acc(x.reshape(-1)), 0.0)
+        return None if x is None else torch.where(m > 0, _library.accumulate(x.reshape(-1)), 0.0)
 
     adv = lay.per_token(advantages.detach(), shape)
     is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
@@ -387,7 +383,8 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     ent = flat(entropy)
     loss, values = _objective(lp, *args, ent)
 
-    # grad_active_fraction needs ∂L/∂ℓ: autodiff of a second, detached evaluation keeps the oracle plain.
+    # grad_active_fraction needs ∂L/∂ℓ: autodiff of a second, detached evaluation (the fused path has it from the
+    # kernel; this path is the two-phase one and policy_loss on given log-probs).
     # torch.func.grad, not torch.autograd.grad: torch.compile traces the former into the graph.
     ent_probe = None if ent is None else ent.detach()
     grad_lp = torch.func.grad(lambda leaf: _objective(leaf, *args, ent_probe)[0])(lp.detach())
