@@ -304,10 +304,13 @@ class FusedInputs:
     params: Tensor
     codes: list[int]
     with_entropy: bool
-    has_old: bool
     has_ref: bool
     is_weight: Tensor  # rollout importance weights [N] (ones when unused)
     used_weights: bool
+
+    @property
+    def has_old(self) -> bool:  # (the codes say it: the kernel reads the old log-probs only then)
+        return bool(self.codes[P.CODES.index("has_old")])
 
     def row(self, name: str) -> Tensor:
         return self.tokens[P.TOKEN_INPUTS.index(name)]
@@ -376,7 +379,6 @@ def prepare(
         params=loss_params(cfg, device, std_b),
         codes=loss_codes(cfg, old is not None, group_size, batch),
         with_entropy=return_entropy or cfg.entropy_coef != 0.0,
-        has_old=old is not None,
         has_ref=ref is not None,
         is_weight=weight,
         used_weights=inputs.is_weights is not None or cfg.rollout_correction is not None,
