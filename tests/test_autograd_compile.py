@@ -484,14 +484,24 @@ def test_create_graph_is_refused_by_the_kernel_backends(backend, cfg):
 
 def test_op_signatures_infer_a_schema_on_torch_2_6():
     """torch 2.6 infers a custom-op schema from typing.Sequence[float] but not from list[float]: such an
-    annotation made importing the Triton backend fail there (CI's torch is newer, so check the source)."""
+    annotation made importing the Triton backend fail there (CI's torch is newer, so check the source of every
+    launcher passed to ``register_triton_op``)."""
     import ast
     import pathlib
 
-    for path in pathlib.Path(fastgrpo.__file__).parent.glob("triton_*.py"):
-        for fn in ast.walk(ast.parse(path.read_text())):
-            if isinstance(fn, ast.FunctionDef) and any("register_op" in ast.unparse(d) for d in fn.decorator_list):
+    checked = []
+    for path in pathlib.Path(fastgrpo.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        launchers = {
+            call.args[1].id
+            for call in ast.walk(tree)
+            if isinstance(call, ast.Call) and ast.unparse(call.func).endswith("register_triton_op")
+        }
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef) and fn.name in launchers:
+                checked.append(fn.name)
                 for arg in fn.args.args:
                     assert not ast.unparse(arg.annotation).startswith(("list[", "dict[", "tuple[")), (
                         f"{path.name}: {fn.name}({arg.arg}: {ast.unparse(arg.annotation)})"
                     )
+    assert len(checked) == 6, checked  # every op the Triton backend registers

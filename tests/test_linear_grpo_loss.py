@@ -1,6 +1,8 @@
 """The fused linear path of every compiled backend against the fp32 reference: hidden + LM-head weight + bias to
 loss, metrics and the three gradients, for every variant, with chunks that do not divide the tokens."""
 
+import ctypes
+
 import pytest
 import torch
 
@@ -110,6 +112,16 @@ def test_no_grad_and_scaled_backward(backend):
 
 
 def _peak_rss_during(fn):
+    """Peak resident memory while ``fn`` runs, above the resident memory before it.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which freed 8-16 MiB
+    tensors stay in a fragmenting heap and the peak wandered by ~50 MiB from run to run (CI once read 72 MiB for
+    a path that holds ~25 MiB). A fixed 1 MiB threshold maps every large tensor on its own and unmaps it when
+    freed, so the peak follows the live tensors. Process-wide, but it only changes where big blocks come from."""
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallopt"):  # glibc; M_MMAP_THRESHOLD = -3
+        libc.mallopt(-3, 1 << 20)
+
     def rss(field):
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
 
