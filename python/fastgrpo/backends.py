@@ -181,6 +181,13 @@ class ReferenceBackend:
         return "ReferenceBackend()"
 
 
+def require_kernels(impl: "Backend", argument: str) -> "KernelBackend":
+    """The kernel backend running a distributed call: the shards' statistics come from the kernels."""
+    if not isinstance(impl, KernelBackend):
+        raise ValueError(f"{argument} needs a kernel backend (cpu, triton or cuda), got backend={impl.name!r}")
+    return impl
+
+
 class KernelBackend:
     """A compiled backend (Triton, C++ CPU, CUDA): its ops, run by each op module's host code."""
 

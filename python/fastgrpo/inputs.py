@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import _checks
 from .config import LossConfig, Normalizer, Rewards
+
+if TYPE_CHECKING:
+    from .distributed import Parallel
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class LossInputs:
     is_weights: Optional[Tensor] = None
     cu_seqlens: Optional[Tensor] = None
     normalizer: Normalizer = None
+    parallel: Optional["Parallel"] = None  # tensor / context parallel layout (fastgrpo.distributed)
 
 
 def _positive_number(value: object) -> bool:
@@ -167,6 +171,7 @@ def resolve(
     cu_seqlens: Optional[Tensor],
     normalizer: Normalizer,
     config: LossConfig,
+    parallel: Optional["Parallel"] = None,
 ) -> LossInputs:
     """Validates everything but the log-prob source (logprobs, logits or hidden states), adding the value checks
     to ``checks`` (the caller runs them); returns the inputs ready for a backend."""
@@ -258,4 +263,5 @@ def resolve(
         is_weights=is_weights,
         cu_seqlens=cu_seqlens,
         normalizer=normalizer,
+        parallel=parallel,
     )

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from .. import presets
 from ..trajectory.grpo_loss import policy_loss
 from ..trajectory.objective import kl_estimate
-from ..trajectory.token_logprobs import linear_token_logprobs
+from ..trajectory.token_logprobs import linear_token_logprobs, token_logprobs
+from . import megatron
 from ._rows import labels_per_row, logprobs_per_row
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
@@ -203,19 +204,51 @@ def linear_cross_entropy(
     """verl's ``linear_cross_entropy`` (verl/utils/kernel/linear_cross_entropy.py, CUDA-only there): the rows of
     ``hidden`` [..., H] flattened, one label per row in any shape → (log-probs [N], entropy [N]), fp32,
     differentiable w.r.t. hidden and weight; ``reduction`` ``"sum"``/``"mean"`` reduces the log-probs to a
-    scalar (the entropy stays [N]), as verl's. A tensor-parallel vocabulary (``dist_process_group``) is not
-    supported."""
-    if dist_process_group is not None:
-        raise NotImplementedError(
-            "fastgrpo's linear_cross_entropy does not support dist_process_group (a tensor-parallel vocabulary)"
+    scalar (the entropy stays [N]), as verl's.
+
+    ``dist_process_group``: ``weight`` is this rank's vocabulary shard (equal shards in rank order), ``hidden``
+    the same on every rank, ``labels`` global ids; the outputs are the same on every rank. As verl's, the
+    backward leaves this rank's partial hidden gradient (verl's sequence-parallel gather sums it in its backward
+    reduce-scatter) and the shard's weight gradient."""
+    if dist_process_group is not None and not isinstance(dist_process_group, torch.distributed.ProcessGroup):
+        raise TypeError(
+            f"dist_process_group must be a torch.distributed.ProcessGroup, got {type(dist_process_group).__name__}"
         )
     if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
         # verl reads any other string as "none"; a typo should not silently change the output's shape
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     ids = labels_per_row("hidden", hidden, labels).reshape(-1)
     lp, ent = linear_token_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, ids.long(), temperature=temperature, entropy=True
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        ids.long(),
+        temperature=temperature,
+        entropy=True,
+        tp_group=dist_process_group,
+        reduce_hidden_grad=False,
     )
     reductions: dict[str, Callable[[Tensor], Tensor]] = {"none": lambda x: x, "sum": torch.sum, "mean": torch.mean}
     reduce = reductions[reduction.lower()]
     return reduce(lp), ent
+
+
+def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor, tp_group: Any = None) -> Tensor:
+    """verl's ``vocab_parallel_log_probs_from_logits`` (verl/utils/megatron/tensor_parallel.py, the Megatron
+    engine's path): fp32 log-probs of ``labels`` (global ids, already shifted) under this rank's vocabulary
+    shard of ``logits`` [..., V/tp], one fused pass and one all_gather instead of megatron-core's three
+    all-reduces. ``tp_group``: megatron's tensor-parallel group when None (as verl's, which takes no group)."""
+    group = megatron.tensor_parallel_group(tp_group)
+    rows = logits if logits.dim() in (2, 3) else logits.reshape(-1, logits.shape[-1])
+    ids = labels_per_row("logits", logits, labels).reshape(rows.shape[:-1]).long()
+    return token_logprobs(rows, ids, tp_group=group).reshape(labels.shape)
+
+
+def vocab_parallel_entropy(vocab_parallel_logits: Tensor, tp_group: Any = None) -> Tensor:
+    """verl's ``vocab_parallel_entropy``: the entropy [...] of the whole vocabulary from this rank's shard
+    [..., V/tp], in the logits' dtype as verl's (computed in fp32 here), differentiable."""
+    group = megatron.tensor_parallel_group(tp_group)
+    z = vocab_parallel_logits
+    rows = z if z.dim() in (2, 3) else z.reshape(-1, z.shape[-1])
+    ids = torch.zeros(rows.shape[:-1], dtype=torch.long, device=z.device)  # any id: only the entropy is used
+    _, ent = token_logprobs(rows, ids, entropy=True, tp_group=group, check_values=False)
+    return ent.reshape(z.shape[:-1]).to(z.dtype)

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .. import _checks, _library, backends
+from .. import _checks, _library, backends, distributed
 from ..config import LossConfig, LossOutput, Normalizer, Rewards
 from ..inputs import LossInputs, check_config, check_logits, resolve
 from ..kernels import params as P
@@ -423,19 +423,31 @@ def fused(
 def kernel_grpo_loss(
     ops: _library.Ops, logits: Tensor, targets: Tensor, inputs: LossInputs, return_entropy: bool, inplace_grad: bool
 ) -> LossOutput:
-    if is_token_local(inputs):
+    """The fused path for token-local configs; else two phases (log-probs, then the O(N) objective), which is also
+    the distributed path: log-probs from a vocabulary shard, the objective over whole sequences (MATH §7)."""
+    parallel = inputs.parallel
+    if parallel is None and is_token_local(inputs):
         return fused(ops, logits, targets, inputs, return_entropy, inplace_grad)
     if inplace_grad:
         raise ValueError(
             "inplace_grad=True needs a token-local config (token-level ratio, no entropy quantile "
-            "or off-policy mask, rollout weights from given old_logprobs): this one runs in two "
-            "phases"
+            "or off-policy mask, rollout weights from given old_logprobs) and no tp_group or cp_group: "
+            "this one runs in two phases"
         )
     cfg = inputs.config
-    lp, ent = kernel_token_logprobs(
-        ops, logits, targets, cfg.temperature, entropy=return_entropy or cfg.needs_entropy, mask=inputs.mask
-    )
-    return objective.policy_loss(lp, inputs, ent)
+    entropy = return_entropy or cfg.needs_entropy
+    if parallel is not None and parallel.tp is not None:
+        lp, ent = distributed.vocab_parallel_logprobs(
+            ops, logits, targets, parallel.tp, cfg.temperature, entropy, inputs.mask
+        )
+    else:
+        lp, ent = kernel_token_logprobs(ops, logits, targets, cfg.temperature, entropy=entropy, mask=inputs.mask)
+    return distributed.policy_loss(objective_loss, lp, ent, inputs)
+
+
+def objective_loss(logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
+    """``objective.policy_loss`` in the argument order of ``Backend.policy_loss``."""
+    return objective.policy_loss(logprobs, inputs, entropy)
 
 
 # ----------------------------------------------------------------------------------------- public functions
@@ -455,6 +467,7 @@ def policy_loss(
     reward_weights: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
     normalizer: Normalizer = None,
+    cp_group: Optional[distributed.ProcessGroup] = None,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
@@ -468,7 +481,11 @@ def policy_loss(
     is_weights: precomputed rollout importance weights, per token or per sequence.
     entropy: per-token entropy [B, T], needed for ``entropy_coef`` and ``top_entropy_quantile``.
     normalizer: a float or 0-d tensor replacing the local denominator of the aggregation (e.g. a global
-        token count); never read on the host (its value check is part of the call's one read).
+        token count, ``fastgrpo.distributed.data_parallel_normalizer``); never read on the host (its value check
+        is part of the call's one read).
+    cp_group: context parallel (MATH §7.2): this rank holds a part of every sequence's tokens ([B, T_r], or
+        packed [N_r] with this rank's ``cu_seqlens`` of the same sequences); sequence statistics are taken over
+        the whole sequences, the loss and metrics are global, the per-token outputs this rank's.
     check_values: None (the global default, ``fastgrpo.set_check_values``), True or False. On, a call rejects
         (ValueError naming the argument, the first bad value and its position) a mask entry that is negative
         or not finite (fractional entries are soft weights, as TRL multiplies by the mask), non-finite
@@ -489,6 +506,7 @@ def policy_loss(
     _checks.floating("logprobs", logprobs)
     tokens = logprobs.shape
     checks = _checks.ValueChecks(check_values, logprobs)
+    parallel = distributed.resolve(checks, tokens, logprobs.device, vocab=0, cp_group=cp_group, cu_seqlens=cu_seqlens)
     inputs = resolve(
         tokens,
         logprobs.device,
@@ -506,6 +524,7 @@ def policy_loss(
         cu_seqlens=cu_seqlens,
         normalizer=normalizer,
         config=config,
+        parallel=parallel,
     )
     if config.needs_entropy and entropy is None:
         raise ValueError(
@@ -519,7 +538,8 @@ def policy_loss(
         _checks.same_device(logprobs.device, entropy=entropy)
     checks.finite("entropy", entropy)
     checks.run()
-    return backends.select(backend, logprobs.device).policy_loss(logprobs, entropy, inputs)
+    impl = backends.select(backend, logprobs.device)
+    return distributed.policy_loss(impl.policy_loss, logprobs, entropy, inputs)
 
 
 def grpo_loss(
@@ -540,6 +560,9 @@ def grpo_loss(
     normalizer: Normalizer = None,
     return_entropy: bool = False,
     inplace_grad: bool = False,
+    tp_group: Optional[distributed.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    cp_group: Optional[distributed.ProcessGroup] = None,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
@@ -553,6 +576,10 @@ def grpo_loss(
     logit at an unmasked position propagates to the loss).
     ``inplace_grad=True`` (Triton backend, token-local configs, eager) writes the gradient over ``logits``
     in the forward, so no second [N, V] buffer exists; the logits are unusable afterwards.
+    ``tp_group`` (kernel backends): ``logits`` [.., V_r] are this rank's contiguous vocabulary shard, equal
+    shards in rank order or starting at ``vocab_start``; ``targets`` are global ids. One all_gather of [N, 5]
+    fp32 row statistics per call; every rank gets the same loss, log-probs and metrics, and the gradient of its
+    shard (MATH §7.1). ``cp_group``: as in :func:`policy_loss`; both combine.
 
     PyTorch equivalent::
 
@@ -562,6 +589,16 @@ def grpo_loss(
     """
     check_logits(logits, targets)
     checks = _checks.ValueChecks(check_values, logits)
+    parallel = distributed.resolve(
+        checks,
+        targets.shape,
+        logits.device,
+        vocab=logits.shape[-1],
+        tp_group=tp_group,
+        vocab_start=vocab_start,
+        cp_group=cp_group,
+        cu_seqlens=cu_seqlens,
+    )
     inputs = resolve(
         targets.shape,
         logits.device,
@@ -579,10 +616,13 @@ def grpo_loss(
         cu_seqlens=cu_seqlens,
         normalizer=normalizer,
         config=config,
+        parallel=parallel,
     )
-    checks.token_ids("targets", targets, logits.shape[-1])
+    checks.token_ids("targets", targets, distributed.checked_vocab(parallel, logits.shape[-1]))
     checks.run()
     impl = backends.select(backend, logits.device)
+    if parallel is not None:
+        backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
     if inplace_grad and not impl.supports_inplace_grad:
         raise ValueError(f"inplace_grad=True needs the Triton backend (CUDA tensors), got {impl.name}")
     return impl.grpo_loss(logits, targets, inputs, return_entropy, inplace_grad)

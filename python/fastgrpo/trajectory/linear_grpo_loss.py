@@ -25,17 +25,17 @@ one vocabulary slice of the weight at a time (``_Gemm``).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .. import _checks, _library, backends
+from .. import _checks, _library, backends, distributed
 from ..config import LossConfig, LossOutput, Normalizer
 from ..inputs import LossInputs, autocast_operands, check_linear, check_logit_transform, resolve
 from ..kernels import params as P
-from . import objective
-from .grpo_loss import finish, is_token_local, prepare
+from .grpo_loss import finish, is_token_local, objective_loss, prepare
 from .token_logprobs import kernel_token_logprobs
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
@@ -164,23 +164,33 @@ def kernel_linear_token_logprobs(
     entropy: bool,
     logit_scale: float,
     logit_softcap: Optional[float],
+    parallel: Optional[distributed.Parallel] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs (and entropy) of ``linear_token_logprobs``. Without gradients (old/ref policy log-probs) the logits
     are alive one chunk of tokens at a time; differentiable log-probs materialize the fp32 logits (the loss itself
-    never does)."""
+    never does). ``parallel.tp``: ``weight`` (and ``bias``) are this rank's vocabulary shard."""
+    tp = None if parallel is None else parallel.tp
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
+        if tp is None:
+            z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+            return kernel_token_logprobs(ops, z, targets, temperature, entropy)
+        assert parallel is not None
+        if parallel.reduce_hidden_grad:  # the hidden states feed every shard: their gradient is the sum
+            hidden = distributed.copy_to_tensor_parallel(hidden, tp.group)
         z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
-        return kernel_token_logprobs(ops, z, targets, temperature, entropy)
+        return distributed.vocab_parallel_logprobs(ops, z, targets, tp, temperature, entropy)
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
     gemm = _Gemm(weight, bias, logit_scale, logit_softcap)
+    inv_t = _library.params_tensor([1.0 / temperature], hidden.device)
+    chunks = torch.arange(n, device=hidden.device).split(default_chunk_tokens(vocab, hidden.device))
+    if tp is not None:
+        lp, _, ent, _ = _vocab_parallel_stats(ops, gemm, h, y, torch.ones(n), chunks, inv_t, entropy, tp)
+        return lp.view(targets.shape), ent.view(targets.shape) if entropy else None
     lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
     ent = torch.empty(n if entropy else 0, device=hidden.device, dtype=torch.float32)
-    inv_t = _library.params_tensor([1.0 / temperature], hidden.device)
-    step = default_chunk_tokens(vocab, hidden.device)
-    for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
+    for rows in chunks:
         lp_c, _, ent_c = ops.token_logprobs(gemm.logits(h[rows]), y[rows], None, inv_t, entropy)
         lp[rows] = lp_c
         if entropy:
@@ -248,6 +258,32 @@ def _sliced_gradients(
     return d_weight
 
 
+def _vocab_parallel_stats(
+    ops: _library.Ops,
+    gemm: _Gemm,
+    h: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    chunks: Sequence[Tensor],
+    inv_t: Tensor,
+    with_entropy: bool,
+    shard: distributed.VocabShard,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ℓ, row statistics, H) of the global vocabulary from this rank's weight shard, chunk by chunk, and the
+    target ids for the gradient pass (−1 where the target is another rank's): one all_gather in all."""
+    n = y.numel()
+    read, owned, ids = shard.local_targets(y)
+    parts = torch.zeros(n, 5, device=h.device, dtype=torch.float32)
+    for rows in chunks:
+        z = gemm.logits(h[rows])
+        part = distributed.vocab_partials(ops, z, read[rows], owned[rows], None, inv_t, with_entropy)
+        parts.index_copy_(0, rows, part)
+        del z, part
+    lp, stats, ent = distributed.combine_vocab_stats(distributed.gather(parts, shard.group))
+    keep = mask.reshape(-1) != 0  # masked rows: 0, never computed
+    return torch.where(keep, lp, 0.0), stats, torch.where(keep, ent, 0.0), ids
+
+
 def kernel_linear_grpo_loss(
     ops: _library.Ops,
     hidden: Tensor,
@@ -279,7 +315,9 @@ def kernel_linear_grpo_loss(
         if d_bias is not None:
             d_bias.add_(dz.sum(0))
 
-    if is_token_local(inputs) and not sliced:
+    parallel = inputs.parallel
+    tp = None if parallel is None else parallel.tp
+    if is_token_local(inputs) and not sliced and inputs.parallel is None:
         f = prepare(ops, targets, inputs, return_entropy, hidden.device)
         outputs = torch.zeros(len(P.TOKEN_OUTPUTS), n, **f32)
         loss = torch.zeros((), **f32)
@@ -300,17 +338,22 @@ def kernel_linear_grpo_loss(
         # 1/τ as the ops take it, built once for every chunk; a tensor also because a Python float living across
         # the graph breaks below would be specialized by torch.compile (a recompile per temperature)
         inv_t = _library.params_tensor([1.0 / cfg.temperature], hidden.device)
-        lp, ent, stats = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, 2, **f32)
-        for rows in chunks:
-            lp_c, st_c, ent_c = ops.token_logprobs(gemm.logits(h[rows].detach()), y[rows], None, inv_t, with_entropy)
-            lp.index_copy_(0, rows, lp_c)
-            stats.index_copy_(0, rows, st_c)
-            if with_entropy:
-                ent.index_copy_(0, rows, ent_c)
+        if tp is None:
+            lp, ent, stats = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, 2, **f32)
+            for rows in chunks:
+                lp_c, st_c, ent_c = ops.token_logprobs(
+                    gemm.logits(h[rows].detach()), y[rows], None, inv_t, with_entropy
+                )
+                lp.index_copy_(0, rows, lp_c)
+                stats.index_copy_(0, rows, st_c)
+                if with_entropy:
+                    ent.index_copy_(0, rows, ent_c)
+        else:  # the vocabulary shard's partial statistics, combined over the group (MATH §7.1)
+            lp, stats, ent, y = _vocab_parallel_stats(ops, gemm, h.detach(), y, mask, chunks, inv_t, with_entropy, tp)
         lp_leaf = lp.view(targets.shape).requires_grad_(needs_grad)
         ent_leaf = ent.view(targets.shape).requires_grad_(needs_grad and with_entropy) if with_entropy else None
         with torch.enable_grad():
-            result = objective.policy_loss(lp_leaf, inputs, ent_leaf)
+            result = distributed.policy_loss(objective_loss, lp_leaf, ent_leaf, inputs)
         if needs_grad:
             leaves = [x for x in (lp_leaf, ent_leaf) if x is not None and x.requires_grad]
             leaf_grads = torch.autograd.grad(result.loss, leaves, allow_unused=True)
@@ -351,6 +394,8 @@ def kernel_linear_grpo_loss(
     if needs_grad:
         # allocated when needs_grad (d_weight: by the sliced pass when sliced), d_bias when there is a bias
         assert d_hidden is not None and d_weight is not None
+        if tp is not None and parallel is not None and parallel.reduce_hidden_grad:
+            dist.all_reduce(d_hidden, group=tp.group)  # Σ over the vocabulary shards; fp32, before the cast
         grads = (
             d_hidden.view(hidden.shape).to(hidden.dtype),
             d_weight.to(weight.dtype),  # no copy when sliced
@@ -383,6 +428,10 @@ def linear_grpo_loss(
     chunk_tokens: Optional[int] = None,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    tp_group: Optional[distributed.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    cp_group: Optional[distributed.ProcessGroup] = None,
+    reduce_hidden_grad: bool = True,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
@@ -400,6 +449,13 @@ def linear_grpo_loss(
 
     ``check_values`` as in :func:`grpo_loss` (hidden and weight are never scanned).
 
+    ``tp_group`` (kernel backends): ``weight`` [V_r, H] (and ``bias`` [V_r]) are this rank's vocabulary shard,
+    ``hidden`` the same on every rank, ``targets`` global ids (MATH §7.1). The weight and bias gradients are the
+    shard's; the hidden gradient is the sum over the shards: all-reduced here (``reduce_hidden_grad=True``), or
+    left as this rank's partial sum for a caller that reduces it itself (``False``: e.g. Megatron's sequence
+    parallel reduce-scatter). One all_gather of [N, 5] fp32 row statistics (+ the hidden-gradient all-reduce),
+    and the two-pass schedule (statistics, then the gradient: 4 GEMMs). ``cp_group`` as in :func:`grpo_loss`.
+
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
@@ -408,6 +464,17 @@ def linear_grpo_loss(
     with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
         check_linear(hidden, weight, targets, bias)
         checks = _checks.ValueChecks(check_values, hidden)
+        parallel = distributed.resolve(
+            checks,
+            targets.shape,
+            hidden.device,
+            vocab=weight.shape[0],
+            tp_group=tp_group,
+            vocab_start=vocab_start,
+            cp_group=cp_group,
+            cu_seqlens=cu_seqlens,
+            reduce_hidden_grad=reduce_hidden_grad,
+        )
         inputs = resolve(
             targets.shape,
             hidden.device,
@@ -425,9 +492,13 @@ def linear_grpo_loss(
             cu_seqlens=cu_seqlens,
             normalizer=normalizer,
             config=config,
+            parallel=parallel,
         )
-        checks.token_ids("targets", targets, weight.shape[0])
+        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
         checks.run()
-        return backends.select(backend, hidden.device).linear_grpo_loss(
+        impl = backends.select(backend, hidden.device)
+        if parallel is not None:
+            backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
+        return impl.linear_grpo_loss(
             hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
         )

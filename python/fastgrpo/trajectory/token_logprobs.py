@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union, cast, overload
 import torch
 from torch import Tensor
 
-from .. import _checks, _library, backends
+from .. import _checks, _library, backends, distributed
 from ..inputs import autocast_operands, check_linear, check_logit_transform, check_logits, check_temperature
 
 LogprobsResult = Union[Tensor, tuple[Tensor, Tensor]]
@@ -176,6 +176,8 @@ def token_logprobs(
     *,
     temperature: float = ...,
     entropy: Literal[False] = ...,
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> Tensor: ...
@@ -186,6 +188,8 @@ def token_logprobs(
     *,
     temperature: float = ...,
     entropy: Literal[True],
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> tuple[Tensor, Tensor]: ...
@@ -196,6 +200,8 @@ def token_logprobs(
     *,
     temperature: float = ...,
     entropy: bool = ...,
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> LogprobsResult: ...
@@ -207,6 +213,8 @@ def token_logprobs(
     *,
     temperature: float = 1.0,
     entropy: bool = False,
+    tp_group: Optional[distributed.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LogprobsResult:
@@ -217,6 +225,10 @@ def token_logprobs(
     [0, V), at the cost of one host sync (none when False or under torch.compile). The logits are never
     scanned: a NaN or inf logit propagates to its row's log-prob.
 
+    ``tp_group`` (kernel backends): ``logits`` [.., V_r] are this rank's vocabulary shard (equal shards in rank
+    order, or from ``vocab_start``), ``targets`` global ids; one all_gather of [N, 5] fp32 per call, the same
+    values on every rank, the gradient of the shard in the backward (MATH §7.1).
+
     PyTorch equivalent::
 
         logp = torch.log_softmax(logits.float() / temperature, -1)
@@ -226,9 +238,17 @@ def token_logprobs(
     check_logits(logits, targets)
     check_temperature(temperature)
     checks = _checks.ValueChecks(check_values, logits)
-    checks.token_ids("targets", targets, logits.shape[-1])
+    parallel = distributed.resolve(
+        checks, targets.shape, logits.device, vocab=logits.shape[-1], tp_group=tp_group, vocab_start=vocab_start
+    )
+    checks.token_ids("targets", targets, distributed.checked_vocab(parallel, logits.shape[-1]))
     checks.run()
-    lp, ent = backends.select(backend, logits.device).token_logprobs(logits, targets, temperature, entropy)
+    impl = backends.select(backend, logits.device)
+    if parallel is not None and parallel.tp is not None:
+        ops = backends.require_kernels(impl, "tp_group").ops
+        lp, ent = distributed.vocab_parallel_logprobs(ops, logits, targets, parallel.tp, temperature, entropy)
+    else:
+        lp, ent = impl.token_logprobs(logits, targets, temperature, entropy)
     return (lp, cast(Tensor, ent)) if entropy else lp  # a backend returns the entropy when asked
 
 
@@ -243,6 +263,9 @@ def linear_token_logprobs(
     entropy: Literal[False] = ...,
     logit_scale: float = ...,
     logit_softcap: Optional[float] = ...,
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
+    reduce_hidden_grad: bool = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> Tensor: ...
@@ -257,6 +280,9 @@ def linear_token_logprobs(
     entropy: Literal[True],
     logit_scale: float = ...,
     logit_softcap: Optional[float] = ...,
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
+    reduce_hidden_grad: bool = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> tuple[Tensor, Tensor]: ...
@@ -271,6 +297,9 @@ def linear_token_logprobs(
     entropy: bool = ...,
     logit_scale: float = ...,
     logit_softcap: Optional[float] = ...,
+    tp_group: Optional[distributed.ProcessGroup] = ...,
+    vocab_start: Optional[int] = ...,
+    reduce_hidden_grad: bool = ...,
     backend: str = ...,
     check_values: Optional[bool] = ...,
 ) -> LogprobsResult: ...
@@ -286,20 +315,42 @@ def linear_token_logprobs(
     entropy: bool = False,
     logit_scale: float = 1.0,
     logit_softcap: Optional[float] = None,
+    tp_group: Optional[distributed.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    reduce_hidden_grad: bool = True,
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> LogprobsResult:
     """:func:`token_logprobs` of ``softcap(logit_scale · (hidden @ weight.T + bias))`` (hidden [B, T, H],
-    weight [V, H]), differentiable w.r.t. hidden, weight and bias. ``check_values`` as in :func:`token_logprobs`."""
+    weight [V, H]), differentiable w.r.t. hidden, weight and bias. ``check_values`` as in :func:`token_logprobs`.
+    ``tp_group``, ``vocab_start``, ``reduce_hidden_grad``: the weight (and bias) are a vocabulary shard, as in
+    :func:`fastgrpo.linear_grpo_loss`."""
     check_temperature(temperature)
     check_logit_transform(logit_scale, logit_softcap)
     with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
         check_linear(hidden, weight, targets, bias)
         checks = _checks.ValueChecks(check_values, hidden)
-        checks.token_ids("targets", targets, weight.shape[0])
+        parallel = distributed.resolve(
+            checks,
+            targets.shape,
+            hidden.device,
+            vocab=weight.shape[0],
+            tp_group=tp_group,
+            vocab_start=vocab_start,
+            reduce_hidden_grad=reduce_hidden_grad,
+        )
+        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
         checks.run()
         impl = backends.select(backend, hidden.device)
-        lp, ent = impl.linear_token_logprobs(
-            hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
-        )
+        if parallel is not None:
+            from .linear_grpo_loss import kernel_linear_token_logprobs
+
+            ops = backends.require_kernels(impl, "tp_group").ops
+            lp, ent = kernel_linear_token_logprobs(
+                ops, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap, parallel
+            )
+        else:
+            lp, ent = impl.linear_token_logprobs(
+                hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
+            )
     return (lp, cast(Tensor, ent)) if entropy else lp  # a backend returns the entropy when asked
