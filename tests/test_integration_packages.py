@@ -272,7 +272,7 @@ def test_verl_linear_cross_entropy():
     torch.testing.assert_close(ent, ref_ent)
     with pytest.raises(ValueError, match="reduction"):
         fg_verl.linear_cross_entropy(hidden, weight, labels, reduction="average")
-    with pytest.raises(NotImplementedError, match="dist_process_group"):
+    with pytest.raises(TypeError, match="dist_process_group must be a torch.distributed.ProcessGroup"):
         fg_verl.linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
 
 
