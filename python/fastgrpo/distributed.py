@@ -124,9 +124,10 @@ def vocab_partials(
     )
 
 
-def combine_vocab_stats(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def combine_vocab_stats(parts: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(ℓ [N], row statistics [N, 2] = (M, log Σ), H [N]) of the whole vocabulary from every rank's
-    ``vocab_partials`` ([world, N, 5]), folded in rank order: identical bits on every rank.
+    ``vocab_partials`` ([world, N, 5]), folded in rank order: identical bits on every rank. Rows where ``mask``
+    is 0 get ℓ = H = 0, as the one-process kernels write them.
 
     Everything stays relative to the row max M = max_r M_r, as in the kernels: a shard's mass is
     w_r = e^(M_r − M + log Σ_r), Σ = Σ_r w_r, and with Σ_r e^(x − M_r)(x − M_r) = Σ_r·(log Σ_r − H_r),
@@ -152,7 +153,11 @@ def combine_vocab_stats(parts: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mean = torch.zeros_like(m)  # Σ_j p_j (x_j − M)
     for r, w in enumerate(weights):  # a shard of banned (−inf) logits has w = 0 and H_r = NaN: no term
         mean = mean + torch.where(w > 0, (w / total) * ((log_s_r[r] - h_r[r]) + (m_r[r] - m)), 0.0)
-    return (x_target - m) - log_s, torch.stack([m, log_s], -1), log_s - mean
+    lp, ent = (x_target - m) - log_s, log_s - mean
+    if mask is not None:
+        keep = mask.reshape(-1) != 0
+        lp, ent = torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+    return lp, torch.stack([m, log_s], -1), ent
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -163,10 +168,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def forward(ctx, logits, targets, mask, inv_t, entropy, shard, ops):
         read, owned, ids = shard.local_targets(targets)
         parts = vocab_partials(ops, logits.detach(), read, owned, mask, inv_t, entropy)
-        lp, stats, ent = combine_vocab_stats(gather(parts, shard.group))
-        if mask is not None:  # masked rows: 0, as the one-process kernels write them
-            keep = mask.reshape(-1) != 0
-            lp, ent = torch.where(keep, lp, 0.0), torch.where(keep, ent, 0.0)
+        lp, stats, ent = combine_vocab_stats(gather(parts, shard.group), mask)
         lp, ent = lp.view(targets.shape), ent.view(targets.shape)
         ctx.ops, ctx.entropy = ops, entropy
         ctx.save_for_backward(logits, ids, mask, stats, ent, inv_t)

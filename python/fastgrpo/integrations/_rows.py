@@ -28,9 +28,14 @@ def labels_per_row(name: str, x: Tensor, labels: Tensor) -> Tensor:
     return labels.reshape(rows)
 
 
+def as_rows(x: Tensor) -> Tensor:
+    """``x`` [..., V] in fastgrpo's layouts: [N, V] or [B, T, V] as given, other ranks flattened to [N, V]."""
+    return x if x.dim() in (2, 3) else x.reshape(-1, x.shape[-1])
+
+
 def logprobs_per_row(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """fp32 log-probs, shaped ``logits.shape[:-1]``, of ``labels`` (one id per row, any shape) under ``logits``
     [..., V] / ``temperature``."""
     ids = labels_per_row("logits", logits, labels)
-    rows = logits if logits.dim() in (2, 3) else logits.reshape(-1, logits.shape[-1])  # fastgrpo's layouts
+    rows = as_rows(logits)
     return token_logprobs(rows, ids.reshape(rows.shape[:-1]), temperature=temperature).reshape(ids.shape)

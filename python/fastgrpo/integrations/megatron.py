@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..trajectory.token_logprobs import token_logprobs
+from ._rows import as_rows
 
 
 def tensor_parallel_group(tp_group: Optional[Any]) -> Any:
@@ -42,6 +43,6 @@ def vocab_parallel_cross_entropy(
         raise NotImplementedError(f"label_smoothing must be 0.0 (not supported), got {label_smoothing!r}")
     group = tensor_parallel_group(tp_group)
     z = vocab_parallel_logits
-    rows = z if z.dim() in (2, 3) else z.reshape(-1, z.shape[-1])
+    rows = as_rows(z)
     lp = token_logprobs(rows, target.reshape(rows.shape[:-1]).long(), tp_group=group)
     return -lp.reshape(target.shape).to(torch.float32)

@@ -20,7 +20,7 @@ from ..trajectory.grpo_loss import policy_loss
 from ..trajectory.objective import kl_estimate
 from ..trajectory.token_logprobs import linear_token_logprobs, token_logprobs
 from . import megatron
-from ._rows import labels_per_row, logprobs_per_row
+from ._rows import as_rows, labels_per_row, logprobs_per_row
 
 LOSS_MODES = ("vanilla", "gspo", "sapo", "gpg", "geo_mean", "cispo")
 
@@ -238,7 +238,7 @@ def vocab_parallel_log_probs_from_logits(logits: Tensor, labels: Tensor, tp_grou
     shard of ``logits`` [..., V/tp], one fused pass and one all_gather instead of megatron-core's three
     all-reduces. ``tp_group``: megatron's tensor-parallel group when None (as verl's, which takes no group)."""
     group = megatron.tensor_parallel_group(tp_group)
-    rows = logits if logits.dim() in (2, 3) else logits.reshape(-1, logits.shape[-1])
+    rows = as_rows(logits)
     ids = labels_per_row("logits", logits, labels).reshape(rows.shape[:-1]).long()
     return token_logprobs(rows, ids, tp_group=group).reshape(labels.shape)
 
@@ -248,7 +248,7 @@ def vocab_parallel_entropy(vocab_parallel_logits: Tensor, tp_group: Any = None) 
     [..., V/tp], in the logits' dtype as verl's (computed in fp32 here), differentiable."""
     group = megatron.tensor_parallel_group(tp_group)
     z = vocab_parallel_logits
-    rows = z if z.dim() in (2, 3) else z.reshape(-1, z.shape[-1])
+    rows = as_rows(z)
     ids = torch.zeros(rows.shape[:-1], dtype=torch.long, device=z.device)  # any id: only the entropy is used
     _, ent = token_logprobs(rows, ids, entropy=True, tp_group=group, check_values=False)
     return ent.reshape(z.shape[:-1]).to(z.dtype)

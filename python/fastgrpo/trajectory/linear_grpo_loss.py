@@ -279,9 +279,10 @@ def _vocab_parallel_stats(
         part = distributed.vocab_partials(ops, z, read[rows], owned[rows], None, inv_t, with_entropy)
         parts.index_copy_(0, rows, part)
         del z, part
-    lp, stats, ent = distributed.combine_vocab_stats(distributed.gather(parts, shard.group))
-    keep = mask.reshape(-1) != 0  # masked rows: 0, never computed
-    return torch.where(keep, lp, 0.0), stats, torch.where(keep, ent, 0.0), ids
+    lp, stats, ent = distributed.combine_vocab_stats(
+        distributed.gather(parts, shard.group), mask
+    )  # masked: never computed
+    return lp, stats, ent, ids
 
 
 def kernel_linear_grpo_loss(
