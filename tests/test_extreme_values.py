@@ -443,7 +443,7 @@ def test_rewards_near_1e20(variant, entry, backend):
     backends); the loss is a mean of ±A, so it is judged against max|A|."""
     config = HUGE_REWARD_CONFIGS[variant]
     rewards = 1e20 * torch.tensor([1.0, 2.0, 3.0, 4.0, 0.5, 0.25, 2.0, 8.0])
-    truth = oracle.advantages(rewards, 4, **dataclasses.asdict(config))
+    truth = oracle.advantages(rewards, 4, **{k: getattr(config, k) for k in ("estimator", "scale", "eps", "singleton")})
     if entry == "advantages":
         expect(fastgrpo.advantages(rewards.to(DEVICE), 4, config=config, backend=backend), truth, "advantages")
         return

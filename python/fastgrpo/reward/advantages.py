@@ -10,6 +10,10 @@ backends' host code (``kernel_advantages``) and the public function ``advantages
     advantages(rewards, params, codes) -> (advantages, group mean, group std)
 
 ``params``: ``ADVANTAGE_SCALARS`` (eps, batch std), ``codes``: ``ADVANTAGE_CODES`` (kernels/params.py).
+
+The op computes ``grpo``, ``rloo`` and ``reinforce_baseline``; the trainers' other estimators (pass@k, OPO, GPG,
+ReMax, REINFORCE++, GDPO, the optimal token baseline ...) are O(B·T) PyTorch in ``reward/estimators.py``, which
+``advantages`` calls for them (``estimator_advantages``), per token with a ``response_mask``.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _library, backends
-from ..config import AdvantageConfig, AdvantageEstimator, AdvantageScale, Rewards, SingletonGroup
+from ..config import (
+    AdvantageConfig,
+    AdvantageEstimator,
+    AdvantageScale,
+    MaskedSteps,
+    Rewards,
+    SingletonGroup,
+    Whitening,
+)
 from ..inputs import check_rewards
 from ..kernels import params as P
+from . import estimators
 
 
 # ------------------------------------------------------------------------------------------ Triton launcher
@@ -86,6 +99,8 @@ def torch_advantages(
 
     The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
     fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
+    if not computed_by_kernels(config):
+        return estimator_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
     r = combine_rewards(rewards, reward_weights)
     g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
     count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
@@ -129,6 +144,57 @@ def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: Ad
     return torch_advantages(r.rewards, r.group_size, r.group_ids, config, r.weights, metrics=False)[0]
 
 
+def computed_by_kernels(config: AdvantageConfig) -> bool:
+    """Whether the ``advantages`` op computes ``config`` (``grpo``, ``rloo``, ``reinforce_baseline`` with its own
+    whitening); the other estimators are PyTorch (reward/estimators.py)."""
+    return config.estimator in ("grpo", "rloo") or (
+        config.estimator == "reinforce_baseline" and config.effective_whitening == "sequence"
+    )
+
+
+def estimator_advantages(
+    rewards: Tensor,
+    group_size: Optional[int],
+    group_ids: Optional[Tensor],
+    config: AdvantageConfig,
+    reward_weights: Optional[Tensor],
+    metrics: bool,
+    **token_inputs: Optional[Tensor],
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """An estimator of reward/estimators.py on validated inputs: advantages [B], or [B, T] with a
+    ``response_mask`` in ``token_inputs``, and the metrics of MATH §3 (for [B, T]: of each sequence's mean
+    advantage over its tokens). Without the token inputs it needs (``Rewards`` in a loss call), a clear error."""
+    mask = token_inputs.get("response_mask")
+    needs = "response_mask" if config.needs_response_mask else None
+    if config.estimator == "greedy_baseline" and token_inputs.get("baseline_rewards") is None:
+        needs = "baseline_rewards"
+    if mask is None and needs is not None:
+        raise ValueError(
+            f"advantage estimator {config.estimator!r} (whitening={config.effective_whitening!r}) needs {needs}: "
+            f"compute the advantages with fastgrpo.advantages(..., {needs}=...) and pass them instead of Rewards"
+        )
+    r = _library.accumulate(rewards.detach())
+    weights = None if reward_weights is None else _library.accumulate(reward_weights.detach())
+    if config.estimator != "normalize_then_sum":
+        r = combine_rewards(r, weights)
+    groups = estimators.groups_of(r.shape[0], group_size, group_ids, r[:, 0] if r.dim() == 2 else r)
+    given = {
+        k: None if v is None else _library.accumulate(v.detach())
+        for k, v in token_inputs.items()
+        if k != "response_mask"
+    }
+    given["mask"] = None if mask is None else mask.detach() != 0
+    adv = estimators.estimate(r, groups, config, reward_weights=weights, **given)
+    if not metrics:
+        return adv, {}
+    combined = combine_rewards(r, weights)
+    per_sequence = adv
+    if given["mask"] is not None:
+        per_sequence = adv.sum(-1) / given["mask"].sum(-1).clamp(min=1).to(adv.dtype)
+    mean, std = estimators.group_mean_std(combined, groups)
+    return adv, advantage_metrics(combined, per_sequence, groups.ids, mean, std)
+
+
 def combine_rewards(rewards: Tensor, reward_weights: Optional[Tensor]) -> Tensor:
     """[B] rewards as they are; [B, K] reward functions summed with their weights (TRL "sum_then_normalize")."""
     r = _library.accumulate(rewards.detach())
@@ -170,9 +236,11 @@ def batch_std(r: Tensor, config: AdvantageConfig) -> tuple[bool, Tensor]:
 
 def advantage_codes(config: AdvantageConfig, group_size: int, batch: bool) -> list[int]:
     """The op's ``codes`` (``ADVANTAGE_CODES``) for ``config``."""
+    # The estimators without a kernel get grpo's code: the fused loss reads the codes only for the rewards it
+    # normalizes itself (adv_from_rewards, grpo/rloo), and its codes are built for every config it is given.
     named = dict(
         group_size=group_size,
-        adv_estimator=P.ADV_ESTIMATOR[config.estimator],
+        adv_estimator=P.ADV_ESTIMATOR.get(config.estimator, P.ADV_ESTIMATOR["grpo"]),
         adv_divide=int(config.scale != "none"),
         adv_use_batch_std=int(batch),
         adv_singleton_raw=int(config.singleton == "raw"),
@@ -190,8 +258,9 @@ def kernel_advantages(
     metrics: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and use the
-    PyTorch form. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops."""
-    if group_ids is not None or group_size is None:
+    PyTorch form. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops. The estimators
+    without a kernel (reward/estimators.py) are PyTorch on every backend."""
+    if group_ids is not None or group_size is None or not computed_by_kernels(config):
         return torch_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
     r = combine_rewards(rewards, reward_weights).float().contiguous()
     batch, std_b = batch_std(r, config)
@@ -219,7 +288,17 @@ def advantages(
     scale: AdvantageScale = ...,
     eps: float = ...,
     singleton: SingletonGroup = ...,
+    whitening: Optional[Whitening] = ...,
+    gamma: float = ...,
+    masked_steps: MaskedSteps = ...,
+    zero_tail: bool = ...,
     reward_weights: Optional[Tensor] = ...,
+    response_mask: Optional[Tensor] = ...,
+    token_rewards: Optional[Tensor] = ...,
+    baseline_rewards: Optional[Tensor] = ...,
+    old_logprobs: Optional[Tensor] = ...,
+    sum_pi_squared: Optional[Tensor] = ...,
+    is_weights: Optional[Tensor] = ...,
     config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[False] = ...,
     backend: str = ...,
@@ -235,7 +314,17 @@ def advantages(
     scale: AdvantageScale = ...,
     eps: float = ...,
     singleton: SingletonGroup = ...,
+    whitening: Optional[Whitening] = ...,
+    gamma: float = ...,
+    masked_steps: MaskedSteps = ...,
+    zero_tail: bool = ...,
     reward_weights: Optional[Tensor] = ...,
+    response_mask: Optional[Tensor] = ...,
+    token_rewards: Optional[Tensor] = ...,
+    baseline_rewards: Optional[Tensor] = ...,
+    old_logprobs: Optional[Tensor] = ...,
+    sum_pi_squared: Optional[Tensor] = ...,
+    is_weights: Optional[Tensor] = ...,
     config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[True],
     backend: str = ...,
@@ -251,7 +340,17 @@ def advantages(
     scale: AdvantageScale = ...,
     eps: float = ...,
     singleton: SingletonGroup = ...,
+    whitening: Optional[Whitening] = ...,
+    gamma: float = ...,
+    masked_steps: MaskedSteps = ...,
+    zero_tail: bool = ...,
     reward_weights: Optional[Tensor] = ...,
+    response_mask: Optional[Tensor] = ...,
+    token_rewards: Optional[Tensor] = ...,
+    baseline_rewards: Optional[Tensor] = ...,
+    old_logprobs: Optional[Tensor] = ...,
+    sum_pi_squared: Optional[Tensor] = ...,
+    is_weights: Optional[Tensor] = ...,
     config: Optional[AdvantageConfig] = ...,
     return_metrics: bool = ...,
     backend: str = ...,
@@ -268,35 +367,152 @@ def advantages(
     scale: AdvantageScale = "group",
     eps: float = 1e-4,
     singleton: SingletonGroup = "zero",
+    whitening: Optional[Whitening] = None,
+    gamma: float = 1.0,
+    masked_steps: MaskedSteps = "skip",
+    zero_tail: bool = True,
     reward_weights: Optional[Tensor] = None,
+    response_mask: Optional[Tensor] = None,
+    token_rewards: Optional[Tensor] = None,
+    baseline_rewards: Optional[Tensor] = None,
+    old_logprobs: Optional[Tensor] = None,
+    sum_pi_squared: Optional[Tensor] = None,
+    is_weights: Optional[Tensor] = None,
     config: Optional[AdvantageConfig] = None,
     return_metrics: bool = False,
     backend: str = "auto",
     check_values: Optional[bool] = None,
 ) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-    """Advantages [B] (fp32, no grad) from rewards [B] or [B, K] with weights [K].
+    """Advantages [B] (fp32, no grad) from rewards [B] or [B, K] with weights [K]; per token [B, T] (0 at masked
+    tokens) when a ``response_mask`` [B, T] is given.
 
-    Groups are contiguous runs of ``group_size`` rewards, or share a value of ``group_ids`` [B]. ``config``
-    (an :class:`AdvantageConfig`) replaces ``estimator``/``scale``/``eps``/``singleton`` when given.
+    Groups are contiguous runs of ``group_size`` rewards, or share a value of ``group_ids`` [B]; the estimators
+    without groups (``batch_baseline``, ``greedy_baseline``, ``discounted_return``) need neither. ``config``
+    (an :class:`AdvantageConfig`) replaces ``estimator`` ... ``zero_tail`` when given (their meaning: there).
     PyTorch equivalent for ``estimator="grpo", scale="group"`` and contiguous groups of G::
 
         r = rewards.view(-1, G)
         ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
 
+    Per-token inputs ([B, T], read at the response tokens, where ``response_mask`` ≠ 0):
+
+    - ``token_rewards``: rewards per token besides the outcome ``rewards`` (KL-in-reward, process rewards); the
+      advantage of a token is then the return-to-go of the estimator's outcome advantage at the last response
+      token plus these (discounted by ``gamma`` for ``discounted_return``, whose outcome advantage is the reward).
+    - ``old_logprobs``, ``sum_pi_squared`` (Σ_v π_v² of each token's distribution) and optionally ``is_weights``
+      (rollout importance weights): required by ``optimal_token_baseline``.
+
+    ``baseline_rewards`` [B]: the reward of each prompt's greedy response, required by ``greedy_baseline``. The
+    ``response_mask`` is required by ``length_weighted_baseline`` (lengths), ``discounted_return``,
+    ``optimal_token_baseline`` and every ``token*`` whitening. A missing or unused input is a ValueError naming it.
+
     With ``return_metrics`` also returns 0-d tensors: ``reward/mean``, ``reward/std``,
     ``reward/group_std_mean``, ``frac_reward_zero_std``, ``advantage/group_sum_abs_max`` (≈ 0 for
-    ``grpo``/``rloo``) and, for 0/1 rewards, ``frac_groups_all_solved`` / ``frac_groups_all_failed``.
+    ``grpo``/``rloo``; per token: of each sequence's mean over its tokens) and, for 0/1 rewards,
+    ``frac_groups_all_solved`` / ``frac_groups_all_failed``.
 
-    ``check_values`` (None: the global default, see ``fastgrpo.set_check_values``): reject non-finite rewards
-    and reward weights, at the cost of one host sync (none when False, under torch.compile or on meta tensors).
+    ``backend`` computes ``grpo``, ``rloo`` and ``reinforce_baseline`` (the ``advantages`` op); the other
+    estimators are O(B·T) PyTorch on every backend (reward/estimators.py).
+
+    ``check_values`` (None: the global default, see ``fastgrpo.set_check_values``): reject non-finite rewards,
+    reward weights and per-token inputs, at the cost of one host sync (none when False, under torch.compile or
+    on meta tensors).
     """
     _checks.tensor("rewards", rewards)
     checks = _checks.ValueChecks(check_values, rewards)
-    check_rewards(rewards, group_size, group_ids, reward_weights, checks)
     if config is not None and not isinstance(config, AdvantageConfig):
         raise TypeError(f"config must be a fastgrpo.AdvantageConfig or None, got {type(config).__name__}")
-    cfg = config if config is not None else AdvantageConfig(estimator, scale, eps, singleton)
+    cfg = config
+    if cfg is None:
+        cfg = AdvantageConfig(estimator, scale, eps, singleton, whitening, gamma, masked_steps, zero_tail)
+    if cfg.estimator in UNGROUPED and group_size is None and group_ids is None:
+        group_size = max(rewards.shape[0], 1) if rewards.dim() else None  # one group: only the metrics use it
+    check_rewards(rewards, group_size, group_ids, reward_weights, checks)
+    token_inputs = dict(
+        token_rewards=token_rewards,
+        baseline_rewards=baseline_rewards,
+        old_logprobs=old_logprobs,
+        sum_pi_squared=sum_pi_squared,
+        is_weights=is_weights,
+    )
+    check_token_inputs(rewards, cfg, response_mask, token_inputs, checks)
     checks.run()
     impl = backends.select(backend, rewards.device)
-    adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, return_metrics)
+    if computed_by_kernels(cfg):
+        adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, return_metrics)
+        if response_mask is not None:
+            tokens = None if token_rewards is None else _library.accumulate(token_rewards.detach())
+            adv = estimators.token_advantages(adv, response_mask.detach() != 0, tokens, 1.0, cfg.masked_steps)
+    else:
+        adv, metrics = estimator_advantages(
+            rewards,
+            group_size,
+            group_ids,
+            cfg,
+            reward_weights,
+            return_metrics,
+            response_mask=response_mask,
+            **token_inputs,
+        )
     return (adv, metrics) if return_metrics else adv
+
+
+UNGROUPED = ("batch_baseline", "greedy_baseline", "discounted_return")  # estimators that use no group
+
+
+def check_token_inputs(
+    rewards: Tensor,
+    config: AdvantageConfig,
+    response_mask: Optional[Tensor],
+    token_inputs: dict[str, Optional[Tensor]],
+    checks: _checks.ValueChecks,
+) -> None:
+    """Shapes, dtypes and devices of ``advantages``' per-token inputs, which ones ``config`` requires and which
+    ones it would not use (an error too: an input silently ignored is a bug waiting)."""
+    b = rewards.shape[0]
+    est = f"estimator={config.estimator!r}"
+    if response_mask is not None:
+        _checks.tensor("response_mask", response_mask)
+        _checks.real("response_mask", response_mask, "the response tokens")
+        if response_mask.dim() != 2 or response_mask.shape[0] != b:
+            raise ValueError(
+                f"response_mask must have shape [B, T] with B = {b} (a row per reward), got {list(response_mask.shape)}"
+            )
+        _checks.same_device(rewards.device, response_mask=response_mask)
+        checks.set_mask(response_mask, None)
+    elif config.needs_response_mask:
+        why = (
+            ""
+            if config.estimator in ("length_weighted_baseline", "discounted_return", "optimal_token_baseline")
+            else (f" with whitening={config.effective_whitening!r}")
+        )
+        raise ValueError(f"response_mask [B, T] is required by {est}{why}")
+    for name, x in token_inputs.items():
+        if x is None:
+            continue
+        _checks.tensor(name, x)
+        _checks.floating(name, x)
+        if name == "baseline_rewards":
+            _checks.shape(name, x, (b,), "one baseline reward per reward")
+        elif response_mask is None:
+            raise ValueError(f"{name} is per token: it needs response_mask [B, T]")
+        else:
+            _checks.shape(name, x, tuple(response_mask.shape), "one value per token of response_mask")
+        _checks.same_device(rewards.device, **{name: x})
+    users = dict(
+        baseline_rewards=("greedy_baseline",),
+        old_logprobs=("optimal_token_baseline",),
+        sum_pi_squared=("optimal_token_baseline",),
+        is_weights=("optimal_token_baseline",),
+    )
+    for name, estimators_using in users.items():
+        given = token_inputs[name] is not None
+        if given and config.estimator not in estimators_using:
+            raise ValueError(f"{name} is only used by estimator={estimators_using[0]!r}, got {est}")
+        if not given and config.estimator in estimators_using and name != "is_weights":
+            raise ValueError(f"{name} is required by {est}")
+    checks.finite("token_rewards", token_inputs["token_rewards"])
+    checks.finite("baseline_rewards", token_inputs["baseline_rewards"], masked=False)
+    checks.logprobs("old_logprobs", token_inputs["old_logprobs"])
+    checks.finite("sum_pi_squared", token_inputs["sum_pi_squared"])
+    checks.weights("is_weights", token_inputs["is_weights"])
