@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import presets
+from ..trajectory import rollout_correction
 from ..trajectory.grpo_loss import policy_loss
 from ..trajectory.objective import kl_estimate
 from ._rows import logprobs_per_row
@@ -25,7 +26,9 @@ def _masked_mean(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:
 
 class PolicyLoss(nn.Module):
     """OpenRLHF's ``PolicyLoss`` computed by fastgrpo: forward returns (loss, clip_ratio, ppo_kl, vllm_kl,
-    is_filter_ratio), the last two None without an IS correction."""
+    is_filter_ratio), the last two None without an IS correction. The train/rollout IS correction, every
+    ``is_correction_gating`` included, is the loss's own (``presets.openrlhf``): forward passes the rollout
+    log-probs as ``sampling_logprobs``."""
 
     def __init__(
         self,
@@ -44,33 +47,34 @@ class PolicyLoss(nn.Module):
         self.policy_loss_type = policy_loss_type
         self.level, self.mode, self.gating = is_correction_level, is_correction_mode, is_correction_gating
         self.threshold = tuple(is_correction_threshold)
-        if is_correction_gating not in ("ratio", "binary_kl", "tv"):
-            raise ValueError(f"is_correction_gating must be ratio/binary_kl/tv, got {is_correction_gating!r}")
-        if is_correction_gating != "ratio" and is_correction_level != "off" and self.threshold[0] > 0:
-            raise ValueError(f"is_correction_gating={is_correction_gating} takes an upper bound only (low = 0)")
-        # a divergence gate is not a LossConfig option: forward passes its weights as is_weights
+        # the preset checks the options as OpenRLHF's constructor does (errors name the option)
         self.config = presets.openrlhf(
             policy_loss_type=policy_loss_type,
             eps_clip_low_high=(clip_eps_low, clip_eps_high),
             dual_clip=dual_clip,
             token_level_loss=token_level_loss,
-            is_correction_level=is_correction_level if is_correction_gating == "ratio" else "off",
+            is_correction_level=is_correction_level,
             is_correction_mode=is_correction_mode,
+            is_correction_gating=is_correction_gating,
             is_correction_threshold=self.threshold,
         )
 
-    def _divergence_gate(self, old: Tensor, rollout: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(token IS weights, dropped units) for the binary_kl / tv gates: OpenRLHF drops tokens (or whole
-        sequences, by the mean) whose divergence between rollout and train probability exceeds the bound."""
-        p, q = rollout.exp().clamp(1e-6, 1 - 1e-6), old.exp().clamp(1e-6, 1 - 1e-6)
-        if self.gating == "binary_kl":
-            stat = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+    def _filter_ratio(self, old: Tensor, rollout: Tensor, mask: Tensor) -> Tensor:
+        """OpenRLHF's is_filter_ratio: the fraction of the units its gate filters, unmasked tokens or sequences
+        (all of them: an all-masked sequence's mean is NaN, outside a mask band, inside a clip one)."""
+        rows = mask.reshape(-1, mask.shape[-1])  # a sequence per row, as OpenRLHF's dim=-1 means
+        seg = rollout_correction.Segments.rows(rows.shape[0], rows.shape[1], mask.device)
+        level = "sequence" if self.level == "seq" else "token"
+        old, rollout, m = (x.detach().reshape(-1) for x in (old, rollout, rows))
+        stat = rollout_correction.gate_statistic(old, rollout, m, seg, self.gating, level)
+        low, high = self.threshold
+        if self.mode == "clip":
+            filtered = (stat < low) | (stat > high)
         else:
-            stat = (p - q).abs()
-        if self.level == "seq":
-            stat = ((stat * mask).sum(-1) / mask.sum(-1)).unsqueeze(-1)
-        keep = (stat >= self.threshold[0]) & (stat <= self.threshold[1])
-        return torch.where(keep, (old - rollout).exp(), 0.0), ~keep
+            filtered = ~rollout_correction.within(stat, low, high)
+        if level == "sequence":
+            return filtered.float().mean()
+        return _masked_mean(filtered.float().reshape(mask.shape), mask)
 
     def forward(
         self,
@@ -91,27 +95,17 @@ class PolicyLoss(nn.Module):
         if gspo and correction:
             assert rollout_log_probs is not None, "is_correction_level needs rollout_log_probs (as in OpenRLHF)"
             old = rollout_log_probs
-        is_weights = vllm_kl = is_filter_ratio = None
+        vllm_kl = is_filter_ratio = None
         if correction and not gspo:
             assert rollout_log_probs is not None, "is_correction_level needs rollout_log_probs (as in OpenRLHF)"
-            old_d, rollout_d = old_log_probs.detach(), rollout_log_probs.detach()
-            if self.gating != "ratio":
-                is_weights, dropped = self._divergence_gate(old_d, rollout_d, mask)
-            else:
-                log_is = old_d - rollout_d
-                stat = log_is if self.level == "token" else _masked_mean(log_is, mask, dim=-1).unsqueeze(-1)
-                dropped = (stat.exp() < self.threshold[0]) | (stat.exp() > self.threshold[1])
             vllm_kl = _masked_mean(rollout_log_probs - old_log_probs, mask)
-            is_filter_ratio = (
-                dropped.to(mask.dtype).mean() if self.level == "seq" else _masked_mean(dropped.to(mask.dtype), mask)
-            )
+            is_filter_ratio = self._filter_ratio(old_log_probs, rollout_log_probs, mask)
         count = batch_num_tokens if self.config.aggregation == "token_mean" else global_batch_size
         out = policy_loss(
             log_probs,
             advantages,
             mask,
             old_logprobs=old,
-            is_weights=is_weights,
             sampling_logprobs=rollout_log_probs if correction and not gspo else None,
             normalizer=None if count is None else count / dp_size,
             config=self.config,
@@ -137,15 +131,12 @@ def compute_approx_kl(
     unbiased_gradient: bool = False,
 ) -> Tensor:
     """OpenRLHF's ``compute_approx_kl``: the per-token estimate (fp32, clamped to ±10) of KL(π‖π_base) by
-    ``kl_estimator`` (k1, k2, k3), the one :func:`fastgrpo.presets.openrlhf` puts in the loss. ``log_probs_old``
-    is read only by ``unbiased_gradient``, which is not supported."""
-    if unbiased_gradient:
-        raise NotImplementedError(
-            "unbiased_gradient=True (OpenRLHF's --algo.kl.unbiased_gradient) is not supported "
-            "by fastgrpo's OpenRLHF integration"
-        )
-    config = presets.openrlhf(use_kl_loss=True, kl_estimator=kl_estimator)
-    return kl_estimate(log_probs.float(), log_probs_base.float(), config)
+    ``kl_estimator`` (k1, k2, k3), the one :func:`fastgrpo.presets.openrlhf` puts in the loss. With
+    ``unbiased_gradient`` the value stays, the gradient is sg[min(π/π_old, 10)]·(ℓ − ℓ_base)·∇ℓ (weight 1 without
+    ``log_probs_old``)."""
+    config = presets.openrlhf(use_kl_loss=True, kl_estimator=kl_estimator, unbiased_gradient=unbiased_gradient)
+    old = None if log_probs_old is None else log_probs_old.float()
+    return kl_estimate(log_probs.float(), log_probs_base.float(), config, old)
 
 
 def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
