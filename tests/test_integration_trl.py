@@ -88,7 +88,7 @@ def count_a(completions, **_):
     return [float(c.count("a")) - 0.1 * len(c) for c in completions]
 
 
-def make_trainer(tmp_path, *, model=None, max_steps=2, peft_config=None, **overrides):
+def make_trainer(tmp_path, *, model=None, max_steps=2, peft_config=None, reward_funcs=count_a, **overrides):
     tok = make_tokenizer()
     options = dict(
         output_dir=str(tmp_path),
@@ -116,7 +116,7 @@ def make_trainer(tmp_path, *, model=None, max_steps=2, peft_config=None, **overr
         make_model(len(tok)).save_pretrained(model)
     return GRPOTrainer(
         model=model,
-        reward_funcs=count_a,
+        reward_funcs=reward_funcs,
         args=GRPOConfig(**options),
         train_dataset=dataset,
         processing_class=tok,
@@ -304,10 +304,15 @@ def test_patch_keeps_generation_and_rejects_unsupported(tmp_path):
     before = trainer.model(input_ids=ids).logits
     patch_grpo_trainer(trainer)
     torch.testing.assert_close(trainer.model(input_ids=ids).logits, before)  # plain forward unchanged
-    with pytest.raises(ValueError, match="loss_type"):
-        patch_grpo_trainer(make_trainer(tmp_path, loss_type="vespo"))
-    with pytest.raises(ValueError, match="use_adaptive_entropy"):
-        patch_grpo_trainer(make_trainer(tmp_path, use_adaptive_entropy=True, entropy_target=1.0))
+    for loss_type in ("dapo", "cispo"):  # the bonus's token count over the entropy mask is not a normalizer
+        with pytest.raises(ValueError, match="top_entropy_quantile"):
+            patch_grpo_trainer(
+                make_trainer(tmp_path, loss_type=loss_type, use_adaptive_entropy=True, top_entropy_quantile=0.5)
+            )
+    with pytest.raises(ValueError, match="vllm_importance_sampling_mode"):  # TRL checks it only with a vLLM server
+        trainer = make_trainer(tmp_path, loss_type="vespo")
+        trainer.args.use_vllm = True
+        patch_grpo_trainer(trainer)
 
 
 def test_import_patches_nothing():
