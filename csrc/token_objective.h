@@ -15,14 +15,19 @@
 
 namespace fastgrpo {
 
-enum Policy : int32_t { kPPO = 0, kCISPO = 1, kSAPO = 2, kREINFORCE = 3 };
+enum Policy : int32_t { kPPO = 0, kCISPO = 1, kSAPO = 2, kREINFORCE = 3, kDppoTv = 4, kDppoKl = 5, kDRO = 6 };
 enum KL : int32_t { kKLNone = 0, kK1 = 1, kAbs = 2, kK2 = 3, kK3 = 4 };
+// Values of kKlStraight: the KL term's own gradient, that of k2 (verl's "+"), or that of k2 times sg[min(ρ, cap)]
+// (OpenRLHF's unbiased_gradient)
+enum KLGradient : int32_t { kKlGradEstimator = 0, kKlGradK2 = 1, kKlGradK2ImportanceWeighted = 2 };
 enum AdvantageEstimator : int32_t { kGRPO = 0, kRLOO = 1, kReinforceBaseline = 2 };
 
 // The ops' named parameters; kernels/params.py holds their order (TOKEN_INPUTS, TOKEN_OUTPUTS, CODES, SCALARS) and
 // tests/test_op_params.py pins every list below to it.
 // Rows of the fused op's per-token fp32 `tokens` [kNumTokenInputs, N] and `outputs` [kNumTokenOutputs, N].
-enum TokenInput : int64_t { kMask, kAdvantages, kOldLogprobs, kRefLogprobs, kWPolicy, kWKl, kWEntropy, kNumTokenInputs };
+enum TokenInput : int64_t {
+  kMask, kAdvantages, kOldLogprobs, kRefLogprobs, kWPolicy, kWKl, kWEntropy, kTeacherLogprobs, kWTeacher, kNumTokenInputs
+};
 enum TokenOutput : int64_t {
   kOutLogprobs, kOutEntropy, kOutLossTerms, kOutRatio, kOutGradLogprobs, kOutAdvantagesUsed, kNumTokenOutputs
 };
@@ -32,24 +37,26 @@ enum TokenOutput : int64_t {
 // from kAdvEps.
 enum Scalar : int64_t {
   kInvTemperature, kEpsLow, kEpsHigh, kRatioCap, kDualClip, kLogRatioClamp, kCispoLow, kCispoHigh, kSapoTauPos,
-  kSapoTauNeg, kKlInputClamp, kKlOutputClamp, kAdvEps, kBatchStd, kNumScalars
+  kSapoTauNeg, kKlInputClamp, kKlOutputClamp, kKlIsCap, kDroBeta, kTeacherCoef, kTeacherInputClamp,
+  kTeacherOutputClamp, kAdvEps, kBatchStd, kNumScalars
 };
 // Entries of the fused op's `codes` (ints, passed by value: they select variants). The advantages op's `codes` are
 // the tail from kGroupSize.
 enum Code : int64_t {
-  kPolicy, kKl, kKlStraight, kKlRatioWeighted, kHasOld, kAdvFromRewards, kGroupSize, kAdvEstimator, kAdvDivide,
-  kAdvUseBatchStd, kAdvSingletonRaw, kNumCodes
+  kPolicy, kKl, kKlStraight, kKlRatioWeighted, kHasOld, kTeacherKl, kTeacherInAdvantage, kTeacherAtOld,
+  kAdvFromRewards, kGroupSize, kAdvEstimator, kAdvDivide, kAdvUseBatchStd, kAdvSingletonRaw, kNumCodes
 };
 constexpr int64_t kNumAdvantageCodes = kNumCodes - kGroupSize;
 constexpr int64_t kNumAdvantageScalars = kNumScalars - kAdvEps;
 
 struct ObjectiveParams {
   // codes
-  int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old;
+  int32_t policy, kl, kl_straight, kl_ratio_weighted, has_old, teacher_kl, teacher_in_advantage, teacher_at_old;
   int32_t adv_from_rewards, group_size, adv_estimator, adv_divide, adv_use_batch_std, adv_singleton_raw;
   // scalars
   float inv_temperature, eps_low, eps_high, ratio_cap, dual_clip, log_ratio_clamp, cispo_low, cispo_high,
-      sapo_tau_pos, sapo_tau_neg, kl_input_clamp, kl_output_clamp, adv_eps, batch_std;
+      sapo_tau_pos, sapo_tau_neg, kl_input_clamp, kl_output_clamp, kl_is_cap, dro_beta, teacher_coef,
+      teacher_input_clamp, teacher_output_clamp, adv_eps, batch_std;
 };
 
 // The advantage codes: `c` holds the fused op's codes (first = 0) or the advantages op's (first = kGroupSize).
@@ -65,7 +72,8 @@ template <typename Ints>
 ObjectiveParams unpack_codes(const Ints& c) {
   ObjectiveParams p{};
   p.policy = c[kPolicy]; p.kl = c[kKl]; p.kl_straight = c[kKlStraight]; p.kl_ratio_weighted = c[kKlRatioWeighted];
-  p.has_old = c[kHasOld]; p.adv_from_rewards = c[kAdvFromRewards];
+  p.has_old = c[kHasOld]; p.teacher_kl = c[kTeacherKl]; p.teacher_in_advantage = c[kTeacherInAdvantage];
+  p.teacher_at_old = c[kTeacherAtOld]; p.adv_from_rewards = c[kAdvFromRewards];
   unpack_advantage_codes(p, c, 0);
   return p;
 }
@@ -82,13 +90,16 @@ FASTGRPO_HD void load_scalars(ObjectiveParams& p, const float* s) {
   p.ratio_cap = s[kRatioCap]; p.dual_clip = s[kDualClip]; p.log_ratio_clamp = s[kLogRatioClamp];
   p.cispo_low = s[kCispoLow]; p.cispo_high = s[kCispoHigh]; p.sapo_tau_pos = s[kSapoTauPos];
   p.sapo_tau_neg = s[kSapoTauNeg]; p.kl_input_clamp = s[kKlInputClamp]; p.kl_output_clamp = s[kKlOutputClamp];
+  p.kl_is_cap = s[kKlIsCap]; p.dro_beta = s[kDroBeta]; p.teacher_coef = s[kTeacherCoef];
+  p.teacher_input_clamp = s[kTeacherInputClamp]; p.teacher_output_clamp = s[kTeacherOutputClamp];
   load_advantage_scalars(p, s, 0);
 }
 
 struct TokenResult {
-  float loss;   // w_policy·P + w_kl·K − w_entropy·H
-  float dlogp;  // ∂loss/∂ℓ
-  float ratio;  // ρ
+  float loss;       // w_policy·P + w_kl·K + w_teacher·K^T − w_entropy·H
+  float dlogp;      // ∂loss/∂ℓ
+  float ratio;      // ρ
+  float advantage;  // the advantage the policy term used (the given one, less the teacher's reverse KL)
 };
 
 // fminf/fmaxf return the other operand for a NaN, which would turn a NaN log-prob or advantage into a finite
@@ -101,9 +112,42 @@ FASTGRPO_HD float half_where_tied(float a, float b, float da, float db) {
   return a < b ? da : (b < a ? db : 0.5f * (da + db));
 }
 
+struct Estimate {
+  float value, derivative;
+};
+
+// A per-token KL estimate (k1, |D|, D²/2, k3 = expm1(−D) + D: the order that loses the least to cancellation) of D,
+// clamped to [−in, in] before and [−out, out] after. A clamped input or a saturated estimate has derivative 0,
+// selected, not multiplied: k3 and its derivative are inf at D < −88 (no output clamp, or an input clamp above 88),
+// and 0·inf would be NaN.
+FASTGRPO_HD Estimate kl_estimate(float d, int32_t kind, float in, float out) {
+  const float dc = clampf(d, -in, in);
+  float K, dK;
+  if (kind == kK1) {
+    K = dc; dK = 1.f;
+  } else if (kind == kAbs) {
+    K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
+  } else if (kind == kK2) {
+    K = 0.5f * dc * dc; dK = dc;
+  } else if (kind == kK3) {
+    const float em1 = expm1f(-dc);
+    K = em1 + dc; dK = -em1;
+  } else {  // a code this build does not know: a NaN loss
+    K = dK = std::numeric_limits<float>::quiet_NaN();
+  }
+  dK = fabsf(d) <= in && fabsf(K) <= out ? dK : 0.f;
+  return {clampf(K, -out, out), dK};
+}
+
 FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old, float ref, float w_policy,
-                                        float w_kl, float w_entropy, const ObjectiveParams& p) {
+                                        float w_kl, float w_entropy, float teacher, float w_teacher,
+                                        const ObjectiveParams& p) {
   if (!p.has_old) old = lp;
+  if (p.teacher_kl != kKLNone && p.teacher_in_advantage) {  // the reverse KL to the teacher as a token reward
+    const float student = p.teacher_at_old ? old : lp;
+    A -= p.teacher_coef * kl_estimate(student - teacher, p.teacher_kl, p.teacher_input_clamp,
+                                      p.teacher_output_clamp).value;
+  }
   const float log_r_raw = lp - old;
   const float log_r = clampf(log_r_raw, -p.log_ratio_clamp, p.log_ratio_clamp);
   const float rho = expf(log_r);
@@ -137,6 +181,22 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   } else if (p.policy == kREINFORCE) {
     P = -A * lp;
     dP = -A;
+  } else if (p.policy == kDppoTv || p.policy == kDppoKl) {  // −sg[min(ρ, cap)]·A·ℓ inside the trust region
+    const float prob = expf(lp), old_prob = expf(old);
+    bool valid;
+    if (p.policy == kDppoTv) {
+      valid = A > 0.f ? prob - old_prob <= p.eps_high : prob - old_prob >= -p.eps_low;
+    } else {
+      const float binary_kl =
+          old_prob * (old - lp) + (1.f - old_prob) * logf((1.f - old_prob + 1e-8f) / (1.f - prob + 1e-8f));
+      valid = A > 0.f ? (binary_kl <= p.eps_high || prob <= old_prob) : (binary_kl <= p.eps_low || prob >= old_prob);
+    }
+    const float w = valid ? min_nan(rho, p.ratio_cap) : 0.f;
+    P = -A * w * lp;
+    dP = -A * w;
+  } else if (p.policy == kDRO) {  // −(ℓ·A − ½β·(log r)²)
+    P = -(lp * A - 0.5f * p.dro_beta * log_r * log_r);
+    dP = -(A - (fabsf(log_r_raw) <= p.log_ratio_clamp ? p.dro_beta * log_r : 0.f));
   } else {  // a code this build does not know: a NaN loss, never another variant's value
     P = dP = std::numeric_limits<float>::quiet_NaN();
   }
@@ -144,31 +204,23 @@ FASTGRPO_HD TokenResult token_objective(float lp, float ent, float A, float old,
   float K = 0.f, dK = 0.f;
   if (p.kl != kKLNone) {  // estimate of D = ℓ − ℓ^ref
     const float d = lp - ref;
-    const float dc = clampf(d, -p.kl_input_clamp, p.kl_input_clamp);
-    const float d_dc = fabsf(d) <= p.kl_input_clamp ? 1.f : 0.f;
-    if (p.kl == kK1) {
-      K = dc; dK = 1.f;
-    } else if (p.kl == kAbs) {
-      K = fabsf(dc); dK = dc > 0.f ? 1.f : (dc < 0.f ? -1.f : 0.f);
-    } else if (p.kl == kK2) {
-      K = 0.5f * dc * dc; dK = dc;
-    } else if (p.kl == kK3) {  // k3 = e^(−D) − 1 + D as expm1(−D) + D: the order that loses the least to cancellation
-      const float em1 = expm1f(-dc);
-      K = em1 + dc; dK = -em1;
-    } else {  // a code this build does not know: a NaN loss
-      K = dK = std::numeric_limits<float>::quiet_NaN();
-    }
-    // a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
-    // are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
-    dK = d_dc != 0.f && fabsf(K) <= p.kl_output_clamp ? dK : 0.f;
-    K = clampf(K, -p.kl_output_clamp, p.kl_output_clamp);
-    if (p.kl_straight) dK = d;  // straight-through: the gradient of k2 of the raw D
+    const Estimate e = kl_estimate(d, p.kl, p.kl_input_clamp, p.kl_output_clamp);
+    K = e.value; dK = e.derivative;
+    // straight-through: the gradient of k2 of the raw D, importance-weighted by sg[min(ρ, cap)] to the old policy
+    if (p.kl_straight == kKlGradK2) dK = d;
+    if (p.kl_straight == kKlGradK2ImportanceWeighted) dK = min_nan(expf(lp - old), p.kl_is_cap) * d;
     if (p.kl_ratio_weighted) {
       dK = (dK == 0.f ? 0.f : dK * rho) + (d_rho == 0.f ? 0.f : K * d_rho);  // ρ or K may be inf
       K = K * rho;
     }
   }
-  return {w_policy * P + w_kl * K - w_entropy * ent, w_policy * dP + w_kl * dK, rho};
+  float KT = 0.f, dKT = 0.f;
+  if (p.teacher_kl != kKLNone && !p.teacher_in_advantage) {  // the reverse KL to the teacher as a loss term
+    const Estimate e = kl_estimate(lp - teacher, p.teacher_kl, p.teacher_input_clamp, p.teacher_output_clamp);
+    KT = e.value; dKT = e.derivative;
+  }
+  return {w_policy * P + w_kl * K + w_teacher * KT - w_entropy * ent, w_policy * dP + w_kl * dK + w_teacher * dKT,
+          rho, A};
 }
 
 struct GroupStats {

@@ -50,6 +50,7 @@ MASK, ADVANTAGES, OLD_LOGPROBS, REF_LOGPROBS = (
     _ROW["ref_logprobs"],
 )
 W_POLICY, W_KL, W_ENTROPY = _ROW["w_policy"], _ROW["w_kl"], _ROW["w_entropy"]
+TEACHER_LOGPROBS, W_TEACHER = _ROW["teacher_logprobs"], _ROW["w_teacher"]
 _OUT = {name: tl.constexpr(i) for i, name in enumerate(P.TOKEN_OUTPUTS)}
 OUT_LOGPROBS, OUT_ENTROPY, OUT_LOSS_TERMS, OUT_RATIO = (
     _OUT["logprobs"],
@@ -69,8 +70,13 @@ DUAL_CLIP, LOG_RATIO_CLAMP, CISPO_LOW, CISPO_HIGH = (
 SAPO_TAU_POS, SAPO_TAU_NEG, KL_INPUT_CLAMP, KL_OUTPUT_CLAMP = (
     _PARAM[n] for n in ("sapo_tau_pos", "sapo_tau_neg", "kl_input_clamp", "kl_output_clamp")
 )
+KL_IS_CAP, DRO_BETA, TEACHER_COEF, TEACHER_INPUT_CLAMP, TEACHER_OUTPUT_CLAMP = (
+    _PARAM[n] for n in ("kl_is_cap", "dro_beta", "teacher_coef", "teacher_input_clamp", "teacher_output_clamp")
+)
 ADV_EPS, BATCH_STD = _PARAM["adv_eps"], _PARAM["batch_std"]
 PPO, CISPO, SAPO, REINFORCE = (tl.constexpr(P.POLICY[n]) for n in ("ppo", "cispo", "sapo", "reinforce"))
+DPPO_TV, DPPO_KL, DRO = (tl.constexpr(P.POLICY[n]) for n in ("dppo_tv", "dppo_kl", "dro"))
+KL_GRAD_K2, KL_GRAD_K2_IS = (tl.constexpr(P.KL_GRADIENT[n]) for n in ("k2", "k2_importance_weighted"))
 KL_NONE, KL_K1, KL_ABS, KL_K2, KL_K3 = (tl.constexpr(P.KL[n]) for n in ("none", "k1", "abs", "k2", "k3"))
 
 
@@ -110,6 +116,36 @@ def _expm1(x):
 
 
 @triton.jit
+def _kl_estimate(d, kind, input_clamp, output_clamp):
+    """A per-token KL estimate of D and its derivative: k1, |D|, D²/2 or k3 = e^(−D) − 1 + D as expm1(−D) + D (the
+    order that loses the least to cancellation), D clamped to ±input_clamp before and the estimate to
+    ±output_clamp after. A clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and
+    its derivative are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN.
+    ``kind`` KL_NONE gives NaN: callers select it away; another unknown code gives a NaN loss."""
+    dc = _clamp(d, -input_clamp, input_clamp)
+    em1 = _expm1(-dc)
+    k3 = kind == KL_K3
+    k = tl.where(
+        kind == KL_K1,
+        dc,
+        tl.where(
+            kind == KL_ABS, tl.abs(dc), tl.where(kind == KL_K2, 0.5 * dc * dc, tl.where(k3, em1 + dc, float("nan")))
+        ),
+    )
+    dk = tl.where(
+        kind == KL_K1,
+        1.0,
+        tl.where(
+            kind == KL_ABS,
+            tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
+            tl.where(kind == KL_K2, dc, tl.where(k3, -em1, float("nan"))),
+        ),
+    )
+    dk = tl.where((tl.abs(d) <= input_clamp) & (tl.abs(k) <= output_clamp), dk, 0.0)
+    return _clamp(k, -output_clamp, output_clamp), dk
+
+
+@triton.jit
 def grpo_loss_fwd_kernel(
     # pointers: inputs. tokens_ptr: [TOKEN_INPUTS, N] fp32 rows; params_ptr: the float hyper-parameters (SCALARS)
     logits_ptr,
@@ -136,6 +172,9 @@ def grpo_loss_fwd_kernel(
     kl_straight,
     kl_ratio_weighted,
     has_old,
+    teacher_kl,
+    teacher_in_advantage,
+    teacher_at_old,
     adv_from_rewards,
     group_size,
     adv_estimator,
@@ -180,6 +219,14 @@ def grpo_loss_fwd_kernel(
             GROUP_BLOCK_CONSTEXPR,
         )
     old = tl.where(has_old != 0, tl.load(tokens_ptr + OLD_LOGPROBS * N + row), lp)
+    # on-policy distillation, policy-gradient form: the reverse KL to the teacher as a token reward
+    teacher = tl.load(tokens_ptr + TEACHER_LOGPROBS * N + row)
+    teacher_input_clamp = tl.load(params_ptr + TEACHER_INPUT_CLAMP)
+    teacher_output_clamp = tl.load(params_ptr + TEACHER_OUTPUT_CLAMP)
+    if (teacher_kl != KL_NONE) & (teacher_in_advantage != 0):
+        student = tl.where(teacher_at_old != 0, old, lp)
+        k_reward, _dk_reward = _kl_estimate(student - teacher, teacher_kl, teacher_input_clamp, teacher_output_clamp)
+        A = A - tl.load(params_ptr + TEACHER_COEF) * k_reward
     log_r_raw = lp - old
     log_ratio_clamp = tl.load(params_ptr + LOG_RATIO_CLAMP)
     log_r = _clamp(log_r_raw, -log_ratio_clamp, log_ratio_clamp)
@@ -208,52 +255,64 @@ def grpo_loss_fwd_kernel(
     d_gate = gate * (1.0 - gate)
     dp_sapo = tl.where(d_gate == 0.0, 0.0, -4.0 * d_gate * A * d_rho)
 
+    # dppo_tv / dppo_kl: −sg[min(ρ, cap)]·A·ℓ inside the trust region of the sampled token's probability
+    prob = tl.exp(lp)
+    old_prob = tl.exp(old)
+    binary_kl = old_prob * (old - lp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+    valid = tl.where(
+        policy == DPPO_TV,
+        tl.where(A > 0.0, prob - old_prob <= eps_high, prob - old_prob >= -eps_low),
+        tl.where(A > 0.0, (binary_kl <= eps_high) | (prob <= old_prob), (binary_kl <= eps_low) | (prob >= old_prob)),
+    )
+    w_dppo = tl.where(valid, capped, 0.0)
+    # dro: −(ℓ·A − ½β·(log r)²)
+    dro_beta = tl.load(params_ptr + DRO_BETA)
+    dp_dro = -(A - tl.where(tl.abs(log_r_raw) <= log_ratio_clamp, dro_beta * log_r, 0.0))
+
     # a code this build does not know gives a NaN loss, never another variant's value
     reinforce = policy == REINFORCE
+    dppo = (policy == DPPO_TV) | (policy == DPPO_KL)
     p_term = tl.where(
         policy == PPO,
         p_ppo,
         tl.where(
             policy == CISPO,
             -w_cispo * A * lp,
-            tl.where(policy == SAPO, -(4.0 / tau) * gate * A, tl.where(reinforce, -A * lp, float("nan"))),
+            tl.where(
+                policy == SAPO,
+                -(4.0 / tau) * gate * A,
+                tl.where(
+                    reinforce,
+                    -A * lp,
+                    tl.where(
+                        dppo,
+                        -A * w_dppo * lp,
+                        tl.where(policy == DRO, -(lp * A - 0.5 * dro_beta * log_r * log_r), float("nan")),
+                    ),
+                ),
+            ),
         ),
     )
     dp_term = tl.where(
         policy == PPO,
         dp_ppo,
         tl.where(
-            policy == CISPO, -w_cispo * A, tl.where(policy == SAPO, dp_sapo, tl.where(reinforce, -A, float("nan")))
+            policy == CISPO,
+            -w_cispo * A,
+            tl.where(
+                policy == SAPO,
+                dp_sapo,
+                tl.where(reinforce, -A, tl.where(dppo, -A * w_dppo, tl.where(policy == DRO, dp_dro, float("nan")))),
+            ),
         ),
     )
 
-    # KL estimate of D = ℓ − ℓ^ref; k3 = e^(−D) − 1 + D as expm1(−D) + D, which loses the least to cancellation
+    # KL estimate of D = ℓ − ℓ^ref
     d = lp - tl.load(tokens_ptr + REF_LOGPROBS * N + row)
-    kl_input_clamp = tl.load(params_ptr + KL_INPUT_CLAMP)
-    kl_output_clamp = tl.load(params_ptr + KL_OUTPUT_CLAMP)
-    dc = _clamp(d, -kl_input_clamp, kl_input_clamp)
-    d_dc = tl.where(tl.abs(d) <= kl_input_clamp, 1.0, 0.0)
-    em1 = _expm1(-dc)
-    k3 = kl == KL_K3  # (KL_NONE is zeroed below; another code gives NaN)
-    k = tl.where(
-        kl == KL_K1,
-        dc,
-        tl.where(kl == KL_ABS, tl.abs(dc), tl.where(kl == KL_K2, 0.5 * dc * dc, tl.where(k3, em1 + dc, float("nan")))),
-    )
-    dk = tl.where(
-        kl == KL_K1,
-        1.0,
-        tl.where(
-            kl == KL_ABS,
-            tl.where(dc > 0.0, 1.0, tl.where(dc < 0.0, -1.0, 0.0)),
-            tl.where(kl == KL_K2, dc, tl.where(k3, -em1, float("nan"))),
-        ),
-    )
-    # a clamped input or a saturated estimate has derivative 0, selected, not multiplied: k3 and its derivative
-    # are inf at D < −88 (no output clamp, or an input clamp above 88), and 0·inf would be NaN
-    dk = tl.where((d_dc != 0.0) & (tl.abs(k) <= kl_output_clamp), dk, 0.0)
-    k = _clamp(k, -kl_output_clamp, kl_output_clamp)
-    dk = tl.where(kl_straight != 0, d, dk)  # straight-through: the gradient of k2 of the raw D
+    k, dk = _kl_estimate(d, kl, tl.load(params_ptr + KL_INPUT_CLAMP), tl.load(params_ptr + KL_OUTPUT_CLAMP))
+    # straight-through: the gradient of k2 of the raw D, importance-weighted by sg[min(ρ, cap)] to the old policy
+    dk = tl.where(kl_straight == KL_GRAD_K2, d, dk)
+    dk = tl.where(kl_straight == KL_GRAD_K2_IS, _min(tl.exp(lp - old), tl.load(params_ptr + KL_IS_CAP)) * d, dk)
     dk = tl.where(
         kl_ratio_weighted != 0,  # ρ or k may be inf: each product only where its factor is non-zero
         tl.where(dk == 0.0, 0.0, dk * rho) + tl.where(d_rho == 0.0, 0.0, k * d_rho),
@@ -266,10 +325,18 @@ def grpo_loss_fwd_kernel(
     w_policy = tl.load(tokens_ptr + W_POLICY * N + row)
     w_kl = tl.load(tokens_ptr + W_KL * N + row)
     w_entropy = tl.load(tokens_ptr + W_ENTROPY * N + row)
-    c = w_policy * dp_term + w_kl * dk
+    # the reverse KL to the teacher as a loss term (teacher_in_advantage = 0)
+    k_teacher, dk_teacher = _kl_estimate(lp - teacher, teacher_kl, teacher_input_clamp, teacher_output_clamp)
+    teacher_term = (teacher_kl != KL_NONE) & (teacher_in_advantage == 0)
+    k_teacher = tl.where(teacher_term, k_teacher, 0.0)
+    dk_teacher = tl.where(teacher_term, dk_teacher, 0.0)
+    w_teacher = tl.load(tokens_ptr + W_TEACHER * N + row)
+    c = w_policy * dp_term + w_kl * dk + w_teacher * dk_teacher
     tl.store(outputs_ptr + OUT_LOGPROBS * N + row, lp)
     tl.store(outputs_ptr + OUT_ENTROPY * N + row, ent)
-    tl.store(outputs_ptr + OUT_LOSS_TERMS * N + row, w_policy * p_term + w_kl * k - w_entropy * ent)
+    tl.store(
+        outputs_ptr + OUT_LOSS_TERMS * N + row, w_policy * p_term + w_kl * k + w_teacher * k_teacher - w_entropy * ent
+    )
     tl.store(outputs_ptr + OUT_RATIO * N + row, rho)
     tl.store(outputs_ptr + OUT_GRAD_LOGPROBS * N + row, c)
     tl.store(outputs_ptr + OUT_ADVANTAGES_USED * N + row, A)

@@ -12,7 +12,19 @@ compile time.
 """
 
 # Rows of the fused op's ``tokens``: per-token fp32 inputs (an absent optional one is a row of zeros)
-TOKEN_INPUTS = ("mask", "advantages", "old_logprobs", "ref_logprobs", "w_policy", "w_kl", "w_entropy")
+# (``teacher_logprobs`` and ``w_teacher``: on-policy distillation, the teacher's log-probs of the sampled tokens and
+# the weight of its KL term)
+TOKEN_INPUTS = (
+    "mask",
+    "advantages",
+    "old_logprobs",
+    "ref_logprobs",
+    "w_policy",
+    "w_kl",
+    "w_entropy",
+    "teacher_logprobs",
+    "w_teacher",
+)
 
 # Rows of the fused op's per-token fp32 ``outputs``: ℓ, H, the token's loss term, ρ, ∂loss/∂ℓ, the advantage used
 TOKEN_OUTPUTS = ("logprobs", "entropy", "loss_terms", "ratio", "grad_logprobs", "advantages_used")
@@ -32,6 +44,11 @@ SCALARS = (
     "sapo_tau_neg",
     "kl_input_clamp",
     "kl_output_clamp",
+    "kl_is_cap",
+    "dro_beta",
+    "teacher_coef",
+    "teacher_input_clamp",
+    "teacher_output_clamp",
     "adv_eps",
     "batch_std",
 )
@@ -43,6 +60,9 @@ CODES = (
     "kl_straight",
     "kl_ratio_weighted",
     "has_old",
+    "teacher_kl",
+    "teacher_in_advantage",
+    "teacher_at_old",
     "adv_from_rewards",
     "group_size",
     "adv_estimator",
@@ -55,8 +75,11 @@ ADVANTAGE_CODES = CODES[CODES.index("group_size") :]
 ADVANTAGE_SCALARS = SCALARS[SCALARS.index("adv_eps") :]
 
 # Values of the codes
-POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3}
+POLICY = {"ppo": 0, "cispo": 1, "sapo": 2, "reinforce": 3, "dppo_tv": 4, "dppo_kl": 5, "dro": 6}
 KL = {"none": 0, "k1": 1, "abs": 2, "k2": 3, "k3": 4}
+# Values of ``kl_straight``: the KL term's gradient is the estimator's own, that of k2 (verl's "+" estimators), or
+# that of k2 times sg[min(ρ, kl_is_cap)] (OpenRLHF's unbiased_gradient: the importance-weighted reverse-KL gradient)
+KL_GRADIENT = {"estimator": 0, "k2": 1, "k2_importance_weighted": 2}
 ADV_ESTIMATOR = {"grpo": 0, "rloo": 1, "reinforce_baseline": 2}
 
 

@@ -27,6 +27,23 @@ VARIANTS = dict(
         "openrlhf_tis": presets.openrlhf(
             is_correction_level="token", is_correction_mode="clip", is_correction_threshold=(0.8, 1.2)
         ),
+        # issue #14: token-local modes in the fused kernels, the rest on the two-phase path
+        "dppo_tv": presets.verl(loss_mode="dppo_tv", clip_ratio=0.05),
+        "dppo_kl": presets.verl(loss_mode="dppo_kl", clip_ratio=0.02),
+        "dro": presets.verl(loss_mode="dro", dro_beta=0.5, use_kl_loss=True, kl_loss_type="k2"),
+        "kl_importance_gradient": LossConfig(
+            beta=0.1, kl_estimator="k3", kl_output_clamp=10.0, kl_importance_gradient=True, kl_importance_cap=1.1
+        ),
+        "distill_advantage_k1": LossConfig(teacher_coef=0.5, epsilon_high=0.28),
+        "distill_advantage_k3_current": LossConfig(
+            policy_loss="reinforce", teacher_coef=0.3, teacher_estimator="k3", teacher_reward_at="current"
+        ),
+        "distill_loss_k2": LossConfig(
+            teacher_coef=0.4, teacher_form="loss", teacher_estimator="k2", teacher_input_clamp=0.1, beta=0.05
+        ),
+        "vespo": presets.trl(loss_type="vespo"),
+        "clip_cov": presets.verl(loss_mode="clip_cov", clip_cov_lb=-1.0, clip_cov_ratio=0.3),
+        "kl_cov": presets.verl(loss_mode="kl_cov", kl_cov_ratio=0.3),
     },
 )
 
@@ -61,14 +78,20 @@ def inputs(shape, vocab, dtype, seed=0):
         old_logprobs=lp + noise(),
         ref_logprobs=lp + noise(),
         sampling_logprobs=lp + noise(),
+        teacher_logprobs=lp + noise(),
     )
     to = lambda x: x.to(DEVICE)  # noqa: E731
     return to(logits), to(targets), {k: to(v) for k, v in kw.items()}
 
 
+def draws():
+    """clip_cov's random draws, the same in every call compared"""
+    return torch.Generator().manual_seed(3)
+
+
 def run(logits, targets, kw, cfg, backend):
     z = logits.detach().clone().requires_grad_()
-    out = fastgrpo.grpo_loss(z, targets, config=cfg, backend=backend, return_entropy=True, **kw)
+    out = fastgrpo.grpo_loss(z, targets, config=cfg, backend=backend, return_entropy=True, generator=draws(), **kw)
     out.loss.backward()
     return out, z.grad
 
@@ -80,7 +103,7 @@ def torch_same_dtype(logits, targets, kw, cfg):
     safe = targets.clamp(min=0)
     lp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
     ent = -(logp.exp() * logp).sum(-1).float()
-    out = fastgrpo.policy_loss(lp, entropy=ent, config=cfg, backend="reference", **kw)
+    out = fastgrpo.policy_loss(lp, entropy=ent, config=cfg, backend="reference", generator=draws(), **kw)
     out.loss.backward()
     return out, z.grad
 
@@ -250,6 +273,8 @@ def fused_args(cfg, targets, kw, w_kl=0.1, w_entropy=0.01, with_entropy=True, wr
         w_policy=w,
         w_kl=w_kl * w,
         w_entropy=w_entropy * w,
+        teacher_logprobs=kw["old_logprobs"].reshape(-1) - 0.1,
+        w_teacher=0.2 * w,
     )
     tokens = torch.stack([rows[name] for name in P.TOKEN_INPUTS])
     return (
@@ -308,17 +333,22 @@ def test_float_hyper_parameters_come_as_one_checked_tensor(backend):
         cfg.sapo_tau_neg,
         inf,
         10.0,
+        inf,  # kl_is_cap
+        cfg.dro_beta,
+        0.0,  # teacher_coef
+        inf,
+        inf,
         cfg.advantage.eps,
         1.0,
     ]
     assert torch.equal(params, torch.tensor(expected, device=logits.device))
     targets_, tokens, rewards, seq, _, codes, *_ = fused_args(cfg, targets, kw)
-    with pytest.raises((RuntimeError, ValueError), match="params must hold 14 value"):
-        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params[:13], codes, False, False)
-    with pytest.raises((RuntimeError, ValueError), match=r"tokens must be \[7, 6\]"):
+    with pytest.raises((RuntimeError, ValueError), match="params must hold 19 value"):
+        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params[:18], codes, False, False)
+    with pytest.raises((RuntimeError, ValueError), match=r"tokens must be \[9, 6\]"):
         ops.grpo_loss_fused(logits, targets_, tokens[:, :5], rewards, seq, params, codes, False, False)
-    with pytest.raises((RuntimeError, ValueError), match="codes must hold 11 ints"):
-        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params, codes[:10], False, False)
+    with pytest.raises((RuntimeError, ValueError), match="codes must hold 14 ints"):
+        ops.grpo_loss_fused(logits, targets_, tokens, rewards, seq, params, codes[:13], False, False)
     with pytest.raises((RuntimeError, ValueError), match="inv_temperature must hold 1 value"):
         ops.token_logprobs(logits, targets, None, params[:2], False)
 

@@ -19,7 +19,7 @@ from fastgrpo import policy_loss, presets
 
 verl_core = pytest.importorskip("verl.trainer.ppo.core_algos", reason="install tests/requirements-trainers.txt")
 from verl.utils import torch_functional as verl_F  # noqa: E402
-from verl.workers.config import FSDPActorConfig  # noqa: E402
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig  # noqa: E402
 
 from fastgrpo.integrations import openrlhf as fg_openrlhf  # noqa: E402
 from fastgrpo.integrations import verl as fg_verl  # noqa: E402
@@ -102,6 +102,11 @@ def test_verl_policy_losses(data, loss_mode, loss_agg_mode, batch_info):
         )
     if batch_info == "global":
         config.global_batch_info.update(dp_size=2, batch_num_tokens=50, global_batch_size=12, loss_scale_factor=16)
+    # clip_cov draws a few of the tokens, kl_cov takes a few
+    object.__setattr__(
+        config, "policy_loss", PolicyLossConfig(dro_beta=0.7, clip_cov_lb=-1.0, clip_cov_ratio=0.2, kl_cov_ratio=0.15)
+    )
+    torch.manual_seed(11)  # clip_cov draws from torch's global generator
     theirs, their_metrics = verl_core.get_policy_loss_fn(loss_mode)(
         d["old"],
         d["lp"],
@@ -111,6 +116,7 @@ def test_verl_policy_losses(data, loss_mode, loss_agg_mode, batch_info):
         config=config,
         rollout_is_weights=d["weights"],
     )
+    torch.manual_seed(11)
     ours, our_metrics = fg_verl.policy_loss_fn(loss_mode)(
         d["old"],
         d["lp"],
@@ -126,13 +132,22 @@ def test_verl_policy_losses(data, loss_mode, loss_agg_mode, batch_info):
         assert our_metrics[name] == pytest.approx(float(value), rel=1e-6, abs=1e-9), name
 
 
+def plain_verl_config():
+    """verl's default actor config, with the one option a mode requires (dro_beta)."""
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    object.__setattr__(config, "policy_loss", PolicyLossConfig(dro_beta=0.5))
+    return config
+
+
 def test_verl_registry(data):
     names = fg_verl.register_policy_losses()
-    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    config = plain_verl_config()
     for name, mode in zip(names, fg_verl.LOSS_MODES):
+        torch.manual_seed(0)  # clip_cov draws from the global generator
         theirs, _ = verl_core.get_policy_loss_fn(mode)(
             data["old"], data["lp"], data["adv"], data["mask"], config=config
         )
+        torch.manual_seed(0)
         ours, _ = verl_core.get_policy_loss_fn(name)(data["old"], data["lp"], data["adv"], data["mask"], config=config)
         assert ours.item() == pytest.approx(theirs.item(), rel=1e-6), name
 
@@ -165,7 +180,7 @@ def test_verl_dp_size_without_global_counts(data, loss_mode, loss_agg_mode):
     """dp_size > 1 without the global token/sequence count: verl raises (a local count would weight each rank's
     gradient differently); so must the drop-in. Where verl needs no count (token-sum, geo_mean) both agree."""
     d = data
-    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1)
+    config = plain_verl_config()
     config.global_batch_info.update(dp_size=2)
     args = (d["old"], d["lp"], d["adv"], d["mask"])
     try:
@@ -382,8 +397,13 @@ def test_openrlhf_far_reference_policy(shift, kl_estimator):
     grads = [torch.autograd.grad(x, lp)[0] for x in (ours, theirs)]
     assert grads[1].isfinite().all()
     torch.testing.assert_close(*grads)
-    with pytest.raises(NotImplementedError, match="unbiased_gradient"):
-        fg_openrlhf.compute_approx_kl(lp, far, far, kl_estimator=kl_estimator, unbiased_gradient=True)
+    # --algo.kl.unbiased_gradient: the value, and the importance-weighted gradient (old = far: weight capped at 10)
+    for old in (far, None):
+        kl_theirs = utils.compute_approx_kl(lp, far, old, kl_estimator=kl_estimator, unbiased_gradient=True)
+        kl_ours = fg_openrlhf.compute_approx_kl(lp, far, old, kl_estimator=kl_estimator, unbiased_gradient=True)
+        torch.testing.assert_close(kl_ours, kl_theirs)
+        grads = [torch.autograd.grad((k * mask).sum(), lp, retain_graph=True)[0] for k in (kl_ours, kl_theirs)]
+        torch.testing.assert_close(*grads)
 
 
 @pytest.mark.parametrize("shift", [-100.0, 100.0])

@@ -17,6 +17,11 @@ VARIANTS = dict(
     CONFIGS,
     trl_dapo=presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
     verl_gspo=presets.verl(loss_mode="gspo", use_kl_loss=True),
+    # issue #14: a fused token-local mode, distillation in both forms, a two-phase sequence weight
+    dppo_kl=presets.verl(loss_mode="dppo_kl", clip_ratio=0.02),
+    distill=fastgrpo.LossConfig(teacher_coef=0.5, teacher_estimator="k3", beta=0.05),
+    distill_loss=fastgrpo.LossConfig(teacher_coef=0.5, teacher_form="loss", teacher_estimator="k2"),
+    vespo=presets.trl(loss_type="vespo"),
 )
 
 
@@ -42,6 +47,7 @@ def inputs(b=3, t=5, h=16, v=70, dtype=torch.float32, seed=0):
         mask=mask,
         old_logprobs=lp + 0.2 * torch.randn(b, t, generator=g),
         ref_logprobs=lp + 0.2 * torch.randn(b, t, generator=g),
+        teacher_logprobs=lp + 0.3 * torch.randn(b, t, generator=g),
     )
     to = lambda x: x.to(DEVICE)  # noqa: E731
     return tuple(map(to, (hidden, weight, bias, targets))), {k: to(v) for k, v in kw.items()}

@@ -273,9 +273,9 @@ def test_preset_advantages():
 
 def test_preset_rejects_unknown_options():
     with pytest.raises(ValueError, match="loss_type"):
-        presets.trl(loss_type="vespo")
+        presets.trl(loss_type="gspo")  # (GSPO is importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="loss_mode"):
-        presets.verl(loss_mode="clip_cov")
+        presets.verl(loss_mode="bypass")
     with pytest.raises(ValueError, match="kl_loss_type"):
         presets.verl(kl_loss_type="full")
     with pytest.raises(ValueError, match="policy_loss_type"):
@@ -305,7 +305,7 @@ def test_log_ratio_clamps_at_20(data):
 # ------------------------------------------------------------------------------------------- option errors
 NAN = float("nan")
 PRESET_ERRORS = [  # (preset, options, the option the error must name); one case per option and kind of value
-    ("trl", dict(loss_type="vespo"), "loss_type"),
+    ("trl", dict(loss_type="gspo"), "loss_type"),
     ("trl", dict(epsilon=NAN), "epsilon"),
     ("trl", dict(epsilon=-0.1), "epsilon"),
     ("trl", dict(epsilon="0.2"), "epsilon"),
@@ -335,7 +335,8 @@ PRESET_ERRORS = [  # (preset, options, the option the error must name); one case
     ("trl", dict(scale_rewards="std"), "scale_rewards"),
     ("trl", dict(gradient_accumulation_steps=0), "gradient_accumulation_steps"),
     ("trl", dict(gradient_accumulation_steps="2"), "gradient_accumulation_steps"),
-    ("verl", dict(loss_mode="clip_cov"), "loss_mode"),
+    ("verl", dict(loss_mode="bypass"), "loss_mode"),
+    ("verl", dict(loss_mode="dro"), "dro_beta"),
     ("verl", dict(loss_agg_mode="mean"), "loss_agg_mode"),
     ("verl", dict(clip_ratio=NAN), "clip_ratio"),
     ("verl", dict(clip_ratio="0.2"), "clip_ratio"),

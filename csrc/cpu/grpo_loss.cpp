@@ -48,13 +48,14 @@ std::tuple<at::Tensor, at::Tensor> fused_rows(const at::Tensor& logits, const at
                             : input(kAdvantages, r);
         const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs, r),
                                               input(kRefLogprobs, r), input(kWPolicy, r), input(kWKl, r),
-                                              input(kWEntropy, r), p);
+                                              input(kWEntropy, r), input(kTeacherLogprobs, r),
+                                              input(kWTeacher, r), p);
         o[kOutLogprobs * rows + r] = st.logprob;
         o[kOutEntropy * rows + r] = st.entropy;
         o[kOutLossTerms * rows + r] = t.loss;
         o[kOutRatio * rows + r] = t.ratio;
         o[kOutGradLogprobs * rows + r] = t.dlogp;
-        o[kOutAdvantagesUsed * rows + r] = A;
+        o[kOutAdvantagesUsed * rows + r] = t.advantage;
         if (out) {
           write_grad_row(out + gaddr.offset(r), z + addr.offset(r), y, V, st, t.dlogp, -input(kWEntropy, r),
                          p.inv_temperature, buf);

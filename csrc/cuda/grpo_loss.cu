@@ -36,13 +36,14 @@ __global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logi
     load_scalars(p, a.params);
     const float A = p.adv_from_rewards ? group_advantage(a.rewards, a.seq[r], p) : input(kAdvantages);
     const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs), input(kRefLogprobs),
-                                          input(kWPolicy), input(kWKl), input(kWEntropy), p);
+                                          input(kWPolicy), input(kWKl), input(kWEntropy), input(kTeacherLogprobs),
+                                          input(kWTeacher), p);
     output(kOutLogprobs) = st.logprob;
     output(kOutEntropy) = st.entropy;
     output(kOutLossTerms) = t.loss;
     output(kOutRatio) = t.ratio;
     output(kOutGradLogprobs) = t.dlogp;
-    output(kOutAdvantagesUsed) = A;
+    output(kOutAdvantagesUsed) = t.advantage;
     shared_dlogp = t.dlogp;
   }
   __syncthreads();

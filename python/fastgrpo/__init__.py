@@ -11,6 +11,7 @@ from . import presets, reference
 from ._checks import set_check_values
 from .config import AdvantageConfig, LossConfig, LossOutput
 from .reward.advantages import advantages
+from .trajectory.distillation import forward_kl_topk, linear_forward_kl_topk
 from .trajectory.grpo_loss import GRPOLoss, grpo_loss, policy_loss
 from .trajectory.linear_grpo_loss import linear_grpo_loss
 from .trajectory.token_logprobs import linear_token_logprobs, token_logprobs
@@ -23,7 +24,9 @@ __all__ = [
     "LossConfig",
     "LossOutput",
     "advantages",
+    "forward_kl_topk",
     "grpo_loss",
+    "linear_forward_kl_topk",
     "linear_grpo_loss",
     "linear_token_logprobs",
     "policy_loss",

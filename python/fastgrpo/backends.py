@@ -103,10 +103,12 @@ class ReferenceBackend:
             old_logprobs=inputs.old_logprobs,
             ref_logprobs=inputs.ref_logprobs,
             sampling_logprobs=inputs.sampling_logprobs,
+            teacher_logprobs=inputs.teacher_logprobs,
             is_weights=inputs.is_weights,
             cu_seqlens=inputs.cu_seqlens,
             normalizer=inputs.normalizer,
             config=inputs.config,
+            generator=inputs.generator,
         )
 
     def token_logprobs(

@@ -315,7 +315,7 @@ def context_parallel_loss(
     rows = {"logprobs": logprobs.float(), "mask": inputs.mask.float()}
     if entropy is not None:
         rows["entropy"] = entropy.float()
-    for name in ("old_logprobs", "ref_logprobs", "sampling_logprobs"):
+    for name in ("old_logprobs", "ref_logprobs", "sampling_logprobs", "teacher_logprobs"):
         x = getattr(inputs, name)
         if x is not None:
             rows[name] = x.detach().float()

@@ -34,10 +34,12 @@ class LossInputs:
     old_logprobs: Optional[Tensor] = None
     ref_logprobs: Optional[Tensor] = None
     sampling_logprobs: Optional[Tensor] = None
+    teacher_logprobs: Optional[Tensor] = None
     is_weights: Optional[Tensor] = None
     cu_seqlens: Optional[Tensor] = None
     normalizer: Normalizer = None
     parallel: Optional["Parallel"] = None  # tensor / context parallel layout (fastgrpo.distributed)
+    generator: Optional[torch.Generator] = None  # the random draws of clip_cov
 
 
 def _positive_number(value: object) -> bool:
@@ -172,6 +174,8 @@ def resolve(
     normalizer: Normalizer,
     config: LossConfig,
     parallel: Optional["Parallel"] = None,
+    teacher_logprobs: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> LossInputs:
     """Validates everything but the log-prob source (logprobs, logits or hidden states), adding the value checks
     to ``checks`` (the caller runs them); returns the inputs ready for a backend."""
@@ -186,6 +190,7 @@ def resolve(
         ("old_logprobs", old_logprobs),
         ("ref_logprobs", ref_logprobs),
         ("sampling_logprobs", sampling_logprobs),
+        ("teacher_logprobs", teacher_logprobs),
     ):
         if x is not None:
             _checks.tensor(name, x)
@@ -198,6 +203,7 @@ def resolve(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs,
+        teacher_logprobs=teacher_logprobs,
         is_weights=is_weights,
         rewards=rewards,
         cu_seqlens=cu_seqlens,
@@ -210,6 +216,11 @@ def resolve(
         raise ValueError(
             f"ref_logprobs is required when config.beta != 0 (beta={config.beta}): pass the "
             "reference policy's per-token log-probs, or set beta=0"
+        )
+    if config.teacher_coef != 0.0 and teacher_logprobs is None:
+        raise ValueError(
+            f"teacher_logprobs is required when config.teacher_coef != 0 (teacher_coef={config.teacher_coef}): pass "
+            "the teacher's per-token log-probs of the sampled tokens, or set teacher_coef=0"
         )
     if config.rollout_correction is not None and is_weights is None and sampling_logprobs is None:
         raise ValueError(
@@ -248,6 +259,7 @@ def resolve(
         ("old_logprobs", old_logprobs),
         ("ref_logprobs", ref_logprobs),
         ("sampling_logprobs", sampling_logprobs),
+        ("teacher_logprobs", teacher_logprobs),
     ):
         checks.logprobs(name, x)
     checks.weights("is_weights", is_weights)
@@ -260,8 +272,10 @@ def resolve(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs,
+        teacher_logprobs=teacher_logprobs,
         is_weights=is_weights,
         cu_seqlens=cu_seqlens,
         normalizer=normalizer,
         parallel=parallel,
+        generator=generator,
     )

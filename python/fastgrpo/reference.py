@@ -16,6 +16,7 @@ Values are fp32, or fp64 for fp64 inputs (gradcheck). Inputs are valid: the publ
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Optional, Union, overload
 
 import torch
@@ -153,7 +154,13 @@ def advantages(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Advantages [B] (fp32, detached) from rewards [B], or [B, K] reward functions summed with their weights (TRL
     "sum_then_normalize"), in contiguous groups of ``group_size`` or one group per distinct ``group_ids`` value;
-    and the reward metrics of MATH §3 (``{}`` without ``metrics``)."""
+    and the reward metrics of MATH §3 (``{}`` without ``metrics``). The estimators beyond grpo, rloo and the
+    sequence-whitened reinforce_baseline are O(B·T) PyTorch already (``fastgrpo.reward.estimators``, tested
+    against the trainers' own functions): the oracle hands them over."""
+    from .reward import advantages as reward  # (a function-level import: reward imports the backends, and they this)
+
+    if not reward.computed_by_kernels(config):
+        return reward.estimator_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
     out = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     r = rewards.detach().double()
     if r.dim() == 2:
@@ -228,20 +235,44 @@ class _Exp(torch.autograd.Function):
         return torch.where(g == 0, 0.0, g * (-torch.expm1(-x) if ctx.k3 else y)), None
 
 
-def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
-    """MATH §2.5: the per-token estimate K of the KL to the reference policy, from D = ℓ − ℓ^ref."""
-    d = lp - ref
-    if cfg.kl_input_clamp is not None:
-        d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
-    kind = cfg.kl_estimator.rstrip("+")
+def _estimate(d: Tensor, kind: str, lo_clamp: Optional[float], hi_clamp: Optional[float]) -> Tensor:
+    """k1 D, abs |D|, k2 D²/2 or k3 e^(−D) + D − 1 of D clamped to ±lo_clamp, the estimate clamped to ±hi_clamp."""
+    if lo_clamp is not None:
+        d = _clamp(d, -lo_clamp, lo_clamp)
     k = _Exp.apply(d, True) if kind == "k3" else d if kind == "k1" else d.abs() if kind == "abs" else 0.5 * d * d
-    if cfg.kl_output_clamp is not None:  # beyond the clamp: the bound, and no gradient (where() passes none)
-        c = cfg.kl_output_clamp
-        k = torch.where(k.detach().abs() > c, _clamp(k.detach(), -c, c), k)
+    if hi_clamp is not None:  # beyond the clamp: the bound, and no gradient (where() passes none)
+        k = torch.where(k.detach().abs() > hi_clamp, _clamp(k.detach(), -hi_clamp, hi_clamp), k)
+    return k
+
+
+def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig, old: Optional[Tensor] = None) -> Tensor:
+    """MATH §2.5: the per-token estimate K of the KL to the reference policy, from D = ℓ − ℓ^ref."""
+    k = _estimate(lp - ref, cfg.kl_estimator.rstrip("+"), cfg.kl_input_clamp, cfg.kl_output_clamp)
     if cfg.kl_estimator.endswith("+"):  # verl's straight-through: the value of the estimate, the gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
         k = k.detach() + (k2 - k2.detach())
+    elif cfg.kl_importance_gradient:  # OpenRLHF: the value of the estimate, the gradient sg[min(ρ, cap)]·D·∇ℓ
+        rho = torch.ones_like(lp) if old is None else torch.exp(lp.detach() - old)
+        d = (lp - ref).detach()
+        k = k.detach() + _ValueZero.apply(lp, torch.where(d == 0, 0.0, _clamp(rho, hi=cfg.kl_importance_cap) * d))
     return k
+
+
+class _ValueZero(torch.autograd.Function):
+    """0, with the given per-token derivative g w.r.t. ℓ (passed as 0 where g is 0 or no gradient comes in)."""
+
+    @staticmethod
+    def forward(lp: Tensor, g: Tensor) -> Tensor:
+        return torch.zeros_like(lp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return torch.where((g == 0) | (grad == 0), 0.0, grad * g), None
 
 
 class _Batch(NamedTuple):
@@ -253,6 +284,8 @@ class _Batch(NamedTuple):
     ref: Optional[Tensor]
     samp: Optional[Tensor]
     is_weights: Optional[Tensor]
+    teacher: Optional[Tensor]  # the teacher's log-probs (on-policy distillation)
+    cov: Optional[Tensor]  # the tokens clip_cov / kl_cov act on (bool [N]), drawn once per call
     seq: _Sets  # the sequences
     max_length: Union[int, Tensor]  # L_max of token_sum_norm
     normalizer: Normalizer
@@ -290,38 +323,146 @@ def _aggregate(x: Tensor, m: Tensor, mode: Optional[str], b: _Batch) -> Tensor:
 
 
 def _rollout_weight(old: Tensor, b: _Batch) -> Tensor:
-    """MATH §2.4: w = e^(ℓ^old − ℓ^samp) per token, or e^Σ_t m·(ℓ^old − ℓ^samp) per sequence; ``truncate`` clamps w
-    to [min, max], ``mask`` zeroes it outside; ``sequence_geomean_mask`` keeps the token's own w and zeroes the
-    sequences whose geometric-mean weight lies outside. A soft mask weights the loss, not the ratio (TRL, OpenRLHF)."""
+    """MATH §2.4: the weight of a token's policy term. With x = ℓ^old − ℓ^samp (clamped to ±c by
+    ``rollout_log_ratio_clamp``, and a sequence's Σ_t m·x likewise) and [lo, hi] = [min, max]:
+    ``token_*`` w = e^x, ``sequence_*`` w = e^(Σ_t m·x) on every token of the sequence, ``truncate`` clamps w to
+    [lo, hi], ``mask`` zeroes it outside; ``sequence_geomean_mask`` keeps the token's own w and zeroes the sequences
+    whose geometric-mean weight lies outside; ``*_binary_kl_mask`` / ``*_tv_mask`` keep the token's own w where the
+    binary KL / total variation of p = e^ℓ^samp from q = e^ℓ^old (both clamped to [1e-6, 1 − 1e-6]), per token or
+    as the sequence's mean, lies in [lo, hi]; ``unweighted`` w = 1. Then w over its batch mean
+    (``rollout_batch_normalize``), and 0 on the tokens a ``rollout_rejection`` filter rejects, those of a sequence
+    that keeps some rescaled by n_i/n'_i under ``seq_mean_token_mean`` (its token mean over its kept tokens). A soft
+    mask weights the loss, not the ratio (TRL, OpenRLHF)."""
     cfg = b.cfg
     # called only with a rollout_correction and no is_weights, which need sampling_logprobs (checked on input)
     assert cfg.rollout_correction is not None and b.samp is not None
-    log_w = old - b.samp
+    mode = cfg.rollout_correction
+    c = cfg.rollout_log_ratio_clamp
+    clamped = (lambda v: v) if c is None else (lambda v: _clamp(v, -c, c))  # noqa: E731
     lo = -INF if cfg.rollout_min is None else cfg.rollout_min
     hi = INF if cfg.rollout_max is None else cfg.rollout_max
-    if cfg.rollout_correction == "sequence_geomean_mask":
-        geo = b.seq.spread(torch.exp(_seq_mean(b, log_w)))
-        return torch.where((geo < lo) | (geo > hi), 0.0, torch.exp(log_w))
-    if cfg.rollout_correction.startswith("sequence"):
-        log_w = b.seq.spread(b.seq.sums(_masked(b.m, log_w)))
-    w = torch.exp(log_w)
-    if cfg.rollout_correction.endswith("truncate"):
-        return _clamp(w, cfg.rollout_min, cfg.rollout_max)
-    return torch.where((w < lo) | (w > hi), 0.0, w)
+    inside = lambda v: (v >= lo) & (v <= hi)  # noqa: E731
+    n = b.seq.sums(b.m)
+    x = torch.where(b.m > 0, old - b.samp, 0.0)
+    own = torch.exp(clamped(x))
+    if mode == "unweighted":
+        w = torch.ones_like(x)
+    elif mode == "sequence_geomean_mask":
+        w = torch.where(inside(b.seq.spread(torch.exp(_seq_mean(b, clamped(x))))), own, 0.0)
+    elif "binary_kl" in mode or "tv" in mode:
+        p, q = (torch.exp(v).clamp(1e-6, 1 - 1e-6) for v in (b.samp, old))
+        d = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q)) if "binary_kl" in mode else (p - q).abs()
+        if mode.startswith("sequence"):  # the plain mean: NaN for an empty sequence, whose tokens are all masked
+            d = b.seq.spread(b.seq.sums(_masked(b.m, d)) / n)
+        w = torch.where(inside(d), own, 0.0)
+    else:
+        w = b.seq.spread(torch.exp(clamped(b.seq.sums(_masked(b.m, x))))) if mode.startswith("sequence") else own
+        w = _clamp(w, cfg.rollout_min, cfg.rollout_max) if mode.endswith("truncate") else torch.where(inside(w), w, 0.0)
+    if cfg.rollout_batch_normalize:  # verl: means Σ m·w / (Σ m + 1e-8), over tokens or non-empty sequences
+        if mode in ("sequence_truncate", "sequence_mask"):
+            nonempty = (n > 0).to(w.dtype)
+            mean = (b.seq.sums(_masked(b.m, w)) / (n + 1e-8) * nonempty).sum() / nonempty.sum().clamp(min=1e-8)
+        else:
+            mean = _masked(b.m, w).sum() / (b.m.sum() + 1e-8)
+        w = torch.where(mean > 1e-8, w / mean, w)
+    if cfg.rollout_rejection:
+        xs = clamped(x)
+        per_token = {"k1": -xs, "k2": 0.5 * xs * xs, "k3": torch.exp(xs) - 1.0 - xs}
+        passed = torch.ones_like(b.m, dtype=torch.bool)
+        for kind, low, high in cfg.rollout_rejection:
+            k, bound = per_token[kind[-2:]], INF if high is None else high
+            if kind.startswith("seq_max"):  # the max is ≤ high iff no unmasked token exceeds it (NaN exceeds)
+                ok = b.seq.spread(b.seq.sums(_masked(b.m, (~(k <= bound)).to(x.dtype)))) == 0
+            else:
+                if kind.startswith("seq_sum"):
+                    k = b.seq.spread(b.seq.sums(_masked(b.m, k)))
+                elif kind.startswith("seq_mean"):
+                    k = b.seq.spread(b.seq.sums(_masked(b.m, k)) / (n + 1e-8))
+                if kind.endswith("k1"):  # the importance ratio e^(−k1) within [low, high]
+                    ratio = torch.exp(-k)
+                    ok = (ratio >= (0.0 if low is None else low)) & (ratio <= bound)
+                else:
+                    ok = k <= bound
+            passed = passed & ok
+        w = torch.where(passed, w, 0.0)
+        if cfg.aggregation == "seq_mean_token_mean":
+            kept = b.seq.sums(torch.where(passed, b.m, 0.0))
+            w = w * b.seq.spread(n.clamp(min=1) / kept.clamp(min=1))
+    return w
 
 
-def _policy_term(lp: Tensor, rho: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+def _dppo_inside(lp: Tensor, old: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+    """DPPO-Binary's trust region on the sampled token's probability (TV or binary KL)."""
+    p, q = lp.detach().exp(), old.exp()
+    if cfg.policy_loss == "dppo_tv":
+        return torch.where(adv > 0, p - q <= cfg.epsilon_high, p - q >= -cfg.epsilon_low)
+    bkl = q * torch.log(q / p) + (1 - q) * torch.log((1 - q + 1e-8) / (1 - p + 1e-8))
+    return torch.where(adv > 0, (bkl <= cfg.epsilon_high) | (p <= q), (bkl <= cfg.epsilon_low) | (p >= q))
+
+
+def _covariance_tokens(lp: Tensor, old: Tensor, b: _Batch, generator: Optional[torch.Generator]) -> Tensor:
+    """clip_cov / kl_cov's tokens (bool [N]): clip_cov draws ⌊f·Σm⌋ (≥ 1) at random among the unmasked, unclipped
+    tokens whose covariance (A − Ā)(ℓ − ℓ̄) lies strictly inside (low, high); kl_cov takes the ⌊f·n⌋ (≥ 1) of
+    largest covariance among the n unmasked tokens."""
+    cfg, m, adv = b.cfg, b.m, b.adv
+    out = torch.zeros(m.shape, dtype=torch.bool, device=m.device)
+    valid = (m > 0).nonzero().flatten()
+    if cfg.policy_loss == "kl_cov":
+        if len(valid):
+            a, x = adv[valid], lp[valid]
+            top = ((a - a.mean()) * (x - x.mean())).topk(max(1, int(len(valid) * cfg.cov_fraction))).indices
+            out[valid[top]] = True
+        return out
+    rho = torch.exp(lp - old)
+    unclipped = ~(-adv * _clamp(rho, 1 - cfg.epsilon_low, 1 + cfg.epsilon_high) > -adv * rho)
+    a_bar, l_bar = (adv * m).sum() / (m.sum() + 1e-8), (lp * m).sum() / (m.sum() + 1e-8)
+    cov = (adv - a_bar) * (lp - l_bar)
+    pool = ((m > 0) & unclipped & (cov > cfg.clip_cov_low) & (cov < cfg.clip_cov_high)).nonzero().flatten()
+    if len(pool):
+        order = torch.randperm(len(pool), generator=generator, device=generator.device if generator else "cpu")
+        order = order.to(pool.device)
+        out[pool[order[: max(int(cfg.cov_fraction * m.sum().item()), 1)]]] = True
+    return out
+
+
+def _policy_term(lp: Tensor, rho: Tensor, log_r: Tensor, old: Tensor, adv: Tensor, b: _Batch) -> Tensor:
     """P_t of MATH §2.3 for the token-level terms."""
-    if cfg.policy_loss == "ppo":
+    cfg = b.cfg
+    if cfg.policy_loss in ("ppo", "clip_cov"):
         capped = _clamp(rho, hi=cfg.ratio_cap)  # TRL's delta
         p = -torch.minimum(capped * adv, _clamp(rho, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high) * adv)
-        return p if cfg.dual_clip is None else torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
+        if cfg.dual_clip is not None:
+            p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
+        return p if b.cov is None else torch.where(b.cov, 0.0, p)
+    if cfg.policy_loss == "kl_cov":
+        assert b.cov is not None
+        return -adv * rho + torch.where(b.cov, cfg.kl_cov_coef * log_r.abs(), 0.0)
+    if cfg.policy_loss in ("dppo_tv", "dppo_kl"):
+        w = torch.where(_dppo_inside(lp, old, adv, cfg), _clamp(rho, hi=cfg.ratio_cap).detach(), 0.0)
+        return -adv * w * lp
+    if cfg.policy_loss == "dro":
+        return -lp * adv + cfg.dro_beta / 2 * log_r**2
     if cfg.policy_loss == "cispo":
         return -_clamp(rho, cfg.cispo_low, cfg.cispo_high).detach() * adv * lp
     if cfg.policy_loss == "sapo":
         kappa = torch.where(adv > 0, _const(adv, cfg.sapo_tau_pos), _const(adv, cfg.sapo_tau_neg))
         return -(4.0 / kappa) * torch.sigmoid(kappa * (rho - 1.0)) * adv
     return -adv * lp  # reinforce
+
+
+def _vespo_phi(log_r: Tensor, w_rollout: Optional[Tensor], b: _Batch) -> Tensor:
+    """VESPO's gamma weight φ(w) = e^λ·w^k·e^(−λw) of the sequence ratio w (TRL ``get_gamma_weights``), 0 where
+    not finite; w = exp(Σ_t m·clamp(log r, ±20) [+ Σ_t m·clamp(log w_rollout, log 1e-8, 20)]) in [1e-8, e^20]."""
+    cfg, tiny = b.cfg, math.log(1e-8)
+    total = b.seq.sums(_masked(b.m, _clamp(log_r.detach(), -20.0, 20.0)))
+    if w_rollout is not None:
+        total = total + b.seq.sums(_masked(b.m, _clamp(torch.log(w_rollout), tiny, 20.0)))
+    w = torch.exp(b.seq.spread(_clamp(total, tiny, 20.0)))
+    positive = b.adv >= 0
+    k = torch.where(positive, _const(w, cfg.vespo_k_pos), _const(w, cfg.vespo_k_neg))
+    lam = _clamp(torch.where(positive, _const(w, cfg.vespo_lambda_pos), _const(w, cfg.vespo_lambda_neg)), 1e-4)
+    phi = torch.exp(lam) * w**k * torch.exp(-lam * w)
+    return torch.where(torch.isfinite(phi), phi, 0.0)
 
 
 def _gmpo(log_r: Tensor, w: Tensor, b: _Batch) -> Tensor:
@@ -356,26 +497,35 @@ def _objective(lp: Tensor, ent: Optional[Tensor], b: _Batch) -> tuple[Tensor, Te
         w_rollout = _rollout_weight(old.detach(), b)
     else:
         w_rollout = torch.ones_like(m)
-    w, top = w_rollout, None
+    kept, top = torch.ones_like(m), None  # the token masks
     if cfg.top_entropy_quantile < 1.0:  # TRL: H_t ≥ the (1 − q) quantile of the unmasked entropies
         assert ent is not None  # the config needs the entropy (checked on input)
         h = ent.detach()
         top = m > 0
         if h.numel():  # nanquantile skips the masked tokens (no data-dependent shape); none unmasked: NaN, none kept
             top = top & (h >= torch.nanquantile(torch.where(top, h, float("nan")), 1.0 - cfg.top_entropy_quantile))
-        w = torch.where(top, w, 0.0)
+        kept = torch.where(top, kept, 0.0)
     if cfg.off_policy_mask_threshold is not None:  # TRL: drop a stale sequence with A < 0
         drift = b.seq.spread(_seq_mean(b, (old if b.samp is None else b.samp).detach() - lp.detach()))
-        w = torch.where((adv >= 0) | (drift <= cfg.off_policy_mask_threshold), w, 0.0)
+        kept = torch.where((adv >= 0) | (drift <= cfg.off_policy_mask_threshold), kept, 0.0)
+    w = w_rollout * kept
 
     if cfg.policy_loss == "gmpo":
         loss = _gmpo(log_r, w, b)
+    elif cfg.policy_loss == "vespo":  # the rollout weight enters φ's sequence ratio instead of multiplying
+        weighted = b.is_weights is not None or cfg.rollout_correction is not None
+        phi = _vespo_phi(log_r, w_rollout if weighted else None, b)
+        loss = _aggregate(-phi * adv * lp * kept, m, None, b)
     else:
-        loss = _aggregate(_policy_term(lp, rho, adv, cfg) * w, m, None, b)
+        loss = _aggregate(_policy_term(lp, rho, log_r, old, adv, b) * w, m, None, b)
     if cfg.beta != 0.0:  # §2.5
         assert b.ref is not None  # beta != 0 needs ref_logprobs (checked on input)
-        k = kl_estimate(lp, b.ref, cfg)
+        k = kl_estimate(lp, b.ref, cfg, b.old)
         loss = loss + cfg.beta * _aggregate(k * rho if cfg.kl_ratio_weighted else k, m, cfg.kl_aggregation, b)
+    if cfg.teacher_coef != 0.0 and cfg.teacher_form == "loss":  # distillation: λ·aggregate(K(ℓ − ℓ^T))
+        assert b.teacher is not None  # teacher_coef != 0 needs teacher_logprobs (checked on input)
+        k = _estimate(lp - b.teacher, cfg.teacher_estimator, cfg.teacher_input_clamp, cfg.teacher_output_clamp)
+        loss = loss + cfg.teacher_coef * _aggregate(k, m, None, b)
     if cfg.entropy_coef != 0.0:  # §2.7, over the tokens the entropy mask keeps
         assert ent is not None  # the config needs the entropy (checked on input)
         loss = loss - cfg.entropy_coef * _aggregate(
@@ -400,6 +550,9 @@ def _metrics(
 
     if cfg.policy_loss == "gmpo":  # GMPO clips the log-ratio
         low, high = (log_r < -cfg.epsilon_low) & (adv < 0), (log_r > cfg.epsilon_high) & (adv > 0)
+    elif cfg.policy_loss in ("dppo_tv", "dppo_kl"):  # DPPO: outside its trust region
+        outside = ~_dppo_inside(lp, lp.detach() if b.old is None else b.old, adv, cfg)
+        low, high = outside & (adv <= 0), outside & (adv > 0)
     else:
         low, high = (rho < 1.0 - cfg.epsilon_low) & (adv < 0), (rho > 1.0 + cfg.epsilon_high) & (adv > 0)
     old = lp.detach() if b.old is None else b.old
@@ -420,6 +573,11 @@ def _metrics(
         out["cispo_clip_ratio"] = mean(((rho > hi) & (adv > 0)) | ((rho < lo) & (adv < 0)))
     if b.ref is not None:
         out["kl"] = mean(kl_estimate(lp.detach(), b.ref, cfg).detach())
+    if cfg.policy_loss == "vespo":
+        weighted = b.is_weights is not None or cfg.rollout_correction is not None
+        out["vespo/phi_mean"] = mean(_vespo_phi(log_r, w_rollout if weighted else None, b))
+    if b.cov is not None:
+        out["cov_selected_fraction"] = mean(b.cov)
     if ent is not None:
         out["entropy"] = mean(ent.detach())
     if b.is_weights is not None or cfg.rollout_correction is not None:
@@ -437,11 +595,13 @@ def policy_loss(
     old_logprobs: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
     sampling_logprobs: Optional[Tensor] = None,
+    teacher_logprobs: Optional[Tensor] = None,
     is_weights: Optional[Tensor] = None,
     entropy: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
     normalizer: Normalizer = None,
     config: LossConfig = LossConfig(),
+    generator: Optional[torch.Generator] = None,
 ) -> LossOutput:
     """MATH §2 on per-token log-probs [B, T] (or packed [N] with ``cu_seqlens``); advantages and ``is_weights``
     per sequence ([B] / [S]) or per token, or the :class:`Rewards` to normalize first. Differentiable w.r.t.
@@ -470,19 +630,31 @@ def policy_loss(
         return torch.where(m > 0, seq.spread(x) if per_seq else x, 0.0)
 
     longest = seq.sums(torch.ones_like(m)).amax() if seq.num else 0
+    lp, ent = per_token(logprobs), per_token(entropy)
+    old, teacher = per_token(old_logprobs), per_token(teacher_logprobs)
+    adv = per_token(_from_rewards(advantages, config.advantage).detach())
+    if config.teacher_coef != 0.0 and config.teacher_form == "advantage":  # the reverse KL as a token reward
+        assert teacher is not None  # teacher_coef != 0 needs teacher_logprobs (checked on input)
+        student = old if config.teacher_reward_at == "old" and old is not None else lp.detach()
+        clamps = (config.teacher_input_clamp, config.teacher_output_clamp)
+        k = _estimate(student - teacher, config.teacher_estimator, *clamps)
+        adv = torch.where(m > 0, adv - config.teacher_coef * k, 0.0)
     b = _Batch(
         m,
-        per_token(_from_rewards(advantages, config.advantage).detach()),
-        per_token(old_logprobs),
+        adv,
+        old,
         per_token(ref_logprobs),
         per_token(sampling_logprobs),
         None if is_weights is None else per_token(is_weights.detach()),
+        teacher,
+        None,
         seq,
         longest if config.max_length is None else config.max_length,
         normalizer,
         config,
     )
-    lp, ent = per_token(logprobs), per_token(entropy)
+    if config.policy_loss in ("clip_cov", "kl_cov"):
+        b = b._replace(cov=_covariance_tokens(lp.detach(), lp.detach() if old is None else old, b, generator))
     loss, rho, log_r, w_rollout = _objective(lp, ent, b)
     # ∂L/∂ℓ for grad_active_fraction, by autodiff of a second, detached evaluation: torch.func.grad, which
     # torch.compile traces (torch.autograd.grad it does not)

@@ -271,6 +271,11 @@ def loss_params(cfg: LossConfig, device: torch.device, batch_std: Optional[Tenso
         sapo_tau_neg=cfg.sapo_tau_neg,
         kl_input_clamp=opt(cfg.kl_input_clamp, inf),
         kl_output_clamp=opt(cfg.kl_output_clamp, inf),
+        kl_is_cap=opt(cfg.kl_importance_cap, inf),
+        dro_beta=cfg.dro_beta,
+        teacher_coef=cfg.teacher_coef,
+        teacher_input_clamp=opt(cfg.teacher_input_clamp, inf),
+        teacher_output_clamp=opt(cfg.teacher_output_clamp, inf),
         adv_eps=cfg.advantage.eps,
         batch_std=1.0 if batch_std is None else batch_std,
     )
@@ -283,9 +288,18 @@ def loss_codes(cfg: LossConfig, has_old: bool, group_size: Optional[int] = None,
     named = dict(
         policy=P.POLICY[cfg.policy_loss],
         kl=P.KL["none" if cfg.beta == 0.0 else cfg.kl_estimator.rstrip("+")],
-        kl_straight=int(cfg.kl_estimator.endswith("+")),
+        kl_straight=P.KL_GRADIENT[
+            "k2_importance_weighted"
+            if cfg.kl_importance_gradient
+            else "k2"
+            if cfg.kl_estimator.endswith("+")
+            else "estimator"
+        ],
         kl_ratio_weighted=int(cfg.kl_ratio_weighted),
         has_old=int(has_old),
+        teacher_kl=P.KL["none" if cfg.teacher_coef == 0.0 else cfg.teacher_estimator],
+        teacher_in_advantage=int(cfg.teacher_form == "advantage"),
+        teacher_at_old=int(cfg.teacher_reward_at == "old"),
         adv_from_rewards=int(group_size is not None),
     )
     advantage = reward.advantage_codes(cfg.advantage, group_size or 1, batch)
@@ -332,6 +346,7 @@ def prepare(
     m = inputs.mask.reshape(-1).float()
     flat = lambda x: None if x is None else torch.where(m > 0, x.detach().reshape(-1).float(), 0.0)  # noqa: E731
     old, ref, samp = flat(inputs.old_logprobs), flat(inputs.ref_logprobs), flat(inputs.sampling_logprobs)
+    teacher = flat(inputs.teacher_logprobs)
 
     advantages, rewards, std_b, group_size, batch = inputs.advantages, None, None, None, False
     if (
@@ -370,6 +385,8 @@ def prepare(
         w_policy=agg(cfg.aggregation) * weight,
         w_kl=agg(cfg.kl_aggregation or cfg.aggregation) * cfg.beta,
         w_entropy=agg(cfg.entropy_aggregation or cfg.aggregation) * cfg.entropy_coef,
+        teacher_logprobs=teacher if teacher is not None else torch.zeros_like(m),
+        w_teacher=agg(cfg.aggregation) * cfg.teacher_coef if cfg.teacher_form == "loss" else torch.zeros_like(m),
     )
     return FusedInputs(
         shape=shape,
@@ -389,15 +406,9 @@ def finish(f: FusedInputs, cfg: LossConfig, loss: Tensor, outputs: Tensor) -> Lo
     """The LossOutput from the fused op's per-token outputs: metrics are O(N) reductions, no host sync."""
     out = dict(zip(P.TOKEN_OUTPUTS, outputs))
     lp, rho, adv, m = out["logprobs"], out["ratio"], out["advantages_used"], f.row("mask")
-    lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
     old = f.row("old_logprobs") if f.has_old else lp
-    values = {
-        "rho": rho,
-        "is_weight": f.is_weight,
-        "low": (rho < lo) & (adv < 0),
-        "high": (rho > hi) & (adv > 0),
-        "ppo_kl": old - lp,
-    }
+    low, high = objective.clip_flags(cfg, rho, adv, lp, old)
+    values = {"rho": rho, "is_weight": f.is_weight, "low": low, "high": high, "ppo_kl": old - lp}
     if f.has_ref:
         values["kl"] = objective.kl_estimate(lp, f.row("ref_logprobs"), cfg)
     ent = out["entropy"] if f.with_entropy else None
@@ -459,6 +470,8 @@ def policy_loss(
     old_logprobs: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
     sampling_logprobs: Optional[Tensor] = None,
+    teacher_logprobs: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
     is_weights: Optional[Tensor] = None,
     entropy: Optional[Tensor] = None,
     rewards: Optional[Tensor] = None,
@@ -479,6 +492,9 @@ def policy_loss(
     mask: 0/1 per token (default: all ones). old/ref/sampling_logprobs: [B, T] log-probs of the old,
         reference and rollout policies (``old`` defaults to sg[logprobs], i.e. on-policy).
     is_weights: precomputed rollout importance weights, per token or per sequence.
+    teacher_logprobs: [B, T] the teacher's log-probs of the sampled tokens (on-policy distillation,
+        ``config.teacher_coef``).
+    generator: the random draws of ``policy_loss="clip_cov"`` (default: torch's global generator, as verl).
     entropy: per-token entropy [B, T], needed for ``entropy_coef`` and ``top_entropy_quantile``.
     normalizer: a float or 0-d tensor replacing the local denominator of the aggregation (e.g. a global
         token count, ``fastgrpo.distributed.data_parallel_normalizer``); never read on the host (its value check
@@ -516,6 +532,8 @@ def policy_loss(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        generator=generator,
         is_weights=is_weights,
         rewards=rewards,
         group_size=group_size,
@@ -551,6 +569,8 @@ def grpo_loss(
     old_logprobs: Optional[Tensor] = None,
     ref_logprobs: Optional[Tensor] = None,
     sampling_logprobs: Optional[Tensor] = None,
+    teacher_logprobs: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
     is_weights: Optional[Tensor] = None,
     rewards: Optional[Tensor] = None,
     group_size: Optional[int] = None,
@@ -608,6 +628,8 @@ def grpo_loss(
         old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs,
         sampling_logprobs=sampling_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        generator=generator,
         is_weights=is_weights,
         rewards=rewards,
         group_size=group_size,

@@ -13,6 +13,7 @@ validate them). ``fastgrpo.reference`` states the same math independently; the t
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Union, overload
 
 import torch
@@ -22,6 +23,7 @@ from .. import _library
 from ..config import LossConfig, LossOutput, Normalizer
 from ..inputs import LossInputs
 from ..reward import advantages as reward
+from . import rollout_correction
 
 
 @overload
@@ -113,46 +115,146 @@ class _K3(torch.autograd.Function):
         return -grad * torch.expm1(-d)
 
 
-def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig) -> Tensor:
-    """MATH §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref."""
-    d = lp - ref
-    if cfg.kl_input_clamp is not None:
-        d = _clamp(d, -cfg.kl_input_clamp, cfg.kl_input_clamp)
-    estimate = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x, "k3": _K3.apply}[
-        cfg.kl_estimator.rstrip("+")
-    ]
-    k = estimate(d)
-    if cfg.kl_output_clamp is not None:
+def estimate(d: Tensor, kind: str, input_clamp: Optional[float], output_clamp: Optional[float]) -> Tensor:
+    """A per-token KL estimate of D (``k1`` D, ``abs`` |D|, ``k2`` D²/2, ``k3`` e^(−D) + D − 1), D clamped to
+    ±input_clamp before and the estimate to ±output_clamp after."""
+    if input_clamp is not None:
+        d = _clamp(d, -input_clamp, input_clamp)
+    of = {"k1": lambda x: x, "abs": torch.abs, "k2": lambda x: 0.5 * x * x, "k3": _K3.apply}[kind]
+    k = of(d)
+    if output_clamp is not None:
         # Where the estimate saturates its derivative is 0: selected, with the estimate evaluated there on a
         # constant, so that k3 = inf (D < −88 without an input clamp: OpenRLHF, which clamps D at −10 for this)
         # gives 0 and not 0·inf = NaN.
-        c = cfg.kl_output_clamp
-        saturated = k.detach().abs() > c
-        k = torch.where(saturated, _clamp(k.detach(), -c, c), estimate(torch.where(saturated, 0.0, d)))
-    if cfg.kl_estimator.endswith("+"):  # straight-through: value of the estimator, gradient of k2
+        saturated = k.detach().abs() > output_clamp
+        k = torch.where(saturated, _clamp(k.detach(), -output_clamp, output_clamp), of(torch.where(saturated, 0.0, d)))
+    return k
+
+
+def kl_estimate(lp: Tensor, ref: Tensor, cfg: LossConfig, old: Optional[Tensor] = None) -> Tensor:
+    """MATH §2.5: the per-token KL estimate K_t of D = ℓ − ℓ^ref (``old``: the old policy's log-probs, read by
+    ``kl_importance_gradient``; None: on-policy)."""
+    k = estimate(lp - ref, cfg.kl_estimator.rstrip("+"), cfg.kl_input_clamp, cfg.kl_output_clamp)
+    if cfg.kl_importance_gradient:
+        # the value of the estimator, the gradient sg[min(ρ, cap)]·D: the reverse-KL gradient for tokens sampled
+        # from the old policy (ρ = 1 on-policy), as a surrogate of value 0 (ρ may be inf past log r ≈ 88)
+        w = torch.exp(lp.detach() - (lp.detach() if old is None else old))
+        w = w if cfg.kl_importance_cap is None else _clamp(w, hi=cfg.kl_importance_cap)
+        return k.detach() + _Surrogate.apply(lp, (lp - ref).detach(), w)
+    if cfg.kl_estimator.endswith("+"):  # straight-through: the value of the estimator, the gradient of k2
         k2 = 0.5 * (lp - ref) ** 2
         k = k2 - k2.detach() + k.detach()
     return k
 
 
+class _Surrogate(torch.autograd.Function):
+    """0 in value, with gradient w·D w.r.t. ℓ (0 where D = 0: w may be inf there)."""
+
+    @staticmethod
+    def forward(lp: Tensor, d: Tensor, w: Tensor) -> Tensor:
+        return torch.zeros_like(lp)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        d, w = ctx.saved_tensors
+        return torch.where((d == 0) | (grad == 0), 0.0, grad * w * d), None, None
+
+
+def teacher_kl(lp: Tensor, teacher: Tensor, cfg: LossConfig) -> Tensor:
+    """The per-token reverse-KL estimate of D^T = ℓ − ℓ^T to the teacher (on-policy distillation)."""
+    return estimate(lp - teacher, cfg.teacher_estimator, cfg.teacher_input_clamp, cfg.teacher_output_clamp)
+
+
+def distilled_advantages(
+    adv: Tensor, lp: Tensor, old: Optional[Tensor], teacher: Tensor, m: Tensor, cfg: LossConfig
+) -> Tensor:
+    """The policy-gradient form of distillation: A_t − λ·K^T(ℓ^s − ℓ^T), ℓ^s the old policy's or sg[ℓ]."""
+    student = old if cfg.teacher_reward_at == "old" and old is not None else lp.detach()
+    return torch.where(m > 0, adv - cfg.teacher_coef * teacher_kl(student, teacher, cfg), 0.0)
+
+
+def dppo_valid(lp: Tensor, old: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
+    """DPPO-Binary's trust region (verl ``dppo_tv``/``dppo_kl``) on the sampled token's probability p vs p_old:
+    TV |p − p_old| bounded on the side the advantage pushes, or the binary KL unless p moves away from it."""
+    p, p_old = torch.exp(lp.detach()), torch.exp(old)
+    if cfg.policy_loss == "dppo_tv":
+        return torch.where(adv > 0, p - p_old <= cfg.epsilon_high, p - p_old >= -cfg.epsilon_low)
+    binary_kl = p_old * (old - lp.detach()) + (1 - p_old) * torch.log((1.0 - p_old + 1e-8) / (1.0 - p + 1e-8))
+    return torch.where(
+        adv > 0, (binary_kl <= cfg.epsilon_high) | (p <= p_old), (binary_kl <= cfg.epsilon_low) | (p >= p_old)
+    )
+
+
+def clip_flags(cfg: LossConfig, rho: Tensor, adv: Tensor, lp: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
+    """Per token, whether the policy term is clipped below (A < 0) or above (A > 0); for DPPO, outside its trust
+    region (A ≤ 0 / A > 0)."""
+    if cfg.policy_loss in ("dppo_tv", "dppo_kl"):
+        out = ~dppo_valid(lp, old, adv, cfg)
+        return out & (adv <= 0), out & (adv > 0)
+    return (rho < 1.0 - cfg.epsilon_low) & (adv < 0), (rho > 1.0 + cfg.epsilon_high) & (adv > 0)
+
+
+def covariance_selection(
+    lp: Tensor, adv: Tensor, m: Tensor, old: Tensor, cfg: LossConfig, generator: Optional[torch.Generator]
+) -> Tensor:
+    """The tokens ``clip_cov`` / ``kl_cov`` act on (Entropy Mechanism of RL; verl's selection, token order
+    row-major as verl flattens [B, T]), as a 0/1 float [N]. Data-dependent counts: one host sync.
+
+    clip_cov: cov_fraction·Σm (at least 1) tokens drawn at random (``generator``; verl: torch's global generator)
+    among the unmasked, unclipped tokens with (A − Ā)(ℓ − ℓ̄) in (clip_cov_low, clip_cov_high), means over the
+    unmasked tokens. kl_cov: the cov_fraction·count (at least 1) unmasked tokens of largest covariance."""
+    keep = m > 0
+    lp = lp.detach()
+    chosen = torch.zeros_like(m)
+    if cfg.policy_loss == "clip_cov":
+        rho = torch.exp(lp - old)
+        unclipped = -adv * rho
+        clipped = -adv * rho.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
+        # verl's masked_mean: Σ m·x / (Σ m + 1e-8)
+        mean = lambda x: (x * m).sum() / (m.sum() + 1e-8)  # noqa: E731
+        cov = (adv - mean(adv)) * (lp - mean(lp))
+        candidates = keep & ~(clipped > unclipped) & (cov > cfg.clip_cov_low) & (cov < cfg.clip_cov_high)
+        index = torch.nonzero(candidates).reshape(-1)
+        count = max(int(cfg.cov_fraction * m.sum().item()), 1)
+        if index.numel():
+            draw = torch.randperm(index.numel(), generator=generator, device=generator.device if generator else "cpu")
+            chosen[index[draw[:count].to(index.device)]] = 1.0
+        return chosen
+    index = torch.nonzero(keep).reshape(-1)  # kl_cov
+    if index.numel():
+        a, lv = adv[index], lp[index]
+        cov = (a - a.mean()) * (lv - lv.mean())
+        count = max(1, int(index.numel() * cfg.cov_fraction))
+        chosen[index[torch.topk(cov, count, largest=True).indices]] = 1.0
+    return chosen
+
+
+def vespo_weights(log_r: Tensor, adv: Tensor, m: Tensor, lay: TokenLayout, is_w: Optional[Tensor], cfg: LossConfig):
+    """VESPO's detached gamma weight φ(w_i) = e^λ·w^k·e^(−λw) per token (TRL ``get_gamma_weights``): w_i the
+    sequence ratio exp(Σ_t m·clamp(log r, ±20) [+ Σ_t m·clamp(log IS weight, log 1e-8, 20)]) clamped to
+    [1e-8, e^20]; (k, λ) by the sign of A (A ≥ 0: the positive pair); φ = 0 where it is not finite."""
+    floor = math.log(1e-8)
+    seq_log_w = lay.seg_sum(m * log_r.detach().clamp(-20.0, 20.0))
+    if is_w is not None:
+        seq_log_w = seq_log_w + lay.seg_sum(m * torch.log(is_w).clamp(floor, 20.0))
+    log_w = seq_log_w.clamp(floor, 20.0)[lay.seq]
+    pos = adv >= 0
+    k = torch.where(pos, _as(adv, cfg.vespo_k_pos), _as(adv, cfg.vespo_k_neg))
+    lam = torch.where(pos, _as(adv, cfg.vespo_lambda_pos), _as(adv, cfg.vespo_lambda_neg)).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def rollout_weights(old: Tensor, samp: Tensor, m: Tensor, lay: TokenLayout, cfg: LossConfig) -> Tensor:
-    """MATH §2.4: detached importance weights of the trainer's old policy over the rollout engine."""
-    # A token's weight is its own ratio (a fractional mask weights the loss, not the ratio, as in TRL and
-    # OpenRLHF); sequence statistics are the trainers' masked sums Σ m·log w. Masked tokens are selected away.
-    log_w = torch.where(m > 0, old - samp, 0.0)
-    seq_log_w = lay.seg_sum(m * log_w)
-    mode = cfg.rollout_correction
-    assert mode is not None  # called only with a rollout_correction
-    lo = cfg.rollout_min if cfg.rollout_min is not None else float("-inf")
-    hi = cfg.rollout_max if cfg.rollout_max is not None else float("inf")
-    if mode == "sequence_geomean_mask":
-        geo = torch.exp(seq_log_w / lay.seg_sum(m).clamp(min=1))
-        keep = (geo >= lo) & (geo <= hi)
-        return torch.exp(log_w) * keep[lay.seq]
-    w = torch.exp(seq_log_w)[lay.seq] if mode.startswith("sequence") else torch.exp(log_w)
-    if mode.endswith("truncate"):
-        return _clamp(w, cfg.rollout_min, cfg.rollout_max)
-    return torch.where((w < lo) | (w > hi), torch.zeros_like(w), w)
+    """MATH §2.4: the detached weight of each token's policy term from the config's rollout options (importance
+    weight of the trainer's old policy, sg[ℓ] in verl's bypass mode, over the rollout engine; its batch
+    normalization; the rejection filters): ``rollout_correction.loss_weights``. A token's weight is its own ratio
+    (a fractional mask weights the loss, not the ratio, as in TRL and OpenRLHF); sequence statistics are the
+    trainers' masked sums Σ m·log w. Masked tokens are selected away."""
+    return rollout_correction.loss_weights(old, samp, m, rollout_correction.Segments(lay.seq, lay.num_seqs), cfg)
 
 
 def _entropy_mask(ent: Tensor, m: Tensor, q: float) -> Tensor:
@@ -208,13 +310,19 @@ def _objective(
     ref: Optional[Tensor],
     samp: Optional[Tensor],
     is_w: Optional[Tensor],
+    teacher: Optional[Tensor],
+    cov_selected: Optional[Tensor],
     ent: Optional[Tensor],
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need."""
+    """The scalar loss of MATH §2 from flattened per-token fp32 tensors, and the values metrics need.
+    ``cov_selected``: the tokens of ``covariance_selection`` (clip_cov / kl_cov), drawn once per call."""
     # masked positions are ignored whatever they hold (NaN advantages or weights of padding): selected away,
     # since the mask's 0 would turn them into NaN, not 0
     adv = torch.where(m > 0, adv, 0.0)
     is_w = None if is_w is None else torch.where(m > 0, is_w, 0.0)
+    given_old = old
+    if teacher is not None and cfg.teacher_coef != 0.0 and cfg.teacher_form == "advantage":
+        adv = distilled_advantages(adv, lp, old, teacher, m, cfg)
     old = lp.detach() if old is None else old
     log_r = lp - old  # §2.1
     if cfg.log_ratio_clamp is not None:
@@ -231,27 +339,29 @@ def _objective(
     else:
         rho = _RatioExp.apply(log_r)
 
-    # §2.4 weights, all detached
-    weight = torch.ones_like(lp)
+    # §2.4 weights, all detached: the rollout importance weight times the token masks
+    weights_used = is_w is not None or cfg.rollout_correction is not None
+    is_weight = torch.ones_like(lp)
     if is_w is not None:
-        weight = is_w
+        is_weight = is_w
     elif cfg.rollout_correction is not None:
         assert samp is not None  # a rollout correction without is_weights needs them (checked on input)
-        weight = rollout_weights(old, samp, m, lay, cfg)
-    is_weight = weight
+        is_weight = rollout_weights(old, samp, m, lay, cfg)
+    keep = torch.ones_like(lp)
     emask = None
     if cfg.top_entropy_quantile < 1.0:
         assert ent is not None  # the config needs the entropy (checked on input)
         emask = _entropy_mask(ent.detach(), m, cfg.top_entropy_quantile)
-        weight = weight * emask
+        keep = keep * emask
     if cfg.off_policy_mask_threshold is not None:
         samp_or_old = old if samp is None else samp
         seq_kl = lay.seg_sum((samp_or_old - lp.detach()) * m) / count.clamp(min=1)
-        keep = (adv >= 0) | (seq_kl[lay.seq] <= cfg.off_policy_mask_threshold)
-        weight = weight * keep
+        keep = keep * ((adv >= 0) | (seq_kl[lay.seq] <= cfg.off_policy_mask_threshold))
+    weight = is_weight * keep
 
     lo, hi = 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high
-    values = {"rho": rho.detach(), "is_weight": is_weight}
+    values = {"rho": rho.detach(), "is_weight": is_weight, "advantages": adv}
+    values["low"], values["high"] = clip_flags(cfg, rho.detach(), adv, lp.detach(), old)
     if cfg.policy_loss == "gmpo":  # §2.3: a sequence loss, always a mean over sequences
         sgn = torch.sign(adv)
         d_clip = _clamp(log_r, -cfg.epsilon_low, cfg.epsilon_high)
@@ -264,32 +374,49 @@ def _objective(
         values["low"] = (log_r < -cfg.epsilon_low) & (adv < 0)
         values["high"] = (log_r > cfg.epsilon_high) & (adv > 0)
     else:
-        if cfg.policy_loss == "ppo":  # §2.3
+        if cfg.policy_loss in ("ppo", "clip_cov"):  # §2.3
             unclipped = rho if cfg.ratio_cap is None else _clamp(rho, hi=cfg.ratio_cap)
             p = -torch.minimum(unclipped * adv, _clamp(rho, lo, hi) * adv)
             if cfg.dual_clip is not None:
                 p = torch.where(adv < 0, torch.minimum(p, -cfg.dual_clip * adv), p)
+            if cov_selected is not None:  # clip_cov: no gradient through the drawn tokens (selected: p may be inf)
+                p = torch.where(cov_selected > 0, 0.0, p)
+        elif cfg.policy_loss == "kl_cov":  # −A·ρ, plus coef·|log r| on the tokens of largest covariance
+            p = -adv * rho
+            if cov_selected is not None:
+                p = p + cov_selected * cfg.kl_cov_coef * log_r.abs()
         elif cfg.policy_loss == "cispo":
             unbounded = cfg.cispo_low is None and cfg.cispo_high is None  # clamp() needs at least one bound
             p = -(rho if unbounded else _clamp(rho, cfg.cispo_low, cfg.cispo_high)).detach() * adv * lp
         elif cfg.policy_loss == "sapo":
             tau = torch.where(adv > 0, _as(adv, cfg.sapo_tau_pos), _as(adv, cfg.sapo_tau_neg))
             p = -(4.0 / tau) * torch.sigmoid(tau * (rho - 1.0)) * adv
+        elif cfg.policy_loss in ("dppo_tv", "dppo_kl"):
+            capped = rho if cfg.ratio_cap is None else _clamp(rho, hi=cfg.ratio_cap)
+            p = -adv * torch.where(dppo_valid(lp, old, adv, cfg), capped.detach(), 0.0) * lp
+        elif cfg.policy_loss == "dro":
+            p = -(lp * adv - 0.5 * cfg.dro_beta * log_r * log_r)
+        elif cfg.policy_loss == "vespo":  # φ takes the rollout weight into the sequence ratio: not a multiplier
+            phi = vespo_weights(log_r, adv, m, lay, is_weight if weights_used else None, cfg)
+            values["phi"] = phi
+            p = -phi * adv * lp
         else:  # reinforce
             p = -adv * lp
-        policy = _aggregate(p * weight, m, cfg.aggregation, lay, cfg, normalizer)
-        values["low"] = (rho < lo) & (adv < 0)
-        values["high"] = (rho > hi) & (adv > 0)
+        token_weight = keep if cfg.policy_loss == "vespo" else weight
+        policy = _aggregate(p * token_weight, m, cfg.aggregation, lay, cfg, normalizer)
 
     loss = policy
     if cfg.beta != 0.0:  # §2.5
         assert ref is not None  # beta != 0 needs ref_logprobs (checked on input)
-        k = kl_estimate(lp, ref, cfg)
+        k = kl_estimate(lp, ref, cfg, given_old)
         if cfg.kl_ratio_weighted:
             k = k * rho
         loss = loss + cfg.beta * _aggregate(k, m, cfg.kl_aggregation or cfg.aggregation, lay, cfg, normalizer)
     if ref is not None:
         values["kl"] = kl_estimate(lp.detach(), ref, cfg).detach()
+    if teacher is not None and cfg.teacher_coef != 0.0 and cfg.teacher_form == "loss":
+        distill = teacher_kl(lp, teacher, cfg)
+        loss = loss + cfg.teacher_coef * _aggregate(distill, m, cfg.aggregation, lay, cfg, normalizer)
     if cfg.entropy_coef != 0.0:  # §2.7
         assert ent is not None  # the config needs the entropy (checked on input)
         ent_mask = m if emask is None else m * emask
@@ -335,6 +462,8 @@ def loss_metrics(
         out["cispo_clip_ratio"] = _masked_mean((above | below).float(), m)
     if "kl" in values:
         out["kl"] = _masked_mean(values["kl"], m)
+    if "phi" in values:
+        out["vespo/phi_mean"] = _masked_mean(values["phi"], m)
     if ent is not None:
         out["entropy"] = _masked_mean(ent.detach(), m)
     if weights_used:
@@ -368,19 +497,35 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
 
     adv = lay.per_token(advantages.detach(), shape)
     is_w = None if is_weights is None else lay.per_token(is_weights.detach(), shape)
+    old, teacher = flat(old_logprobs), flat(inputs.teacher_logprobs)
+    lp = flat(logprobs)
+    ent = flat(entropy)
+    cov_selected = None
+    if config.policy_loss in ("clip_cov", "kl_cov"):  # drawn once: both evaluations below see the same tokens
+        distilled = config.teacher_coef != 0.0 and config.teacher_form == "advantage"
+        cov_selected = covariance_selection(
+            lp.detach(),
+            distilled_advantages(adv, lp, old, teacher, m, config)
+            if teacher is not None and distilled
+            else torch.where(m > 0, adv, 0.0),  # a masked position may hold anything
+            m,
+            lp.detach() if old is None else old,
+            config,
+            inputs.generator,
+        )
     args = (
         adv,
         m,
         lay,
         config,
         normalizer,
-        flat(old_logprobs),
+        old,
         flat(ref_logprobs),
         flat(inputs.sampling_logprobs),
         is_w,
+        teacher,
+        cov_selected,
     )
-    lp = flat(logprobs)
-    ent = flat(entropy)
     loss, values = _objective(lp, *args, ent)
 
     # grad_active_fraction needs ∂L/∂ℓ: autodiff of a second, detached evaluation (the fused path has it from the
@@ -389,7 +534,9 @@ def policy_loss(logprobs: Tensor, inputs: LossInputs, entropy: Optional[Tensor] 
     ent_probe = None if ent is None else ent.detach()
     grad_lp = torch.func.grad(lambda leaf: _objective(leaf, *args, ent_probe)[0])(lp.detach())
     weights_used = is_weights is not None or config.rollout_correction is not None
-    metrics = loss_metrics(values, grad_lp, adv, m, ent, config, weights_used)
+    metrics = loss_metrics(values, grad_lp, values["advantages"], m, ent, config, weights_used)
+    if cov_selected is not None:
+        metrics["cov_selected_fraction"] = _masked_mean(cov_selected, m)
     return LossOutput(
         loss=loss,
         logprobs=lp.detach().reshape(shape),
