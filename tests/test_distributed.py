@@ -25,6 +25,8 @@ TP_CONFIGS = {
     "gmpo": CONFIGS["gmpo"],
     "entropy_quantile": CONFIGS["sapo"],
     "trl_dapo": presets.trl(loss_type="dapo", beta=0.04, entropy_coef=0.01),
+    # a sequence weight (VESPO's φ) over a distilled advantage: both need every token of the sequence
+    "vespo_distill": LossConfig(policy_loss="vespo", teacher_coef=0.5, teacher_estimator="k3"),
 }
 
 
@@ -42,7 +44,8 @@ def inputs(v, b=4, t=6, seed=0):
     old = torch.randn(b, t, generator=g) * 0.2 - 2.0
     ref = torch.randn(b, t, generator=g) * 0.2 - 2.0
     rewards = torch.randn(b, generator=g)
-    return logits, targets, mask, dict(old_logprobs=old, ref_logprobs=ref), rewards
+    teacher = torch.randn(b, t, generator=g) * 0.3 - 2.0
+    return logits, targets, mask, dict(old_logprobs=old, ref_logprobs=ref, teacher_logprobs=teacher), rewards
 
 
 def shards(v, world):
@@ -234,7 +237,7 @@ def check_context_parallel(rank, world, group, v):
     logits, targets, mask, kw, rewards = inputs(v, t=2 * world)
     t_r = logits.shape[1] // world
     cols = slice(rank * t_r, (rank + 1) * t_r)
-    for name in ("gspo", "gmpo", "entropy_quantile", "grpo_kl"):
+    for name in ("gspo", "gmpo", "entropy_quantile", "grpo_kl", "vespo_distill"):
         cfg = TP_CONFIGS[name]
         full = logits.clone().requires_grad_()
         one = fastgrpo.grpo_loss(full, targets, rewards, mask, config=cfg, backend=BACKEND, return_entropy=True, **kw)
