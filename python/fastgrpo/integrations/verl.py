@@ -143,6 +143,10 @@ def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, floa
     clip_cov draws from torch's global generator, as verl."""
     if loss_mode not in LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {loss_mode!r}")
+    if loss_mode == "bypass_mode":
+        bypass = _bypass_mode(policy_loss_fn("vanilla"), policy_loss_fn("gpg"))
+        bypass.__name__ = "fastgrpo_bypass_mode"
+        return bypass
     default_agg = "seq-mean-token-mean" if loss_mode in ("gspo", "sapo") else "token-mean"  # verl's defaults
 
     def compute_policy_loss(
@@ -192,8 +196,6 @@ def policy_loss_fn(loss_mode: str) -> Callable[..., tuple[Tensor, dict[str, floa
         )
         return out.loss, metrics
 
-    if loss_mode == "bypass_mode":
-        compute_policy_loss = _bypass_mode(policy_loss_fn("vanilla"), policy_loss_fn("gpg"))
     compute_policy_loss.__name__ = f"fastgrpo_{loss_mode}"
     return compute_policy_loss
 
