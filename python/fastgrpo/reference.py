@@ -197,8 +197,8 @@ def advantages(
     zero_std = std == 0
     groups = max(num_groups, 1)
     values = {
-        "reward/mean": r.mean() if num else r.new_zeros(()),
-        "reward/std": r.std() if num > 1 else r.new_zeros(()),
+        "reward": r.mean() if num else r.new_zeros(()),
+        "reward_std": r.std() if num > 1 else r.new_zeros(()),
         "reward/group_std_mean": std.sum() / groups,
         "frac_reward_zero_std": zero_std.sum() / groups,
         "frac_groups_all_solved": (zero_std & (mean == 1)).sum() / groups,  # binary rewards

@@ -212,8 +212,8 @@ def advantage_metrics(r: Tensor, adv: Tensor, g: Tensor, mean: Tensor, std: Tens
     nonempty = max(num_groups, 1)
     frac = lambda x: x.float().sum() / nonempty  # noqa: E731
     return {
-        "reward/mean": r.mean() if r.numel() else r.new_zeros(()),
-        "reward/std": r.std() if r.numel() > 1 else r.new_zeros(()),
+        "reward": r.mean() if r.numel() else r.new_zeros(()),  # TRL's names
+        "reward_std": r.std() if r.numel() > 1 else r.new_zeros(()),
         "reward/group_std_mean": std.sum() / nonempty,
         "frac_reward_zero_std": frac(zero_std),
         "frac_groups_all_solved": frac(zero_std & (mean == 1)),
@@ -406,7 +406,7 @@ def advantages(
     ``response_mask`` is required by ``length_weighted_baseline`` (lengths), ``discounted_return``,
     ``optimal_token_baseline`` and every ``token*`` whitening. A missing or unused input is a ValueError naming it.
 
-    With ``return_metrics`` also returns 0-d tensors: ``reward/mean``, ``reward/std``,
+    With ``return_metrics`` also returns 0-d tensors: ``reward``, ``reward_std`` (TRL's names),
     ``reward/group_std_mean``, ``frac_reward_zero_std``, ``advantage/group_sum_abs_max`` (≈ 0 for
     ``grpo``/``rloo``; per token: of each sequence's mean over its tokens) and, for 0/1 rewards,
     ``frac_groups_all_solved`` / ``frac_groups_all_failed``.

@@ -456,6 +456,16 @@ def kernel_grpo_loss(
     return distributed.policy_loss(objective_loss, lp, ent, inputs)
 
 
+def with_reward_metrics(out: LossOutput, inputs: LossInputs) -> LossOutput:
+    """Raw rewards passed: the reward side's metrics of MATH §3 join the loss's (O(B) PyTorch on every backend, no
+    host sync; the fused launch normalizes the rewards itself and reports no group statistics)."""
+    if isinstance(inputs.advantages, Rewards):
+        r = inputs.advantages
+        _, metrics = reward.torch_advantages(r.rewards, r.group_size, r.group_ids, inputs.config.advantage, r.weights)
+        out.metrics.update(metrics)
+    return out
+
+
 def objective_loss(logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
     """``objective.policy_loss`` in the argument order of ``Backend.policy_loss``."""
     return objective.policy_loss(logprobs, inputs, entropy)
@@ -557,7 +567,7 @@ def policy_loss(
     checks.finite("entropy", entropy)
     checks.run()
     impl = backends.select(backend, logprobs.device)
-    return distributed.policy_loss(impl.policy_loss, logprobs, entropy, inputs)
+    return with_reward_metrics(distributed.policy_loss(impl.policy_loss, logprobs, entropy, inputs), inputs)
 
 
 def grpo_loss(
@@ -647,7 +657,7 @@ def grpo_loss(
         backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
     if inplace_grad and not impl.supports_inplace_grad:
         raise ValueError(f"inplace_grad=True needs the Triton backend (CUDA tensors), got {impl.name}")
-    return impl.grpo_loss(logits, targets, inputs, return_entropy, inplace_grad)
+    return with_reward_metrics(impl.grpo_loss(logits, targets, inputs, return_entropy, inplace_grad), inputs)
 
 
 class GRPOLoss(nn.Module):

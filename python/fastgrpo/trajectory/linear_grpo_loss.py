@@ -35,7 +35,7 @@ from .. import _checks, _library, backends, distributed
 from ..config import LossConfig, LossOutput, Normalizer
 from ..inputs import LossInputs, autocast_operands, check_linear, check_logit_transform, resolve
 from ..kernels import params as P
-from .grpo_loss import finish, is_token_local, objective_loss, prepare
+from .grpo_loss import finish, is_token_local, objective_loss, prepare, with_reward_metrics
 from .token_logprobs import kernel_token_logprobs
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
@@ -504,6 +504,7 @@ def linear_grpo_loss(
         impl = backends.select(backend, hidden.device)
         if parallel is not None:
             backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
-        return impl.linear_grpo_loss(
+        out = impl.linear_grpo_loss(
             hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
         )
+        return with_reward_metrics(out, inputs)
