@@ -1,5 +1,6 @@
-"""``python -m fastgrpo check|bench|demo``. ``check [--device cpu|cuda]``: every backend present against the
-fp32 reference; ``bench``: see :mod:`fastgrpo.bench.suite`; ``demo``: see :mod:`fastgrpo.demo`.
+"""``python -m fastgrpo check|bench|demo|dynamics``. ``check [--device cpu|cuda]``: every backend present against
+the fp32 reference; ``bench``: see :mod:`fastgrpo.bench.suite`; ``demo``: see :mod:`fastgrpo.demo`;
+``dynamics``: see :mod:`fastgrpo.dynamics.plot`.
 
 For each op and loss variant it runs each available backend on a small random batch and prints the
 largest error of the loss, the logit gradient and the log-probs relative to the reference, and PASS/FAIL.
@@ -153,6 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     p_report = sub.add_parser("report", help="markdown tables of bench/results (optionally into the README)")
     p_report.add_argument("--results", default="bench/results")
     p_report.add_argument("--readme", default=None, help="replace this file's results section")
+    p_dyn = sub.add_parser("dynamics", help="fit a training log's reward curve and diagnose it; table, PNG")
+    p_dyn.add_argument("log", help="TRL trainer_state.json (or its directory), verl .jsonl/.log, or a .csv")
+    p_dyn.add_argument("--out", default=None, help="write DIR/dynamics.png here (default: the log's directory)")
+    p_dyn.add_argument(
+        "--group-size",
+        action="append",
+        default=[],
+        metavar="G=LOG",
+        help="two or more: the fluctuation-scaling exponent b of var(reward) ~ G^b",
+    )
     args = parser.parse_args(argv)
     if args.command == "report":
         from .bench import report
@@ -167,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         suite.run(args)
         return 0
+    if args.command == "dynamics":
+        from .dynamics import plot  # imports scipy: only for this subcommand
+
+        return plot.run(args)
     from .demo import main as demo
 
     return demo(steps=args.steps, out=args.out)
