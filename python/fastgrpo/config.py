@@ -60,57 +60,22 @@ SingletonGroup = Literal["zero", "raw"]
 Whitening = Literal["none", "sequence", "token", "token_biased", "token_center"]
 MaskedSteps = Literal["skip", "count"]
 
-POLICY_LOSSES = (
-    "ppo",
-    "cispo",
-    "sapo",
-    "gmpo",
-    "reinforce",
-    "dppo_tv",
-    "dppo_kl",
-    "dro",
-    "vespo",
-    "clip_cov",
-    "kl_cov",
-)
+POLICY_LOSSES: tuple[str, ...] = get_args(PolicyLossType)
 TeacherEstimator = Literal["k1", "abs", "k2", "k3"]
-TEACHER_ESTIMATORS = ("k1", "abs", "k2", "k3")
+TEACHER_ESTIMATORS: tuple[str, ...] = get_args(TeacherEstimator)
 RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "token_sum_norm")
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k1+", "abs+", "k3+")
-ROLLOUT_CORRECTIONS = (
-    "token_truncate",
-    "token_mask",
-    "sequence_truncate",
-    "sequence_mask",
-    "sequence_geomean_mask",
-    "token_binary_kl_mask",
-    "token_tv_mask",
-    "sequence_binary_kl_mask",
-    "sequence_tv_mask",
-    "unweighted",
-)
+ROLLOUT_CORRECTIONS: tuple[str, ...] = get_args(RolloutCorrection)
 # the rollout corrections whose bounds apply to a divergence (any sign), not to a ratio (>= 0)
 ROLLOUT_DIVERGENCE_GATES = ("token_binary_kl_mask", "token_tv_mask", "sequence_binary_kl_mask", "sequence_tv_mask")
 # verl's rejection filters (rollout_rs): the statistic k1/k2/k3 per token, or its sum/mean/max per sequence
 ROLLOUT_FILTERS: tuple[str, ...] = get_args(RolloutFilterKind)
-ADVANTAGE_ESTIMATORS = (
-    "grpo",
-    "rloo",
-    "reinforce_baseline",
-    "pass_at_k",
-    "length_weighted_baseline",
-    "rescaled_group_baseline",
-    "batch_baseline",
-    "greedy_baseline",
-    "discounted_return",
-    "normalize_then_sum",
-    "optimal_token_baseline",
-)
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 ADVANTAGE_SCALES = ("group", "batch", "none")
 SINGLETON_GROUPS = ("zero", "raw")
-WHITENINGS = ("none", "sequence", "token", "token_biased", "token_center")
-MASKED_STEPS = ("skip", "count")
+WHITENINGS: tuple[str, ...] = get_args(Whitening)
+MASKED_STEPS: tuple[str, ...] = get_args(MaskedSteps)
 
 
 def _error(exc: type, fields: tuple[str, ...], message: str) -> Exception:

@@ -127,6 +127,31 @@ def unchecked(log: TrainingLog) -> list[str]:
     return [m for m in metrics if not log.has(m)]
 
 
+def _collapse(log: TrainingLog, kind: str, metric: str, ratio: float, window: int | None, why: str) -> "Finding | None":
+    """A finding when the smoothed ``metric`` has stayed below ``ratio`` × its initial mean (reward std, entropy)."""
+    if not log.has(metric):
+        return None
+    s, v = log.series(metric)
+    w = _window(len(v), window)
+    initial = float(np.mean(v[:w]))
+    if initial <= 0:
+        return None
+    rel = _smooth(v, w) / initial
+    since = _since(s, rel < ratio)
+    if since is None:
+        return None
+    return Finding(
+        kind,
+        metric,
+        f"smoothed {metric} / initial {metric} < threshold",
+        ratio,
+        float(rel[-1]),
+        since,
+        f"{_name(log, metric)} fell to {rel[-1]:.2f}x its initial {initial:.3g} (< {ratio:g}x) since step "
+        f"{since:g}: {why}",
+    )
+
+
 def diagnose(
     log: TrainingLog,
     *,
@@ -176,49 +201,13 @@ def diagnose(
                     f"{since:g}: most groups' rewards tie, so their advantages are zero and carry no gradient",
                 )
             )
-    if log.has("reward_std"):
-        s, v = log.series("reward_std")
-        w = _window(len(v), window)
-        initial = float(np.mean(v[:w]))
-        if initial > 0:
-            rel = _smooth(v, w) / initial
-            since = _since(s, rel < reward_std_ratio)
-            if since is not None:
-                findings.append(
-                    Finding(
-                        "advantage_degeneracy",
-                        "reward_std",
-                        "smoothed reward_std / initial reward_std < threshold",
-                        reward_std_ratio,
-                        float(rel[-1]),
-                        since,
-                        f"{_name(log, 'reward_std')} fell to {rel[-1]:.2f}x its initial {initial:.3g} "
-                        f"(< {reward_std_ratio:g}x) since step {since:g}: rewards barely differ, advantages vanish",
-                    )
-                )
-
-    # --- policy concentration
-    if log.has("entropy"):
-        s, v = log.series("entropy")
-        w = _window(len(v), window)
-        initial = float(np.mean(v[:w]))
-        if initial > 0:
-            rel = _smooth(v, w) / initial
-            since = _since(s, rel < entropy_ratio)
-            if since is not None:
-                findings.append(
-                    Finding(
-                        "policy_concentration",
-                        "entropy",
-                        "smoothed entropy / initial entropy < threshold",
-                        entropy_ratio,
-                        float(rel[-1]),
-                        since,
-                        f"{_name(log, 'entropy')} fell to {rel[-1]:.2f}x its initial {initial:.3g} "
-                        f"(< {entropy_ratio:g}x) since step {since:g}: the policy has concentrated, little "
-                        "exploration left",
-                    )
-                )
+    for kind, metric, ratio, why in (
+        ("advantage_degeneracy", "reward_std", reward_std_ratio, "rewards barely differ, advantages vanish"),
+        ("policy_concentration", "entropy", entropy_ratio, "the policy has concentrated, little exploration left"),
+    ):
+        found = _collapse(log, kind, metric, ratio, window, why)
+        if found is not None:
+            findings.append(found)
 
     # --- instability
     if choice is None and len(reward) >= 5:

@@ -233,8 +233,39 @@ def _aicc(rss: float, n: int, k: int) -> float:
     return _aic(rss, n, k) + 2.0 * k * (k + 1) / (n - k - 1)
 
 
+class _Curve:
+    """What both fits share: ``predict`` and the information criteria, from the fields ``t0``, ``rss``, ``cov``,
+    ``n``, ``params`` and the class's ``n_params`` and ``_model``."""
+
+    _model: _Model
+    n_params: int
+    t0: float
+    rss: float
+    cov: Optional[np.ndarray]
+    n: int
+
+    @property
+    def params(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, steps: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, lower, upper) at ``steps``: the fitted curve and its ~95% confidence band (delta method)."""
+        t = np.asarray(steps, dtype=float) - self.t0
+        return _band(self._model, t, self.params, self.cov, self.n - self.n_params)
+
+    @property
+    def aic(self) -> float:
+        """AIC = n·ln(RSS/n) + 2k, k = n_params + 1 (σ² counted)."""
+        return _aic(self.rss, self.n, self.n_params + 1)
+
+    @property
+    def aicc(self) -> float:
+        """AICc = AIC + 2k(k + 1)/(n − k − 1), the small-sample correction used by :func:`fit`."""
+        return _aicc(self.rss, self.n, self.n_params + 1)
+
+
 @dataclass(frozen=True)
-class SaturationFit:
+class SaturationFit(_Curve):
     """R(t) = R∞ − (R∞ − R0)·e^(−t/τ), t = step − t0 (MATH §8.1).
 
     ``*_se`` are standard errors (delta method); ``r2`` = 1 − RSS/TSS on the raw rewards; ``smoothed`` says a
@@ -257,29 +288,15 @@ class SaturationFit:
     cov: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     n_params = 3
+    _model = _SATURATION
 
     @property
     def params(self) -> np.ndarray:
         return np.array([self.r_inf, self.r0, self.tau])
 
-    def predict(self, steps: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, lower, upper) at ``steps``: the fitted curve and its ~95% confidence band (delta method)."""
-        t = np.asarray(steps, dtype=float) - self.t0
-        return _band(_SATURATION, t, self.params, self.cov, self.n - self.n_params)
-
-    @property
-    def aic(self) -> float:
-        """AIC = n·ln(RSS/n) + 2k, k = 4 (R∞, R0, τ, σ²)."""
-        return _aic(self.rss, self.n, self.n_params + 1)
-
-    @property
-    def aicc(self) -> float:
-        """AICc = AIC + 2k(k + 1)/(n − k − 1), the small-sample correction used by :func:`fit`."""
-        return _aicc(self.rss, self.n, self.n_params + 1)
-
 
 @dataclass(frozen=True)
-class OscillatorFit:
+class OscillatorFit(_Curve):
     """R(t) = R∞ + (R0 − R∞)·g(t; ω0, ζ), t = step − t0 (MATH §8.2), ω0 in radians per step.
 
     ``regime`` is "critical" when |ζ − 1| < :data:`CRITICAL_TOL`, else "underdamped" (ζ < 1) or "overdamped".
@@ -306,6 +323,7 @@ class OscillatorFit:
     cov: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     n_params = 4
+    _model = _OSCILLATOR
 
     @property
     def params(self) -> np.ndarray:
@@ -343,21 +361,6 @@ class OscillatorFit:
         if self.zeta >= 1.0:
             return math.inf
         return 2.0 * math.pi / (self.omega0 * math.sqrt((1.0 - self.zeta) * (1.0 + self.zeta)))
-
-    def predict(self, steps: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, lower, upper) at ``steps``: the fitted curve and its ~95% confidence band (delta method)."""
-        t = np.asarray(steps, dtype=float) - self.t0
-        return _band(_OSCILLATOR, t, self.params, self.cov, self.n - self.n_params)
-
-    @property
-    def aic(self) -> float:
-        """AIC = n·ln(RSS/n) + 2k, k = 5 (R∞, R0, ω0, ζ, σ²)."""
-        return _aic(self.rss, self.n, self.n_params + 1)
-
-    @property
-    def aicc(self) -> float:
-        """AICc = AIC + 2k(k + 1)/(n − k − 1), the small-sample correction used by :func:`fit`."""
-        return _aicc(self.rss, self.n, self.n_params + 1)
 
 
 Fit = Union[SaturationFit, OscillatorFit]
