@@ -1,11 +1,12 @@
 """Fused GRPO-family loss on logits for token-local variants: loss and logit gradient in one launch.
 
-One program per token row:
-  1. streams the row once (online log-sum-exp in fp32, as ``token_logprobs``) → ℓ_t and H_t;
+Persistent programs over token rows (kernels/token_logprobs.py: ``row_programs``, as many rows in flight as fill
+half of L2), each row:
+  1. streamed once (online log-sum-exp in fp32, one exponential per element, as ``token_logprobs``) → ℓ_t, H_t;
   2. evaluates the per-token objective of MATH §2 on scalars: ratio, policy term (ppo with ratio cap and
      dual clip, cispo, sapo, reinforce), KL estimator with clamps / straight-through / ratio weighting, and
      their derivatives c_t = ∂L/∂ℓ_t and d_t = ∂L/∂H_t;
-  3. (WRITE_GRAD) streams the row again, meant to hit L2 right after step 1, and writes
+  3. (WRITE_GRAD) streamed again, from L2 since the rows in flight fit there, and writes
         ∂L/∂z_v = [c_t·(1[v = y] − p_v) − d_t·p_v·(log p_v + H_t)] / τ.
 So the logits should make one trip from HBM and the gradient one trip back. "Token-local" means every quantity
 of step 2 depends on this token alone: sequence ratios (GSPO, GMPO), the entropy quantile mask and the
@@ -21,6 +22,7 @@ bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as ``
 program: a few scalar loads of the same cached words, nothing per element, and torch.compile sees a tensor
 where a float argument would be specialized (a recompile per value). Unused bounds are ±inf.
 Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
+``python -m fastgrpo static`` reads the cost of each specialization off the SASS (bench/results/static_*.md).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
 from .token_logprobs import (
     MAX_BLOCK_V,
     block_v,  # noqa: F401  (the launch table, re-exported for the launcher)
+    group,
     num_warps,
     row_statistics,
     write_grad_row,
@@ -185,24 +188,94 @@ def grpo_loss_fwd_kernel(
     # meta-parameters
     HAS_ENTROPY: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    N = tl.cast(N, tl.int64)  # k·N + row, 64-bit (k·N in i32 would overflow past ~300M tokens)
-    out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
-    if tl.load(tokens_ptr + MASK * N + row) == 0:
-        for k in tl.static_range(NUM_OUTPUTS):
-            tl.store(outputs_ptr + k * N + row, 0.0)
-        if WRITE_GRAD:
-            write_zero_row(out, V, BLOCK_V)
-        return
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     inv_temperature = tl.load(params_ptr + INV_TEMPERATURE)
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
+        row = tl.cast(row, tl.int64)
+        out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
+        if tl.load(tokens_ptr + MASK * tl.cast(N, tl.int64) + row) == 0:  # masked: zeros, no exp work
+            for j in tl.static_range(NUM_OUTPUTS):
+                tl.store(outputs_ptr + j * tl.cast(N, tl.int64) + row, 0.0)
+            if WRITE_GRAD:
+                write_zero_row(out, V, BLOCK_V)
+        else:
+            base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
+            _token_loss(
+                base,
+                out,
+                row,
+                targets_ptr,
+                tokens_ptr,
+                rewards_ptr,
+                seq_ptr,
+                params_ptr,
+                outputs_ptr,
+                N,
+                V,
+                inv_temperature,
+                policy,
+                kl,
+                kl_straight,
+                kl_ratio_weighted,
+                has_old,
+                teacher_kl,
+                teacher_in_advantage,
+                teacher_at_old,
+                adv_from_rewards,
+                group_size,
+                adv_estimator,
+                adv_divide,
+                adv_use_batch_std,
+                adv_singleton_raw,
+                HAS_ENTROPY,
+                WRITE_GRAD,
+                R,
+                BLOCK_V,
+            )
+
+
+@triton.jit
+def _token_loss(
+    base,
+    out,
+    row,
+    targets_ptr,
+    tokens_ptr,
+    rewards_ptr,
+    seq_ptr,
+    params_ptr,
+    outputs_ptr,
+    N,
+    V,
+    inv_temperature,
+    policy,
+    kl,
+    kl_straight,
+    kl_ratio_weighted,
+    has_old,
+    teacher_kl,
+    teacher_in_advantage,
+    teacher_at_old,
+    adv_from_rewards,
+    group_size,
+    adv_estimator,
+    adv_divide,
+    adv_use_batch_std,
+    adv_singleton_raw,
+    HAS_ENTROPY: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One unmasked token row: its statistics, its objective, its gradient row."""
+    N = tl.cast(N, tl.int64)  # k·N + row, 64-bit (k·N in i32 would overflow past ~300M tokens)
 
     # 1. one pass over the row
     target = tl.load(targets_ptr + row).to(tl.int64)
     lp, m_row, log_s, ent, sq, sq_logp, sq_logp_sq = row_statistics(
-        base, target, V, inv_temperature, HAS_ENTROPY, BLOCK_V
+        base, target, V, inv_temperature, HAS_ENTROPY, R, BLOCK_V
     )
 
     # 2. the per-token objective and its derivative w.r.t. ℓ (scalars); the advantage as given, or from the
@@ -353,7 +426,7 @@ def grpo_loss_fwd_kernel(
     #    relied on for that: a reduction over data that one warp holds may be lowered without a CTA barrier.
     if WRITE_GRAD:
         tl.debug_barrier()
-        write_grad_row(out, base, target, V, m_row, log_s, ent, c, -w_entropy, inv_temperature, HAS_ENTROPY, BLOCK_V)
+        write_grad_row(out, base, target, V, m_row, log_s, ent, c, -w_entropy, inv_temperature, HAS_ENTROPY, R, BLOCK_V)
 
 
 @triton.jit
@@ -390,6 +463,7 @@ def aot_specializations():
     smallest block also compiles with the arguments a GPU launch specializes to constants when they are 1: T
     (packed [N, V] logits) and N (one token)."""
     for dtype in ("fp32", "bf16", "fp16"):
+        r = group(4 if dtype == "fp32" else 2)
         for block in (16, MAX_BLOCK_V):
             for has_entropy in (False, True):
                 for write_grad in (False, True):
@@ -403,7 +477,7 @@ def aot_specializations():
                     yield (
                         grpo_loss_fwd_kernel,
                         sig,
-                        {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "BLOCK_V": block}
+                        {"HAS_ENTROPY": has_entropy, "WRITE_GRAD": write_grad, "R": r, "BLOCK_V": block}
                         | ({"T": 1, "N": 1} if block == 16 else {}),
                         num_warps(block),
                     )

@@ -48,6 +48,18 @@ def launch(kernel: Any) -> Any:
     return wrap_triton(kernel)
 
 
+def row_programs(logits: Tensor, rows: int) -> int:
+    """Programs of a persistent row kernel over ``rows`` rows of ``logits`` (kernels/token_logprobs.py:
+    row_programs): the rows in flight fill half of the device's L2 (a nominal small L2 under the interpreter)."""
+    from .kernels import token_logprobs as K
+
+    if logits.device.type == "cuda":
+        l2 = torch.cuda.get_device_properties(logits.device).L2_cache_size
+    else:
+        l2 = K.INTERPRETER_L2_BYTES
+    return K.row_programs(rows, logits.shape[-1] * logits.element_size(), l2)
+
+
 def row_addressing(x: Tensor) -> tuple[int, int, int]:
     """(T, stride_b, stride_t): row r of a [B, T, V] / [N, V] tensor lives at (r // T)·stride_b + (r % T)·stride_t."""
     if x.dim() == 3:

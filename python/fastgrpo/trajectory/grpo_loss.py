@@ -88,7 +88,7 @@ def _launch(
         _, grad_stride_b, grad_stride_t = _library.row_addressing(logits if grad is None else grad)
         block = K.block_v(vocab)
         ids = _library.rows(targets)
-        _library.launch(K.grpo_loss_fwd_kernel)[(n,)](
+        _library.launch(K.grpo_loss_fwd_kernel)[(_library.row_programs(logits, n),)](
             logits,
             ids,
             tokens.float().contiguous(),
@@ -107,6 +107,7 @@ def _launch(
             **named,
             HAS_ENTROPY=with_entropy,
             WRITE_GRAD=grad is not None,
+            R=K.group(logits.element_size()),
             BLOCK_V=block,
             num_warps=K.num_warps(block),
         )

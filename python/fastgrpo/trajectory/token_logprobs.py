@@ -48,7 +48,7 @@ def token_logprobs_launcher(
         t, stride_b, stride_t = _library.row_addressing(logits)
         m = row_mask(mask)
         block = K.block_v(vocab)
-        _library.launch(K.token_logprobs_fwd_kernel)[(n,)](
+        _library.launch(K.token_logprobs_fwd_kernel)[(_library.row_programs(logits, n),)](
             logits,
             _library.rows(targets),
             logprobs if m is None else m,
@@ -56,12 +56,14 @@ def token_logprobs_launcher(
             logprobs,
             stats,
             entropy,
+            n,
             t,
             vocab,
             stride_b,
             stride_t,
             HAS_MASK=m is not None,
             HAS_ENTROPY=with_entropy,
+            R=K.group(logits.element_size()),
             BLOCK_V=block,
             num_warps=K.num_warps(block),
         )
@@ -89,7 +91,7 @@ def token_logprobs_backward_launcher(
         block = K.block_v(vocab)
         has_grad_entropy = grad_entropy is not None
         m = row_mask(mask)
-        _library.launch(K.token_logprobs_bwd_kernel)[(n,)](
+        _library.launch(K.token_logprobs_bwd_kernel)[(_library.row_programs(logits, n),)](
             grad_logits,
             logits,
             _library.rows(targets),
@@ -99,12 +101,14 @@ def token_logprobs_backward_launcher(
             _library.rows(grad_logprobs, torch.float32),
             _library.rows(grad_entropy, torch.float32) if grad_entropy is not None else stats,
             _library.float_params(inv_temperature, logits, 1, "inv_temperature"),
+            n,
             t,
             vocab,
             stride_b,
             stride_t,
             HAS_MASK=m is not None,
             HAS_GRAD_ENTROPY=has_grad_entropy,
+            R=K.group(logits.element_size()),
             BLOCK_V=block,
             num_warps=K.num_warps(block),
         )
