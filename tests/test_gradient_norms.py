@@ -167,6 +167,50 @@ def test_row_statistics_property(backend_name, vocab, scale, temperature, banned
 
 
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+@pytest.mark.parametrize("vocab", [1024, 8229])  # one full tile of the Triton kernels; two and a partial one
+def test_rows_across_tiles(backend_name, vocab):
+    """Rows longer than a tile, the target in the first, a middle or the last full tile, in the partial one, at a
+    tile's edges, confident (p_y ≈ 1: only the target's exclusion keeps Σ' p² right) or not: ℓ, H, the statistics
+    and the gradient of ℓ and H against fp64, entropy on and off."""
+    impl = kernel_backend(backend_name)
+    g = torch.Generator().manual_seed(vocab)
+    edges = [0, 4095, 4096, 5000, 8191, 8192, vocab - 1] if vocab > 4096 else [0, 511, 512, 1023]
+    targets = torch.tensor(edges + edges[:2])
+    logits = 2.0 * torch.randn(len(targets), vocab, generator=g)
+    confident = torch.arange(len(targets)) % 2 == 1
+    logits[confident, targets[confident]] += 25.0  # p_y = 1 − O(e^-20)
+    exact = fp64_row_sums(logits, targets, 1.0)
+    z = logits.double().requires_grad_()
+    logp = torch.log_softmax(z, -1)
+    lp64, ent64 = logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+    w, u = torch.randn(len(targets), generator=g).double(), torch.randn(len(targets), generator=g).double()
+    (grad64,) = torch.autograd.grad((w * lp64 + u * ent64).sum(), z)
+    inv_t = torch.ones(1, device=DEVICE)
+    for entropy in (True, False):
+        lp, stats, ent = impl.ops.token_logprobs(logits.to(DEVICE), targets.to(DEVICE), None, inv_t, entropy)
+        stats = stats.cpu().double()
+        assert (lp.cpu().double() - lp64).abs().max() < 2e-5
+        assert (stats[:, 0] + stats[:, 1] - torch.logsumexp(logits.double(), -1)).abs().max() < 2e-5
+        sums = stats[:, 2:] if entropy else stats[:, 2:3]
+        want = exact if entropy else exact[:, :1]
+        assert ((sums - want).abs() <= 2e-5 * want.abs() + 1e-12).all(), (entropy, sums, want)
+        if entropy:
+            assert (ent.cpu().double() - ent64).abs().max() < 2e-5
+            grad = impl.ops.token_logprobs_backward(
+                w.float().to(DEVICE),
+                u.float().to(DEVICE),
+                logits.to(DEVICE),
+                targets.to(DEVICE),
+                None,
+                stats.float().to(DEVICE),
+                ent,
+                inv_t,
+            )
+            err = (grad.cpu().double() - grad64).abs().max()
+            assert err < 1e-5 * grad64.abs().max(), err
+
+
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_row_statistics_of_masked_and_nan_rows(backend_name):
     """A masked row: all zeros. A NaN or +inf logit: Σ p² is NaN (never hidden), the entropy's two sums NaN with
     the entropy and 0 without it, as ROW_STATS says, on every kernel backend."""
