@@ -23,7 +23,8 @@ target's own entry (1[v = y]) once per row after its loop. No division runs per 
 Schedule (rows in flight). The gradient pass re-reads the row the statistics pass just read; that read comes from
 L2 only if every row in flight still sits there. With one program per row, every resident program holds a row:
 at V = 151936 bf16 (304 KB) about 400 rows, 120 MB, against H100's 50 MB of L2, and the second read goes to HBM.
-So the kernels are persistent: ``row_programs`` launches P = ⌊L2/2 ÷ row bytes⌋ programs (at most one per row),
+So the kernels are persistent: for the fused loss with its gradient (the one kernel that reads a row twice;
+the others get a program per row) ``row_programs`` launches P = ⌊L2/2 ÷ row bytes⌋ programs (at most one per row),
 each looping over rows r = pid, pid + P, …, so at most P rows are in flight: H100/H200 (50 MB L2), bf16 V = 151936:
 P = 86 programs, 25 MB; V = 256000: P = 51, 25 MB; fp32 V = 256000: P = 25. The other half of L2 holds the gradient
 rows being written back and everything else. The price: below one program per SM (132 on H100), SMs idle, and the

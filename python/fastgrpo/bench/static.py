@@ -418,9 +418,9 @@ CUDA_THREADS = 512
 
 
 def cuda_launches(dtype: str = "bf16") -> Iterator[tuple[Launch, str]]:
-    """(launch, mangled-name pattern) of each CUDA row kernel: the fused loss with and without the gradient (one
-    instantiation; the gradient is a runtime pointer), the log-prob forward with and without the entropy, its
-    backward."""
+    """(launch, "name:entropy flag") of each CUDA row kernel: the fused loss with and without the gradient (one
+    instantiation; the gradient is a runtime pointer), the log-prob forward and backward with and without the
+    entropy (a kernel without that template flag serves both)."""
     side = _token_bytes()
     for entropy in (False, True):
         yield (
@@ -435,12 +435,18 @@ def cuda_launches(dtype: str = "bf16") -> Iterator[tuple[Launch, str]]:
                 Launch("grpo_loss_fused_kernel", "cuda", entropy, write, passes, side["grpo_loss"], CUDA_THREADS),
                 f"grpo_loss_fused_kernel:{int(entropy)}",
             )
-    yield (
-        Launch(
-            "token_logprobs_backward_kernel", "cuda", True, True, ("grad",), side["token_logprobs_bwd"], CUDA_THREADS
-        ),
-        "token_logprobs_backward_kernel:",
-    )
+        yield (
+            Launch(
+                "token_logprobs_backward_kernel",
+                "cuda",
+                entropy,
+                True,
+                ("grad",),
+                side["token_logprobs_bwd"],
+                CUDA_THREADS,
+            ),
+            f"token_logprobs_backward_kernel:{int(entropy)}",
+        )
 
 
 def _cuda_key(mangled: str, dtype: str) -> Optional[str]:
@@ -450,11 +456,11 @@ def _cuda_key(mangled: str, dtype: str) -> Optional[str]:
     return f"{m.group(1)}:{m.group(3) or ''}"
 
 
-def rows_in_flight(tokens: int, vocab: int, element_bytes: int, resident: int, gpu: GPU) -> int:
-    """Rows being streamed at once: the launcher's schedule (row_programs) if the kernels have one, else every
-    resident program holds one row."""
+def rows_in_flight(tokens: int, vocab: int, element_bytes: int, resident: int, gpu: GPU, reread: bool) -> int:
+    """Rows being streamed at once: for a kernel reading each row twice, the launcher's schedule (row_programs) if
+    the kernels have one; else every resident program holds one row."""
     schedule = getattr(_kernels("token_logprobs"), "row_programs", None)
-    if schedule is None:
+    if schedule is None or not reread:
         return min(tokens, resident)
     return min(schedule(tokens, vocab * element_bytes, gpu.l2_bytes), resident)
 
@@ -513,7 +519,7 @@ def record(
     )
     for key, gpu in GPUS.items():
         resident = blocks_per_sm(gpu, threads, usage["registers"], shared)
-        flight = rows_in_flight(TOKENS, vocab, element_bytes, resident * gpu.sms, gpu)
+        flight = rows_in_flight(TOKENS, vocab, element_bytes, resident * gpu.sms, gpu, len(launch.passes) > 1)
         fits = flight * row_bytes <= L2_ROW_FRACTION * gpu.l2_bytes
         reads = 1 + (0 if fits or len(launch.passes) < 2 else 1)
         hbm = row_bytes * (reads + (1 if launch.write_grad else 0)) + launch.side_bytes
@@ -540,17 +546,17 @@ def analyze(arch: str = "90a", dtype: str = "bf16", vocabs=VOCABS, cuda: bool = 
     if cuda and root is not None:
         with tempfile.TemporaryDirectory() as tmp:
             functions, usage = {}, {}
-            for cubin in compile_cuda(root, arch, pathlib.Path(tmp)):
-                f, u = disassemble(str(cubin))
+            for path in compile_cuda(root, arch, pathlib.Path(tmp)):
+                f, u = disassemble(str(path))
                 functions.update(f)
                 usage.update(u)
         by_key = {_cuda_key(name, dtype): name for name in functions}
         for vocab in vocabs:
             for launch, key in cuda_launches(dtype):
-                name = by_key.get(key)
-                if name is None:
+                found = by_key.get(key) or by_key.get(key.rsplit(":", 1)[0] + ":")
+                if found is None:
                     raise RuntimeError(f"no CUDA kernel {key} for {dtype} in the cubins")
-                records.append(record(launch, arch, dtype, vocab, functions[name], usage[name], launch.threads, 0))
+                records.append(record(launch, arch, dtype, vocab, functions[found], usage[found], launch.threads, 0))
     return records
 
 

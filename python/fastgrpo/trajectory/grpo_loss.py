@@ -88,7 +88,7 @@ def _launch(
         _, grad_stride_b, grad_stride_t = _library.row_addressing(logits if grad is None else grad)
         block = K.block_v(vocab)
         ids = _library.rows(targets)
-        _library.launch(K.grpo_loss_fwd_kernel)[(_library.row_programs(logits, n),)](
+        _library.launch(K.grpo_loss_fwd_kernel)[(_library.row_programs(logits, n, reread=grad is not None),)](
             logits,
             ids,
             tokens.float().contiguous(),

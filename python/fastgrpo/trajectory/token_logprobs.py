@@ -48,7 +48,7 @@ def token_logprobs_launcher(
         t, stride_b, stride_t = _library.row_addressing(logits)
         m = row_mask(mask)
         block = K.block_v(vocab)
-        _library.launch(K.token_logprobs_fwd_kernel)[(_library.row_programs(logits, n),)](
+        _library.launch(K.token_logprobs_fwd_kernel)[(_library.row_programs(logits, n, reread=False),)](
             logits,
             _library.rows(targets),
             logprobs if m is None else m,
@@ -91,7 +91,7 @@ def token_logprobs_backward_launcher(
         block = K.block_v(vocab)
         has_grad_entropy = grad_entropy is not None
         m = row_mask(mask)
-        _library.launch(K.token_logprobs_bwd_kernel)[(_library.row_programs(logits, n),)](
+        _library.launch(K.token_logprobs_bwd_kernel)[(_library.row_programs(logits, n, reread=False),)](
             grad_logits,
             logits,
             _library.rows(targets),
