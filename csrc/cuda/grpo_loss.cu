@@ -9,46 +9,52 @@ namespace cuda {
 namespace {
 
 // `p` holds the variant codes; every thread loads 1/τ from `params`, thread 0 (which evaluates the objective)
-// all the scalars. kEntropy = with_entropy, a template parameter (rows.cuh: LSE).
+// all the scalars. kEntropy = with_entropy, a template parameter (rows.cuh: LSE). Each block loops over rows
+// (rows.cuh: programs); a masked row skips the loop's body, the same for every thread of the block, as the
+// barriers of row_statistics and below need. shared_dlogp is rewritten for the next row only after
+// row_statistics' barriers, which every thread reaches once it has read this row's value.
 template <typename T, bool kEntropy>
-__global__ void __launch_bounds__(kThreads) grpo_loss_fused_kernel(const T* logits, RowLayout layout,
-                                                                   FusedLossArgs a, ObjectiveParams p) {
-  const int64_t r = blockIdx.x, n = layout.rows;
-  const auto input = [&](TokenInput k) { return a.tokens[k * n + r]; };
-  const auto output = [&](TokenOutput k) -> float& { return a.outputs[k * n + r]; };
-  T* out = a.grad ? static_cast<T*>(a.grad) + (r / layout.T) * a.grad_stride_b + (r % layout.T) * a.grad_stride_t
-                  : nullptr;
-  if (input(kMask) == 0.f) {
-    if (threadIdx.x == 0) {
-      for (int k = 0; k < kNumTokenOutputs; ++k) output(static_cast<TokenOutput>(k)) = 0.f;
-    }
-    if (out) write_zero_row(out, layout.V);
-    return;
-  }
-  const float inv_t = a.params[kInvTemperature];
-  const T* row = logits + row_offset(layout, r);
-  const int64_t target = a.targets[r];
-  const RowStats st = row_statistics<kEntropy>(row, target, layout.V, inv_t);  // entropy 0 without kEntropy
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    grpo_loss_fused_kernel(const T* logits, RowLayout layout, FusedLossArgs a, ObjectiveParams p) {
   __shared__ float shared_dlogp;
-  if (threadIdx.x == 0) {
-    load_scalars(p, a.params);
-    const float A = p.adv_from_rewards ? group_advantage(a.rewards, a.seq[r], p) : input(kAdvantages);
-    const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs), input(kRefLogprobs),
-                                          input(kWPolicy), input(kWKl), input(kWEntropy), input(kTeacherLogprobs),
-                                          input(kWTeacher), p);
-    output(kOutLogprobs) = st.logprob;
-    output(kOutEntropy) = st.entropy;
-    output(kOutLossTerms) = t.loss;
-    output(kOutRatio) = t.ratio;
-    output(kOutGradLogprobs) = t.dlogp;
-    output(kOutAdvantagesUsed) = t.advantage;
-    output(kOutProbSq) = st.prob_sq;
-    output(kOutProbSqLogp) = st.prob_sq_logp;  // 0 without kEntropy
-    output(kOutProbSqLogpSq) = st.prob_sq_logp_sq;
-    shared_dlogp = t.dlogp;
+  const int64_t n = layout.rows;
+  const float inv_t = a.params[kInvTemperature];
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    const auto input = [&](TokenInput k) { return a.tokens[k * n + r]; };
+    const auto output = [&](TokenOutput k) -> float& { return a.outputs[k * n + r]; };
+    T* out = a.grad ? static_cast<T*>(a.grad) + (r / layout.T) * a.grad_stride_b + (r % layout.T) * a.grad_stride_t
+                    : nullptr;
+    if (input(kMask) == 0.f) {
+      if (threadIdx.x == 0) {
+        for (int k = 0; k < kNumTokenOutputs; ++k) output(static_cast<TokenOutput>(k)) = 0.f;
+      }
+      if (out) write_zero_row(out, layout.V);
+      continue;
+    }
+    const T* row = logits + row_offset(layout, r);
+    const int64_t target = a.targets[r];
+    const RowStats st = row_statistics<kEntropy>(row, target, layout.V, inv_t);  // entropy 0 without kEntropy
+    if (threadIdx.x == 0) {
+      load_scalars(p, a.params);
+      const float A = p.adv_from_rewards ? group_advantage(a.rewards, a.seq[r], p) : input(kAdvantages);
+      const TokenResult t = token_objective(st.logprob, st.entropy, A, input(kOldLogprobs), input(kRefLogprobs),
+                                            input(kWPolicy), input(kWKl), input(kWEntropy), input(kTeacherLogprobs),
+                                            input(kWTeacher), p);
+      output(kOutLogprobs) = st.logprob;
+      output(kOutEntropy) = st.entropy;
+      output(kOutLossTerms) = t.loss;
+      output(kOutRatio) = t.ratio;
+      output(kOutGradLogprobs) = t.dlogp;
+      output(kOutAdvantagesUsed) = t.advantage;
+      output(kOutProbSq) = st.prob_sq;
+      output(kOutProbSqLogp) = st.prob_sq_logp;  // 0 without kEntropy
+      output(kOutProbSqLogpSq) = st.prob_sq_logp_sq;
+      shared_dlogp = t.dlogp;
+    }
+    __syncthreads();
+    // without kEntropy, w_entropy is 0 (the op's with_entropy is set whenever the entropy has a weight)
+    if (out) write_grad_row<kEntropy>(out, row, target, layout.V, st, shared_dlogp, -input(kWEntropy), inv_t);
   }
-  __syncthreads();
-  if (out) write_grad_row(out, row, target, layout.V, st, shared_dlogp, -input(kWEntropy), inv_t);
 }
 
 // grad *= scale over rows of V contiguous elements (blockIdx.x: the row, blockIdx.y: a slice of it), rows
@@ -71,8 +77,10 @@ const char* grpo_loss_fused(DType dtype, const void* logits, RowLayout l, const 
   return dispatch(dtype, [&](auto t) {
     using T = decltype(t);
     const auto kernel = with_entropy ? grpo_loss_fused_kernel<T, true> : grpo_loss_fused_kernel<T, false>;
-    kernel<<<l.rows, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(static_cast<const T*>(logits), l, args,
-                                                                      codes);
+    // with the gradient, each row is read twice: bound the rows in flight by L2
+    const int64_t reread_bytes = args.grad ? l.V * static_cast<int64_t>(sizeof(T)) : 0;
+    kernel<<<programs(kernel, l.rows, reread_bytes), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), l, args, codes);
   });
 }
 
