@@ -192,8 +192,8 @@ def grpo_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     inv_temperature = tl.load(params_ptr + INV_TEMPERATURE)
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
-        row = tl.cast(row, tl.int64)
+    for i in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
+        row = tl.cast(i, tl.int64)  # a new name: Triton 3.2 keeps a loop variable's type
         out = grad_logits_ptr + (row // T) * grad_stride_b + (row % T) * grad_stride_t
         if tl.load(tokens_ptr + MASK * tl.cast(N, tl.int64) + row) == 0:  # masked: zeros, no exp work
             for j in tl.static_range(NUM_OUTPUTS):

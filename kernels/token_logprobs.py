@@ -367,8 +367,8 @@ def token_logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     inv_temperature = tl.load(inv_temperature_ptr)
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
-        row = tl.cast(row, tl.int64)
+    for i in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
+        row = tl.cast(i, tl.int64)  # a new name: Triton 3.2 keeps a loop variable's type
         st = stats_ptr + NUM_STATS * row
         active = True
         if HAS_MASK:
@@ -421,8 +421,8 @@ def token_logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     inv_temperature = tl.load(inv_temperature_ptr)
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
-        row = tl.cast(row, tl.int64)
+    for i in range(tl.program_id(0), N, tl.num_programs(0)):  # persistent: rows pid, pid + P, ...
+        row = tl.cast(i, tl.int64)  # a new name: Triton 3.2 keeps a loop variable's type
         out = grad_logits_ptr + row * V
         g_lp = tl.load(grad_logprobs_ptr + row).to(tl.float32)
         g_ent = 0.0

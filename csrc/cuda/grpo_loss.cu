@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM)
       output(kOutProbSqLogpSq) = st.prob_sq_logp_sq;
       shared_dlogp = t.dlogp;
     }
-    __syncthreads();
+    __syncthreads();  // shared_dlogp, and every thread's reads of the row (the target logit last) before any write
     // without kEntropy, w_entropy is 0 (the op's with_entropy is set whenever the entropy has a weight)
     if (out) write_grad_row<kEntropy>(out, row, target, layout.V, st, shared_dlogp, -input(kWEntropy), inv_t);
   }

@@ -209,8 +209,9 @@ __device__ LSE block_lse(LSE st, float k) {
 template <typename T>
 constexpr int kPack = 16 / sizeof(T);
 // Packs a thread loads before it uses the first: the L2 bound leaves few blocks in flight (programs), so each
-// thread keeps 4 × 16 bytes of loads outstanding.
-constexpr int kUnroll = 4;
+// thread keeps several 16-byte loads outstanding. 2 in the gradient pass, whose second read of a row comes from L2
+// and whose entropy form would not fit 64 registers with 4.
+constexpr int kUnrollStats = 4, kUnrollGrad = 2;
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
@@ -263,12 +264,13 @@ __device__ __forceinline__ uint4 pack(const float* x) {
 // place in the group of the pack `target_pack`, −1 where the group does not hold it. The group holding it, if whole,
 // is called between two loops over the others, which test nothing but their bound and pass a constant −1: their
 // bodies compile without the per-element select.
-template <typename Load, typename F>
+template <int kUnroll, typename Load, typename F>
 __device__ __forceinline__ void for_each_pack(int64_t end, int64_t target_pack, Load load, F f) {
   constexpr int64_t kGroup = kUnroll * kThreads;
   const int64_t whole = end - (kUnroll - 1) * kThreads;  // the groups starting below it are whole
+  // the start of this thread's group holding the target's pack, `whole` where there is none
   const int64_t d = target_pack - threadIdx.x;
-  const int64_t own = d >= 0 && d % kThreads == 0 ? threadIdx.x + d / kGroup * kGroup : whole;  // this thread's
+  const int64_t own = d >= 0 && d % kThreads == 0 ? threadIdx.x + d / kGroup * kGroup : whole;
   int64_t p = threadIdx.x;
   const auto group = [&](int u) {
     uint4 raw[kUnroll];
@@ -290,7 +292,7 @@ __device__ __forceinline__ void for_each_pack(int64_t end, int64_t target_pack, 
   }
 }
 
-// Calls f(x, y) over a row in groups x of values (float[n]): the kUnroll (or, for the remainder, 1) packs of a
+// Calls f(x, y) over a row in groups x of values (float[n]): the kUnrollStats packs (1 for the remainder) of a
 // for_each_pack group where the row is 16-byte aligned, one value at a time for the rest; y: the target's place in
 // x, −1 where x does not hold it (a constant for all groups but one).
 template <typename T, typename F>
@@ -301,7 +303,8 @@ __device__ __forceinline__ void for_each_group(const T* row, int64_t V, int64_t 
     const int64_t packs = V / N, target_pack = target >= 0 ? target / N : -1;
     const int target_at = static_cast<int>(target - target_pack * N);
     const uint4* in = reinterpret_cast<const uint4*>(row);
-    for_each_pack(packs, target_pack, [&](int64_t p) { return __ldg(in + p); }, [&](int64_t, const auto& raw, int u) {
+    const auto load = [&](int64_t p) { return __ldg(in + p); };
+    for_each_pack<kUnrollStats>(packs, target_pack, load, [&](int64_t, const auto& raw, int u) {
       constexpr int G = sizeof(raw) / sizeof(uint4);
       float x[G * N];
 #pragma unroll
@@ -327,7 +330,8 @@ __device__ __forceinline__ void map_row(T* out, const T* row, int64_t V, int64_t
     const int64_t packs = V / N, target_pack = target >= 0 ? target / N : -1;
     const int target_at = static_cast<int>(target - target_pack * N);
     const uint4* in = reinterpret_cast<const uint4*>(row);
-    for_each_pack(packs, target_pack, [&](int64_t p) { return in[p]; }, [&](int64_t p, const auto& raw, int u) {
+    const auto load = [&](int64_t p) { return in[p]; };
+    for_each_pack<kUnrollGrad>(packs, target_pack, load, [&](int64_t p, const auto& raw, int u) {
       constexpr int G = sizeof(raw) / sizeof(uint4);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
@@ -356,10 +360,10 @@ __device__ LSE row_lse(const T* row, int64_t target, int64_t V, float k) {
   return block_lse<kEntropy, kLarge>(st, k);
 }
 
-// Every thread reads the target logit before the row is streamed: in place (grpo_loss_fused_kernel) the row is
-// overwritten afterwards, and the __syncthreads() of block_lse orders every thread's reads before any write.
-// Without kEntropy, entropy and the two log p sums are 0. A target outside [0, V) matches no index: every element
-// is counted.
+// In place (grpo_loss_fused_kernel) the row is overwritten afterwards: the __syncthreads() of block_lse orders the
+// streaming reads before any write, and the caller's barrier before its first write the read of the target logit,
+// made last (held through the passes, it took the 65th register). Without kEntropy, entropy and the two log p sums
+// are 0. A target outside [0, V) matches no index: every element is counted.
 //
 // A row whose offset is 2^24 or more (or overflows, turning s or o non-finite) is summed again with kLarge (see
 // exponent); so is a row with a NaN or +inf logit, which stays NaN. A row of banned logits (m = −inf) is not.
@@ -372,11 +376,11 @@ __device__ LSE row_lse(const T* row, int64_t target, int64_t V, float k) {
 template <bool kEntropy, typename T>
 __device__ RowStats row_statistics(const T* row, int64_t target, int64_t V, float inv_t) {
   const bool valid = target >= 0 && target < V;
-  const float x_target = valid ? to_float(row[target]) : NAN;
   const float k = inv_t * kLog2e;
   LSE t = row_lse<kEntropy, false>(row, target, V, k);
   const bool large = t.m > -INFINITY && !(fabsf(t.o) < 0x1p24f && isfinite(t.s));  // the block's t: uniform
   if (large) t = row_lse<kEntropy, true>(row, target, V, k);
+  const float x_target = valid ? to_float(row[target]) : NAN;
   const float M = t.m * inv_t;
   const float L = log2f(t.s), inv_s2 = 1.f / (t.s * t.s);  // s ≤ 2V: s² is far from overflowing
   const float at_max = large ? exponent<true>(t.m, t.o, k) : exponent<false>(t.m, t.o, k);
