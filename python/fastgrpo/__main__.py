@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error(f"check --device {args.device}: no CUDA device is visible to torch")
         grid = args.grid or ("full" if device.type == "cuda" else "small")
+        if device.type == "cpu" and grid == "small":
+            torch.set_num_threads(1)  # tensors of a few thousand elements: intra-op threads would only spin
         return 0 if check(device, grid, args.backend) else 1
     if args.command == "bench":
         suite.run(args)
