@@ -13,10 +13,11 @@ Backward: a program reads the row once more and writes
 Cost per element (what ``python -m fastgrpo static`` reads off the SASS). Each pass takes one exponential per
 element: the logits are read as [BLOCK_V / R, R] tiles, R = 16 bytes of logits (one vector load per thread), and a
 group of R shares one running offset, raised once per tile by the group's maximum (one exponential per group of R
-to rescale its sums). Exponentials are exp2: each element is one FFMA, d = x·(1/τ) − o with the product exact
-inside it, one FMUL by log2 e and one MUFU.EX2. Folding log2 e into 1/τ would save the FMUL but round the product
-x·log2(e)/τ before the subtraction: at |logits| ~ 1e6 that loses the digits d is made of, and at bf16's 3.4e38 it
-overflows. The sums stay in natural units. The loop over full tiles carries no bounds mask and no per-element
+to rescale its sums). Exponentials are exp2 with log2 e folded into the scale k = log2(e)/τ: each element is one
+FADD, one FMUL and one MUFU.EX2, d = (x − m)·k with m the group's raw maximum. The difference comes first, on the
+raw logits: exact near the maximum (0 at it) at any magnitude, where x·k − round(m·k) would carry the rounding
+of m·k (2e-4 at 1e4, beyond 88, an overflow, at |x/τ| ≥ 2^31). The sums are kept in log2 units and turned into
+natural logs once per row. The loop over full tiles carries no bounds mask and no per-element
 target test: the target's tile and the last, partial tile are handled outside it, and the backward writes the
 target's own entry (1[v = y]) once per row after its loop. No division runs per element.
 
@@ -27,11 +28,12 @@ So the kernels are persistent: for the fused loss with its gradient (the one ker
 the others get a program per row) ``row_programs`` launches P = ⌊L2/2 ÷ row bytes⌋ programs (at most one per row),
 each looping over rows r = pid, pid + P, …, so at most P rows are in flight: H100/H200 (50 MB L2), bf16 V = 151936:
 P = 86 programs, 25 MB; V = 256000: P = 51, 25 MB; fp32 V = 256000: P = 25. The other half of L2 holds the gradient
-rows being written back and everything else. The price: below one program per SM (132 on H100), SMs idle, and the
-static model charges the issue and MUFU bounds to the busy ones only; at V = 256000 it still predicts less time for
-the fused loss than re-reading every row from HBM (5.5 against 7.5 ms at N = 16384). Splitting a row across the
-CTAs of a thread-block cluster would keep every SM busy at any V; that needs a cross-CTA reduction that the
-interpreter (which runs programs one after another) cannot execute, so it is left for a session with a GPU.
+rows being written back and everything else. The price: below one program per SM (132 on H100), SMs idle,
+and the static model charges the issue and MUFU bounds to the busy ones only. At V = 256000 (51 programs) it still
+predicts less time for the fused loss than re-reading every row from HBM without the entropy (5.5 against 7.5 ms
+at N = 16384), but more with it (9.3 against 8.6 ms: that variant is issue-bound either way). Splitting a row
+across the CTAs of a thread-block cluster would keep every SM busy at any V; that needs a cross-CTA reduction that
+the interpreter (which runs programs one after another) cannot execute, so it is left for a session with a GPU.
 
 1/τ comes as a one-element fp32 tensor, loaded once per program (nothing per element): torch.compile specializes a
 float argument, recompiling for every new temperature.
@@ -102,55 +104,59 @@ def _tile(base, start, V, R: tl.constexpr, BLOCK_V: tl.constexpr, MASKED: tl.con
 
 
 @triton.jit
-def _accumulate(x, cols, t_col, o, s, a, q, b, c, inv_t, HAS_ENTROPY: tl.constexpr, HAS_TARGET: tl.constexpr):
-    """Adds a tile x [G, R] of raw logits to the per-group sums, relative to the group offsets o [G] (the running
-    max of x/τ): with d = x/τ − o, s = Σ e^d, a = Σ e^d·d and over the non-target entries q = Σ e^(2d),
-    b = Σ e^(2d)·d, c = Σ e^(2d)·d². HAS_TARGET: the tile holds the target at column ``t_col``, left out of q, b, c.
+def _accumulate(x, cols, t_col, m, s, a, q, b, c, k, HAS_ENTROPY: tl.constexpr, HAS_TARGET: tl.constexpr):
+    """Adds a tile x [G, R] of raw logits to the per-group sums, relative to the groups' running maxima m [G] of the
+    raw logits, in log2 units: with d = (x − m)·k, k = log2(e)/τ, s = Σ 2^d, a = Σ 2^d·d and over the non-target
+    entries q = Σ 2^(2d), b = Σ 2^(2d)·d, c = Σ 2^(2d)·d². HAS_TARGET: the tile holds the target at column ``t_col``,
+    left out of q, b, c.
 
-    The offset rises to the tile's maximum first (one exponential per group of R), and the sums move with it: with
-    r = e^δ, δ = o − o' (rδ formed as a product, so that a fresh group's sentinel gives 0, never inf·0):
-    s ← r·s, a ← r·a + rδ·s, q ← r²·q, b ← r·(r·b + rδ·q), c ← r·(r·c + 2rδ·b) + (rδ)²·q. Then one FFMA and one
-    exp2 per element: d = x·(1/τ) − o' (the product exact inside the FMA: at τ = 1 and |logits| ~ 1e6, d is exact),
-    e^d = 2^(d·log2 e). A banned (−inf) logit has e^d = 0 and, in the entropy sums, d floored to a finite value
-    (0·(−inf) would be NaN). A NaN or +inf logit makes d, hence s, NaN, so ℓ, H and the sums are NaN, as
-    log_softmax gives."""
-    o_new = tl.maximum(o, tl.max(x, axis=1) * inv_t)
-    delta = o - o_new
-    r = tl.exp2(delta * LOG2E)
-    d = x * inv_t - o_new[:, None]
-    e = tl.exp2(d * LOG2E)
+    The maximum rises to the tile's first (one exponential per group of R), and the sums move with it: with
+    r = 2^δ, δ = (m − m')·k (rδ taken as 0 where r is: δ may be −inf), s ← r·s, a ← r·a + rδ·s, q ← r²·q,
+    b ← r·(r·b + rδ·q), c ← r·(r·c + 2rδ·b) + (rδ)²·q. Then per element one FADD, one FMUL and one MUFU.EX2. The
+    difference x − m is taken on the raw logits, before the scale: it is exact near the maximum (0 at it), where an
+    FMA x·(1/τ) − round(m/τ) would leave the rounding of m/τ (up to ½ ulp, beyond 88 at |x/τ| ≥ 2^31). A banned
+    (−inf) logit has 2^d = 0 and, in the entropy sums, d floored to a finite value (0·(−inf) would be NaN). A NaN
+    or +inf logit makes d, hence s, NaN, so ℓ, H and the sums are NaN, as log_softmax gives."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    delta = (m - m_new) * k
+    r = tl.exp2(delta)
+    d = (x - m_new[:, None]) * k
+    e = tl.exp2(d)
     e2 = e * e
     if HAS_TARGET:
         e2 = tl.where(cols == t_col, 0.0, e2)
     if HAS_ENTROPY:
         d = tl.maximum(d, -1e30)  # banned: e = 0, and 0·(−1e30) = 0 (fmax keeps no NaN, but e carries it)
-        shift = r * delta
+        shift = tl.where(r > 0.0, r * delta, 0.0)
         e2d = e2 * d
         a = r * a + shift * s + tl.sum(e * d, axis=1)
         c = r * (r * c + 2.0 * shift * b) + shift * shift * q + tl.sum(e2d * d, axis=1)
         b = r * (r * b + shift * q) + tl.sum(e2d, axis=1)
     q = r * r * q + tl.sum(e2, axis=1)
     s = s * r + tl.sum(e, axis=1)
-    return o_new, s, a, q, b, c
+    return m_new, s, a, q, b, c
 
 
 @triton.jit
 def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, R: tl.constexpr, BLOCK_V: tl.constexpr):
     """One pass over a row of V logits at ``base`` (scaled by 1/τ): ℓ of ``target``, M, log Σ, H, and over v ≠ y
-    the sums Σ p², Σ p²·log p, Σ p²·(log p)² of ``ROW_STATS`` (the last two with HAS_ENTROPY, else 0).
+    the sums Σ p², Σ p²·log p, Σ p²·(log p)² of ``ROW_STATS`` (the last two with HAS_ENTROPY, else 0); for a
+    gradient pass over the same row, the raw row maximum, log2 Σ and the raw target logit.
 
     Order: the full tiles before the target's, those after it, the target's tile, the partial last tile; then the
-    groups fold in a fixed order. Everything stays relative to the offsets: at |logits| ~ 1e4, x − (m + log s) in
-    fp32 would lose 4 digits to the rounding of m + log s. A finite sentinel keeps e^(o_old − o_new) defined on
-    groups that only ever see padding (−inf).
+    groups fold in a fixed order. Everything stays relative to the maxima: at |logits| ~ 1e4, x − (m + log s) in
+    fp32 would lose 4 digits to the rounding of m + log s. The finite empty maximum (−FLT_MAX) keeps 2^((m − m')·k)
+    defined on groups that only ever see padding (−inf). M is stored as max·(1/τ), rounded as a consumer's
+    x·(1/τ) − M rounds the max's own logit.
 
     The target logit is read before the row is streamed, so every read of the row happens here, before any
     write: the in-place loss kernel (gradient written over the logits) puts a CTA barrier between this
-    function and its first store.
+    function and its first store, and hands the target logit to the gradient pass.
     """
+    k = inv_temperature * LOG2E
     valid = (target >= 0) & (target < V)
-    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32) * inv_temperature
-    o = tl.full([BLOCK_V // R], -1e30, tl.float32)
+    x_target = tl.load(base + target, mask=valid, other=float("nan")).to(tl.float32)
+    m = tl.full([BLOCK_V // R], -3.4028234663852886e38, tl.float32)
     s = tl.zeros([BLOCK_V // R], tl.float32)
     a = tl.zeros([BLOCK_V // R], tl.float32)
     q = tl.zeros([BLOCK_V // R], tl.float32)
@@ -162,43 +168,51 @@ def row_statistics(base, target, V, inv_temperature, HAS_ENTROPY: tl.constexpr, 
     t_col = (target - t_tile.to(tl.int64) * BLOCK_V).to(tl.int32)
     for tile in range(0, t_tile):
         x, cols = _tile(base, tile * BLOCK_V, V, R, BLOCK_V, False)
-        o, s, a, q, b, c = _accumulate(x, cols, t_col, o, s, a, q, b, c, inv_temperature, HAS_ENTROPY, False)
+        m, s, a, q, b, c = _accumulate(x, cols, t_col, m, s, a, q, b, c, k, HAS_ENTROPY, False)
     for tile in range(t_tile + 1, full):
         x, cols = _tile(base, tile * BLOCK_V, V, R, BLOCK_V, False)
-        o, s, a, q, b, c = _accumulate(x, cols, t_col, o, s, a, q, b, c, inv_temperature, HAS_ENTROPY, False)
+        m, s, a, q, b, c = _accumulate(x, cols, t_col, m, s, a, q, b, c, k, HAS_ENTROPY, False)
     if t_tile >= 0:
         x, cols = _tile(base, t_tile * BLOCK_V, V, R, BLOCK_V, False)
-        o, s, a, q, b, c = _accumulate(x, cols, t_col, o, s, a, q, b, c, inv_temperature, HAS_ENTROPY, True)
+        m, s, a, q, b, c = _accumulate(x, cols, t_col, m, s, a, q, b, c, k, HAS_ENTROPY, True)
     if full * BLOCK_V < V:
         start = full * BLOCK_V
         x, cols = _tile(base, start, V, R, BLOCK_V, True)
         t_col = (target - start).to(tl.int32)
-        o, s, a, q, b, c = _accumulate(x, cols, t_col, o, s, a, q, b, c, inv_temperature, HAS_ENTROPY, True)
-    m_row = tl.max(o, axis=0)
-    lane = tl.exp2((o - m_row) * LOG2E)
+        m, s, a, q, b, c = _accumulate(x, cols, t_col, m, s, a, q, b, c, k, HAS_ENTROPY, True)
+    m_row = tl.max(m, axis=0)
+    delta = (m - m_row) * k
+    lane = tl.exp2(delta)
     s_row = tl.sum(s * lane, axis=0)
-    log_s = tl.log(s_row)
+    log2_s = tl.log2(s_row)
     inv_s2 = 1.0 / (s_row * s_row)
     q_row = tl.sum(lane * lane * q, axis=0)
     prob_sq = q_row * inv_s2
     ent = 0.0
     prob_sq_logp = 0.0
     prob_sq_logp_sq = 0.0
-    if HAS_ENTROPY:  # H = log s − Σ e^(x − M)(x − M) / s, groups re-centered on the row max M
-        shift = lane * (o - m_row)
-        ent = log_s - tl.sum(lane * a + shift * s, axis=0) / s_row
+    if HAS_ENTROPY:  # H = −Σ p log p, log2 p = d − log2 s: H = ln2·(log2 s − Σ 2^d·d / s), groups re-centered on M
+        shift = tl.where(lane > 0.0, lane * delta, 0.0)
+        ent = (log2_s - tl.sum(lane * a + shift * s, axis=0) / s_row) * LN2
         b_row = tl.sum(lane * (lane * b + shift * q), axis=0)
         c_row = tl.sum(lane * (lane * c + 2.0 * shift * b) + shift * shift * q, axis=0)
-        # log p = (x − M) − log s: Σ p²·log p = (b − log s·q) / s², Σ p²·(log p)² = (c − 2 log s·b + log² s·q) / s²
-        prob_sq_logp = (b_row - log_s * q_row) * inv_s2
-        prob_sq_logp_sq = (c_row - 2.0 * log_s * b_row + log_s * log_s * q_row) * inv_s2
-    return (x_target - m_row) - log_s, m_row, log_s, ent, prob_sq, prob_sq_logp, prob_sq_logp_sq
+        # Σ p²·log p = ln2·(b − log2 s·q) / s², Σ p²·(log p)² = ln2²·(c − 2 log2 s·b + log2² s·q) / s²
+        prob_sq_logp = (b_row - log2_s * q_row) * inv_s2 * LN2
+        prob_sq_logp_sq = (c_row - 2.0 * log2_s * b_row + log2_s * log2_s * q_row) * inv_s2 * (LN2 * LN2)
+    lp = ((x_target - m_row) * k - log2_s) * LN2
+    # The stored M = max/τ is rounded; log Σ absorbs that rounding (an exact FMA residual), so that a consumer's
+    # x/τ − M − log Σ taken with an FMA (the log-prob backward, the CUDA kernels) is exact at the max.
+    max_scaled = m_row * inv_temperature
+    log_s = log2_s * LN2 + tl.fma(m_row, inv_temperature, -max_scaled)
+    return lp, max_scaled, log_s, ent, prob_sq, prob_sq_logp, prob_sq_logp_sq, m_row, log2_s, x_target
 
 
 @triton.jit
-def _log2_prob(x, inv_t, m_row, log2_s):
-    """log2 p of raw logits: (x/τ − M)·log2 e − log2 Σ, the first difference exact inside an FMA (see _accumulate)."""
-    return (x * inv_t - m_row) * LOG2E - log2_s
+def _log2_prob(x, scale, offset, factor, log2_s):
+    """log2 p of raw logits as (x·scale − offset)·factor − log2 Σ, two FMAs: the fused loss passes (1, raw max,
+    log2(e)/τ), exact near the maximum (see _accumulate); the log-prob backward, which has the stored statistics,
+    (1/τ, M, log2 e)."""
+    return tl.fma(tl.fma(x, scale, -offset), factor, -log2_s)
 
 
 @triton.jit
@@ -207,12 +221,13 @@ def _grad_tile(
     base,
     start,
     V,
-    m_row,
+    scale,
+    offset,
+    factor,
     log2_s,
     ent,
     g_lp,
     g_ent,
-    inv_t,
     HAS_GRAD_ENTROPY: tl.constexpr,
     SATURATED: tl.constexpr,
     MASKED: tl.constexpr,
@@ -221,7 +236,7 @@ def _grad_tile(
 ):
     """The gradient of a tile without the target's 1[v = y] term: −g_ℓ·p_v − g_H·p_v·(log p_v + H) (g over τ)."""
     x, cols = _tile(base, start, V, R, BLOCK_V, MASKED)
-    log2_p = _log2_prob(x, inv_t, m_row, log2_s)
+    log2_p = _log2_prob(x, scale, offset, factor, log2_s)
     p = tl.exp2(log2_p)
     g = -g_lp * p
     if SATURATED:  # g_ℓ = ±inf: 0 where p underflowed, never 0·inf
@@ -240,9 +255,12 @@ def write_grad_row(
     out,
     base,
     target,
+    x_target,
     V,
-    m_row,
-    log_s,
+    scale,
+    offset,
+    factor,
+    log2_s,
     ent,
     g_lp,
     g_ent,
@@ -251,27 +269,25 @@ def write_grad_row(
     R: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it),
-    log p_v = (z_v/τ − M) − log Σ. The loops write every entry as if v ≠ y; after a CTA barrier (its threads'
-    stores ordered before) the target's entry is written once more with its 1[v = y], from the target logit read
-    before any store (in place, the row is being overwritten).
+    """out[v] = [g_ℓ·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)] / τ over a row (one more read of it), log2 p_v as
+    ``_log2_prob``. The loops write every entry as if v ≠ y; after a CTA barrier (every thread's stores ordered
+    before it) the target's entry is written once more with its 1[v = y], from ``x_target``, the raw target logit
+    read before the row's first store (in place, the row is being overwritten: it must not be read here).
 
     When g_ℓ itself is beyond fp32 (the loss is ±inf, e.g. an unclipped ratio e^100 with A < 0), the row is
     ±inf where 1[v = y] − p_v is non-zero and 0 where it is (p_v underflowed), never 0·inf = NaN; a scalar
     branch per row, so the usual rows run the loop without the extra select."""
     valid = (target >= 0) & (target < V)
-    x_target = tl.load(base + target, mask=valid, other=0.0).to(tl.float32)
-    log2_s = log_s * LOG2E
+    saturated = (g_lp == float("inf")) | (g_lp == float("-inf"))  # of ∂L/∂ℓ itself, before the 1/τ
     g_lp = g_lp * inv_temperature  # 1/τ folded into the row's two coefficients
     g_ent = g_ent * inv_temperature
-    saturated = (g_lp == float("inf")) | (g_lp == float("-inf"))
     if saturated:
-        _grad_row(out, base, V, m_row, log2_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, True, R, BLOCK_V)
+        _grad_row(out, base, V, scale, offset, factor, log2_s, ent, g_lp, g_ent, HAS_GRAD_ENTROPY, True, R, BLOCK_V)
     else:
-        _grad_row(out, base, V, m_row, log2_s, ent, g_lp, g_ent, inv_temperature, HAS_GRAD_ENTROPY, False, R, BLOCK_V)
+        _grad_row(out, base, V, scale, offset, factor, log2_s, ent, g_lp, g_ent, HAS_GRAD_ENTROPY, False, R, BLOCK_V)
     if valid:  # the target's own entry: (1 − p_y) in place of −p_y
         tl.debug_barrier()
-        log2_p = _log2_prob(x_target, inv_temperature, m_row, log2_s)
+        log2_p = _log2_prob(x_target, scale, offset, factor, log2_s)
         p = tl.exp2(log2_p)
         coef = 1.0 - p
         g = tl.where(saturated & (coef == 0.0), 0.0, g_lp * coef)
@@ -285,12 +301,13 @@ def _grad_row(
     out,
     base,
     V,
-    m_row,
+    scale,
+    offset,
+    factor,
     log2_s,
     ent,
     g_lp,
     g_ent,
-    inv_t,
     HAS_GRAD_ENTROPY: tl.constexpr,
     SATURATED: tl.constexpr,
     R: tl.constexpr,
@@ -303,12 +320,13 @@ def _grad_row(
             base,
             tile * BLOCK_V,
             V,
-            m_row,
+            scale,
+            offset,
+            factor,
             log2_s,
             ent,
             g_lp,
             g_ent,
-            inv_t,
             HAS_GRAD_ENTROPY,
             SATURATED,
             False,
@@ -321,12 +339,13 @@ def _grad_row(
             base,
             full * BLOCK_V,
             V,
-            m_row,
+            scale,
+            offset,
+            factor,
             log2_s,
             ent,
             g_lp,
             g_ent,
-            inv_t,
             HAS_GRAD_ENTROPY,
             SATURATED,
             True,
@@ -376,7 +395,7 @@ def token_logprobs_fwd_kernel(
         if active:
             base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
             target = tl.load(targets_ptr + row).to(tl.int64)
-            lp, m_row, log_s, ent, sq, sq_logp, sq_logp_sq = row_statistics(
+            lp, m_row, log_s, ent, sq, sq_logp, sq_logp_sq, _m, _log2_s, _x = row_statistics(
                 base, target, V, inv_temperature, HAS_ENTROPY, R, BLOCK_V
             )
             tl.store(logprobs_ptr + row, lp)
@@ -440,13 +459,18 @@ def token_logprobs_bwd_kernel(
         else:
             base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
             target = tl.load(targets_ptr + row).to(tl.int64)
+            valid = (target >= 0) & (target < V)
+            # a separate gradient buffer: the target logit may be read here; the forward's natural statistics
             write_grad_row(
                 out,
                 base,
                 target,
+                tl.load(base + target, mask=valid, other=0.0).to(tl.float32),
                 V,
+                inv_temperature,
                 tl.load(stats_ptr + NUM_STATS * row + STAT_MAX),
-                tl.load(stats_ptr + NUM_STATS * row + STAT_LOG_SUM),
+                LOG2E,
+                tl.load(stats_ptr + NUM_STATS * row + STAT_LOG_SUM) * LOG2E,
                 ent,
                 g_lp,
                 g_ent,

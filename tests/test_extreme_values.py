@@ -485,3 +485,21 @@ def test_empty_vocabulary_is_a_clear_error(entry, masked, backend):
                 mask,
                 backend=backend,
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("offset", [1e4, 1e6, 3e9])
+def test_confident_target_at_large_logits_and_temperature(offset, dtype, backend):
+    """The target at the row max, the rest at least 100 below, τ = 0.7: ℓ = −log(1 + Σ e^(−100/τ)) and H are 0 to
+    fp32 (not the rounding of max/τ: 2e-4 at 1e4, 0.04 at 1e6), and the gradient 0 (the other p underflow); at
+    |z/τ| ≥ 2^31 the rounding of max/τ alone exceeds 88, so a kernel that subtracts a rounded max/τ from an exact
+    product overflows its exponentials. The difference z − max is taken first, exactly."""
+    gap = max(100.0, 4 * torch.finfo(dtype).eps * offset)  # distinct values in the dtype
+    logits = (offset - gap * torch.arange(5, dtype=torch.float64)).expand(1, 2, 5).to(dtype)
+    targets = torch.zeros(1, 2, dtype=torch.long)
+    z = logits.clone().to(DEVICE).requires_grad_()
+    lp, ent = fastgrpo.token_logprobs(z, targets.to(DEVICE), temperature=0.7, entropy=True, backend=backend)
+    (lp + ent).sum().backward()
+    assert (lp.abs() <= 1e-6).all(), lp
+    assert (ent.abs() <= 1e-6).all(), ent
+    assert torch.isfinite(z.grad).all() and (z.grad.float().abs() <= 1e-6).all(), z.grad

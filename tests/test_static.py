@@ -169,3 +169,23 @@ def test_skips_cleanly_without_a_toolkit(monkeypatch, capsys):
     S.add_arguments(parser)
     assert S.run(parser.parse_args([])) == 2
     assert "no cuobjdump" in capsys.readouterr().err
+
+
+def test_the_launch_grid_bounds_the_rows_in_flight(monkeypatch):
+    """What the launchers run: on an H100-sized L2 the fused loss with its gradient gets ⌊25 MiB / row⌋ programs,
+    the single-pass kernels a program per row; under the interpreter several rows per program (the persistent loop
+    is what the tests run)."""
+    import types
+
+    import torch
+
+    from fastgrpo import _library
+
+    props = types.SimpleNamespace(L2_cache_size=50 * 1024**2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    cuda, row = torch.device("cuda"), 151936 * 2
+    assert _library.programs_for(cuda, 16384, row, reread=True) == 86
+    assert _library.programs_for(cuda, 16384, 256000 * 2, reread=True) == 51
+    assert _library.programs_for(cuda, 40, row, reread=True) == 40  # fewer rows than the bound
+    assert _library.programs_for(cuda, 16384, row, reread=False) == 16384
+    assert 1 < _library.programs_for(torch.device("cpu"), 64, 1000 * 4, reread=False) < 64

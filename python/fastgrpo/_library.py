@@ -49,18 +49,22 @@ def launch(kernel: Any) -> Any:
 
 
 def row_programs(logits: Tensor, rows: int, reread: bool) -> int:
-    """Programs of a persistent row kernel over ``rows`` rows of ``logits`` (kernels/token_logprobs.py:
-    row_programs). A kernel that reads each row twice (``reread``: the fused loss with its gradient) keeps its rows
-    in flight within half of the device's L2; one that reads each row once gets a program per row. The interpreter
-    always takes the bound, with a small nominal L2, so that the tests run the persistent loop."""
+    """Programs of a persistent row kernel over ``rows`` rows of ``logits``: see :func:`programs_for`."""
+    return programs_for(logits.device, rows, logits.shape[-1] * logits.element_size(), reread)
+
+
+def programs_for(device: torch.device, rows: int, row_bytes: int, reread: bool) -> int:
+    """A kernel that reads each row twice (``reread``: the fused loss with its gradient) keeps its rows in flight
+    within half of the device's L2 (kernels/token_logprobs.py: row_programs); one that reads each row once gets a
+    program per row. The interpreter always takes the bound, with a small nominal L2, so that the tests run the
+    persistent loop."""
     from .kernels import token_logprobs as K
 
-    if logits.device.type != "cuda":
-        return K.row_programs(rows, logits.shape[-1] * logits.element_size(), K.INTERPRETER_L2_BYTES)
+    if device.type != "cuda":
+        return K.row_programs(rows, row_bytes, K.INTERPRETER_L2_BYTES)
     if not reread:
         return max(rows, 1)
-    l2 = torch.cuda.get_device_properties(logits.device).L2_cache_size
-    return K.row_programs(rows, logits.shape[-1] * logits.element_size(), l2)
+    return K.row_programs(rows, row_bytes, torch.cuda.get_device_properties(device).L2_cache_size)
 
 
 def row_addressing(x: Tensor) -> tuple[int, int, int]:

@@ -22,8 +22,11 @@ Rows in flight are what the launcher's schedule gives for the GPU (``kernels.tok
 kernels have a persistent schedule, else one program per row: every resident program holds a row), bounded by the
 occupancy computed from registers, threads and shared memory.
 
-Not modeled: latency (bytes in flight per SM), the tail of the last wave, launch overhead, L2 bandwidth. The
-prediction is a floor that a GPU run must be compared with, not a measurement.
+Not modeled: latency, the tail of the last wave, launch overhead, L2 bandwidth. For latency the report gives the
+loads in flight (``mb_in_flight``: rows in flight × threads × the bytes one loop iteration loads per thread), to
+be compared with what the bandwidth asks for by Little's law, bandwidth × loaded latency: about 3.4 MB on an H100
+at an assumed ~1 µs under load (an assumption, not a sourced figure). The prediction is a floor that a GPU run
+must be compared with, not a measurement.
 """
 
 from __future__ import annotations
@@ -314,8 +317,8 @@ def triton_launches(vocab: int, dtype: str = "bf16") -> Iterator[Launch]:
     list (``aot_specializations``), at the launch's block for ``vocab``."""
     token_logprobs, grpo_loss = _kernels("token_logprobs"), _kernels("grpo_loss")
     side = _token_bytes()
-    block = token_logprobs.block_v(vocab)
     for module in (token_logprobs, grpo_loss):
+        block = module.block_v(vocab)  # each op's own launch table
         for fn, signature, constexprs, warps in module.aot_specializations():
             if constexprs.get("BLOCK_V") != block or signature.get("logits_ptr") != f"*{dtype}":
                 continue
@@ -527,6 +530,9 @@ def record(
         if key == "h100":
             out.update(blocks_per_sm=resident, rows_in_flight=flight, l2_rows_mb=round(flight * row_bytes / 2**20, 1))
             out.update(second_read_from_l2=fits if len(launch.passes) > 1 else None, hbm_bytes_per_token=hbm)
+            # loads in flight over the GPU: each resident program's threads, one loop iteration's loads each
+            per_thread = max(sum(w * n for w, n in c.loads.items()) for c in used.values())
+            out.update(mb_in_flight=round(flight * threads * per_thread / 2**20, 2))
         out[f"predicted_ms_{key}"] = round(ms, 3)
         out["bound" if key == "h100" else f"bound_{key}"] = bound
     return out
@@ -589,6 +595,7 @@ def markdown(records: list[dict[str, Any]], before: Optional[list[dict[str, Any]
         ("registers", "regs", "{}"),
         ("spills", "spills", "{}"),
         ("rows_in_flight", "rows in flight", "{}"),
+        ("mb_in_flight", "MB in flight", "{}"),
         ("instructions_per_element", "instr/elem", "{:.1f}"),
         ("exp_per_element", "exp/elem", "{:.3g}"),
         ("hbm_bytes_per_token", "HBM B/token", "{}"),
@@ -605,7 +612,8 @@ def markdown(records: list[dict[str, Any]], before: Optional[list[dict[str, Any]
         cells.append("y" if r["write_grad"] else "n")
         for key, _, fmt in fields:
             now = fmt.format(r[key])
-            cells.append(now if was is None or fmt.format(was[key]) == now else f"{fmt.format(was[key])} → {now}")
+            then = None if was is None or was.get(key) is None else fmt.format(was[key])
+            cells.append(now if then is None or then == now else f"{then} → {now}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
