@@ -81,7 +81,6 @@ GPUS = {
     "h100": GPU("H100 SXM5", 132, 1.98e9, 3.35e12, 50 * 1024**2),
     "h200": GPU("H200 SXM", 132, 1.98e9, 4.8e12, 50 * 1024**2),
 }
-L2_ROW_FRACTION = 0.5  # the share of L2 the rows read twice may fill (kernels/token_logprobs.py: row_programs)
 
 
 # -- SASS ---------------------------------------------------------------------------------------------------------
@@ -175,6 +174,10 @@ def loop_cost(body: list[Instruction], element_bytes: int) -> LoopCost:
     )
 
 
+def _preference(cost: LoopCost) -> tuple[float, float]:
+    return (-sum(w * n for w, n in cost.loads.items()), cost.instructions / cost.elements)
+
+
 def hot_loops(code: list[Instruction], element_bytes: int) -> dict[str, LoopCost]:
     """The statistics pass (loads logits, exponentials, no store) and the gradient pass (loads and stores, with
     exponentials) of a function. Of several candidates, the one moving the most bytes per iteration (the vectorized
@@ -186,9 +189,7 @@ def hot_loops(code: list[Instruction], element_bytes: int) -> dict[str, LoopCost
         if not cost.loads or not cost.ex2:  # a row pass takes an exponential per element; other loops do not
             continue
         kind = "grad" if cost.stores else "stats"
-        best = found.get(kind)
-        key = (-sum(w * n for w, n in cost.loads.items()), cost.instructions / cost.elements)
-        if best is None or key < (-sum(w * n for w, n in best.loads.items()), best.instructions / best.elements):
+        if kind not in found or _preference(cost) < _preference(found[kind]):
             found[kind] = cost
     return found
 
@@ -520,10 +521,12 @@ def record(
             for p, c in used.items()
         },
     )
+    # "fits" is the schedule's own criterion (a checkout without one: the same half of L2)
+    l2_fraction = getattr(_kernels("token_logprobs"), "L2_ROW_FRACTION", 0.5)
     for key, gpu in GPUS.items():
         resident = blocks_per_sm(gpu, threads, usage["registers"], shared)
         flight = rows_in_flight(TOKENS, vocab, element_bytes, resident * gpu.sms, gpu, len(launch.passes) > 1)
-        fits = flight * row_bytes <= L2_ROW_FRACTION * gpu.l2_bytes
+        fits = flight * row_bytes <= l2_fraction * gpu.l2_bytes
         reads = 1 + (0 if fits or len(launch.passes) < 2 else 1)
         hbm = row_bytes * (reads + (1 if launch.write_grad else 0)) + launch.side_bytes
         ms, bound = predict(gpu, TOKENS, vocab, per, mufu, hbm, flight)
