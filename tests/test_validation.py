@@ -256,6 +256,21 @@ def test_other_entry_points_validate():
         fastgrpo.advantages(torch.ones(4), 2, estimator="ppo")
 
 
+def test_a_misspelt_keyword_is_refused_by_every_loss_entry_point():
+    """The shared keywords arrive as ``**options`` (inputs.LossOptions): a typo must not be silently ignored."""
+    lp, adv = torch.randn(B, T), torch.ones(B)
+    with pytest.raises(TypeError, match=r"policy_loss\(\) got an unexpected keyword argument 'old_logprob'"):
+        fastgrpo.policy_loss(lp, adv, old_logprob=lp)
+    with pytest.raises(TypeError, match=r"grpo_loss\(\) got an unexpected keyword argument 'ref_logprob'"):
+        call(ref_logprob=lp)
+    with pytest.raises(TypeError, match=r"grpo_loss\(\) got an unexpected keyword argument 'group_sizes'"):
+        fastgrpo.GRPOLoss()(torch.randn(B, T, V), torch.zeros(B, T, dtype=torch.long), adv, group_sizes=2)
+    with pytest.raises(TypeError, match=r"linear_grpo_loss\(\) got an unexpected keyword argument 'normaliser'"):
+        fastgrpo.linear_grpo_loss(
+            torch.randn(B, T, 4), torch.randn(V, 4), torch.zeros(B, T, dtype=torch.long), adv, normaliser=1.0
+        )
+
+
 def test_import_has_no_side_effects():
     """Importing fastgrpo loads no Triton, no extension and patches nothing."""
     code = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional, TypedDict, Union
 
 import torch
 from torch import Tensor
@@ -45,6 +45,32 @@ class LossInputs:
     logit_stats: Optional[Tensor] = None
     # with config.effective_rank_sketch = k: per token [*tokens, 3k] the projections of trajectory/gradient_rank.py
     logit_sketch: Optional[Tensor] = None
+
+
+class LossOptions(TypedDict, total=False):
+    """The keywords every loss entry point shares (``policy_loss``, ``grpo_loss``, ``linear_grpo_loss``, ``GRPOLoss``),
+    each None when absent; ``fastgrpo.policy_loss`` documents them. Spelled once here: the entry points take them as
+    ``**options`` and :func:`resolve` validates them into :class:`LossInputs`."""
+
+    old_logprobs: Optional[Tensor]
+    ref_logprobs: Optional[Tensor]
+    sampling_logprobs: Optional[Tensor]
+    teacher_logprobs: Optional[Tensor]
+    generator: Optional[torch.Generator]
+    is_weights: Optional[Tensor]
+    rewards: Optional[Tensor]
+    group_size: Optional[int]
+    group_ids: Optional[Tensor]
+    reward_weights: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    normalizer: Normalizer
+
+
+def check_options(function: str, options: Mapping[str, object]) -> None:
+    """The error Python gives for an unknown keyword, which ``**options`` would otherwise accept."""
+    for name in options:
+        if name not in LossOptions.__annotations__:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
 
 
 def _positive_number(value: object) -> bool:
@@ -164,26 +190,19 @@ def resolve(
     tokens: torch.Size,
     device: torch.device,
     checks: _checks.ValueChecks,
-    *,
     advantages: Optional[Tensor],
     mask: Optional[Tensor],
-    old_logprobs: Optional[Tensor],
-    ref_logprobs: Optional[Tensor],
-    sampling_logprobs: Optional[Tensor],
-    is_weights: Optional[Tensor],
-    rewards: Optional[Tensor],
-    group_size: Optional[int],
-    group_ids: Optional[Tensor],
-    reward_weights: Optional[Tensor],
-    cu_seqlens: Optional[Tensor],
-    normalizer: Normalizer,
     config: LossConfig,
-    parallel: Optional["Parallel"] = None,
-    teacher_logprobs: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    parallel: Optional["Parallel"],
+    options: LossOptions,
 ) -> LossInputs:
     """Validates everything but the log-prob source (logprobs, logits or hidden states), adding the value checks
     to ``checks`` (the caller runs them); returns the inputs ready for a backend."""
+    old_logprobs, ref_logprobs = options.get("old_logprobs"), options.get("ref_logprobs")
+    sampling_logprobs, teacher_logprobs = options.get("sampling_logprobs"), options.get("teacher_logprobs")
+    is_weights, rewards, cu_seqlens = options.get("is_weights"), options.get("rewards"), options.get("cu_seqlens")
+    group_size, group_ids = options.get("group_size"), options.get("group_ids")
+    reward_weights, normalizer = options.get("reward_weights"), options.get("normalizer")
     check_config(config)
     num_seqs = _checks.token_layout(tokens, cu_seqlens, "the token dims")
     if mask is None:
@@ -282,5 +301,5 @@ def resolve(
         cu_seqlens=cu_seqlens,
         normalizer=normalizer,
         parallel=parallel,
-        generator=generator,
+        generator=options.get("generator"),
     )

@@ -33,18 +33,21 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks, _library, backends, distributed
-from ..config import LossConfig, LossOutput, Normalizer, Rewards
-from ..inputs import LossInputs, check_config, check_logits, resolve
+from ..config import LossConfig, LossOutput, Rewards
+from ..inputs import LossInputs, LossOptions, check_config, check_logits, check_options, resolve
 from ..kernels import params as P
 from ..reward import advantages as reward
 from . import gradient_rank, objective
 from .token_logprobs import kernel_token_logprobs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 # ---------------------------------------------------------------------------------------- Triton launchers
@@ -505,23 +508,12 @@ def policy_loss(
     advantages: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     *,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    teacher_logprobs: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    is_weights: Optional[Tensor] = None,
     entropy: Optional[Tensor] = None,
-    rewards: Optional[Tensor] = None,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    reward_weights: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
     cp_group: Optional[distributed.ProcessGroup] = None,
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
+    **options: Unpack[LossOptions],
 ) -> LossOutput:
     """The loss of MATH §2 from per-token log-probs ``logprobs`` [B, T] (or packed [N] + ``cu_seqlens``).
 
@@ -529,6 +521,8 @@ def policy_loss(
         ``reward_weights``) and ``group_size``/``group_ids`` to normalize them first (``config.advantage``).
     mask: 0/1 per token (default: all ones). old/ref/sampling_logprobs: [B, T] log-probs of the old,
         reference and rollout policies (``old`` defaults to sg[logprobs], i.e. on-policy).
+    The keywords below from old_logprobs to normalizer are those of :class:`fastgrpo.inputs.LossOptions`, shared by
+    every loss entry point, each None by default.
     is_weights: precomputed rollout importance weights, per token or per sequence.
     teacher_logprobs: [B, T] the teacher's log-probs of the sampled tokens (on-policy distillation,
         ``config.teacher_coef``).
@@ -556,32 +550,14 @@ def policy_loss(
         pg = -torch.min(ratio * A, ratio.clamp(1 - eps_low, 1 + eps_high) * A)
         loss = (pg * mask).sum() / mask.sum()
     """
+    check_options("policy_loss", options)
     _checks.tensor("logprobs", logprobs)
     _checks.floating("logprobs", logprobs)
     tokens = logprobs.shape
     checks = _checks.ValueChecks(check_values, logprobs)
+    cu_seqlens = options.get("cu_seqlens")
     parallel = distributed.resolve(checks, tokens, logprobs.device, vocab=0, cp_group=cp_group, cu_seqlens=cu_seqlens)
-    inputs = resolve(
-        tokens,
-        logprobs.device,
-        checks,
-        advantages=advantages,
-        mask=mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs,
-        teacher_logprobs=teacher_logprobs,
-        generator=generator,
-        is_weights=is_weights,
-        rewards=rewards,
-        group_size=group_size,
-        group_ids=group_ids,
-        reward_weights=reward_weights,
-        cu_seqlens=cu_seqlens,
-        normalizer=normalizer,
-        config=config,
-        parallel=parallel,
-    )
+    inputs = resolve(tokens, logprobs.device, checks, advantages, mask, config, parallel, options)
     if config.needs_entropy and entropy is None:
         raise ValueError(
             "entropy is required by this config (entropy_coef != 0 or top_entropy_quantile < 1): "
@@ -604,18 +580,6 @@ def grpo_loss(
     advantages: Optional[Tensor] = None,
     mask: Optional[Tensor] = None,
     *,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    teacher_logprobs: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    is_weights: Optional[Tensor] = None,
-    rewards: Optional[Tensor] = None,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    reward_weights: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
     return_entropy: bool = False,
     inplace_grad: bool = False,
     tp_group: Optional[distributed.ProcessGroup] = None,
@@ -624,6 +588,7 @@ def grpo_loss(
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
+    **options: Unpack[LossOptions],
 ) -> LossOutput:
     """The loss of MATH §2 from ``logits`` [B, T, V] (or packed [N, V]) and ``targets`` [B, T] / [N].
 
@@ -645,6 +610,7 @@ def grpo_loss(
             -1, targets.unsqueeze(-1)).squeeze(-1)
         policy_loss(logprobs, advantages, mask, ..., config=config)
     """
+    check_options("grpo_loss", options)
     check_logits(logits, targets)
     checks = _checks.ValueChecks(check_values, logits)
     parallel = distributed.resolve(
@@ -655,29 +621,9 @@ def grpo_loss(
         tp_group=tp_group,
         vocab_start=vocab_start,
         cp_group=cp_group,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=options.get("cu_seqlens"),
     )
-    inputs = resolve(
-        targets.shape,
-        logits.device,
-        checks,
-        advantages=advantages,
-        mask=mask,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        sampling_logprobs=sampling_logprobs,
-        teacher_logprobs=teacher_logprobs,
-        generator=generator,
-        is_weights=is_weights,
-        rewards=rewards,
-        group_size=group_size,
-        group_ids=group_ids,
-        reward_weights=reward_weights,
-        cu_seqlens=cu_seqlens,
-        normalizer=normalizer,
-        config=config,
-        parallel=parallel,
-    )
+    inputs = resolve(targets.shape, logits.device, checks, advantages, mask, config, parallel, options)
     checks.token_ids("targets", targets, distributed.checked_vocab(parallel, logits.shape[-1]))
     checks.run()
     impl = backends.select(backend, logits.device)

@@ -26,19 +26,30 @@ one vocabulary slice of the weight at a time (``_Gemm``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import _checks, _library, backends, distributed
-from ..config import LossConfig, LossOutput, Normalizer
-from ..inputs import LossInputs, autocast_operands, check_linear, check_logit_transform, resolve
+from ..config import LossConfig, LossOutput
+from ..inputs import (
+    LossInputs,
+    LossOptions,
+    autocast_operands,
+    check_linear,
+    check_logit_transform,
+    check_options,
+    resolve,
+)
 from ..kernels import params as P
 from . import gradient_rank
 from .grpo_loss import finish, is_token_local, objective_loss, prepare, with_reward_metrics
 from .token_logprobs import kernel_token_logprobs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # fp32 logits of one chunk. GPUs want tall GEMMs (256 MiB ≈ 440 tokens of a 151936-entry vocabulary). On CPU,
 # dW += dZᵀ·X runs with K = chunk rows; at N = 4096, H = 1024, V = 32000, fp32, 2 cores, fwd+bwd took
@@ -449,18 +460,6 @@ def linear_grpo_loss(
     mask: Optional[Tensor] = None,
     *,
     bias: Optional[Tensor] = None,
-    old_logprobs: Optional[Tensor] = None,
-    ref_logprobs: Optional[Tensor] = None,
-    sampling_logprobs: Optional[Tensor] = None,
-    teacher_logprobs: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    is_weights: Optional[Tensor] = None,
-    rewards: Optional[Tensor] = None,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    reward_weights: Optional[Tensor] = None,
-    cu_seqlens: Optional[Tensor] = None,
-    normalizer: Normalizer = None,
     return_entropy: bool = False,
     chunk_tokens: Optional[int] = None,
     logit_scale: float = 1.0,
@@ -472,6 +471,7 @@ def linear_grpo_loss(
     config: LossConfig = LossConfig(),
     backend: str = "auto",
     check_values: Optional[bool] = None,
+    **options: Unpack[LossOptions],
 ) -> LossOutput:
     """The loss of MATH §2 from ``hidden`` [B, T, H] (or [N, H]) and the LM-head ``weight`` [V, H] (+ ``bias``
     [V]); gradients flow to hidden, weight and bias. Same keywords as :func:`policy_loss`.
@@ -495,6 +495,7 @@ def linear_grpo_loss(
 
     PyTorch equivalent: ``grpo_loss(hidden @ weight.T + bias, targets, ...)``.
     """
+    check_options("linear_grpo_loss", options)
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
     check_logit_transform(logit_scale, logit_softcap)
@@ -509,30 +510,10 @@ def linear_grpo_loss(
             tp_group=tp_group,
             vocab_start=vocab_start,
             cp_group=cp_group,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=options.get("cu_seqlens"),
             reduce_hidden_grad=reduce_hidden_grad,
         )
-        inputs = resolve(
-            targets.shape,
-            hidden.device,
-            checks,
-            advantages=advantages,
-            mask=mask,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            sampling_logprobs=sampling_logprobs,
-            teacher_logprobs=teacher_logprobs,
-            generator=generator,
-            is_weights=is_weights,
-            rewards=rewards,
-            group_size=group_size,
-            group_ids=group_ids,
-            reward_weights=reward_weights,
-            cu_seqlens=cu_seqlens,
-            normalizer=normalizer,
-            config=config,
-            parallel=parallel,
-        )
+        inputs = resolve(targets.shape, hidden.device, checks, advantages, mask, config, parallel, options)
         checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
         checks.run()
         impl = backends.select(backend, hidden.device)
