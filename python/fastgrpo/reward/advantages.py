@@ -18,7 +18,7 @@ ReMax, REINFORCE++, GDPO, the optimal token baseline ...) are O(B·T) PyTorch in
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union, overload
+from typing import TYPE_CHECKING, Literal, Optional, Sequence, TypedDict, Union, overload
 
 import torch
 from torch import Tensor
@@ -36,6 +36,9 @@ from ..config import (
 from ..inputs import check_rewards
 from ..kernels import params as P
 from . import estimators
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 # ------------------------------------------------------------------------------------------ Triton launcher
@@ -278,31 +281,38 @@ def kernel_advantages(
 
 
 # ------------------------------------------------------------------------------------------ public function
+class AdvantageOptions(TypedDict, total=False):
+    """The keywords of :func:`advantages` besides ``return_metrics``, for its typed overloads (whose return type
+    follows ``return_metrics``); their defaults and meaning: :func:`advantages`."""
+
+    estimator: AdvantageEstimator
+    scale: AdvantageScale
+    eps: float
+    singleton: SingletonGroup
+    whitening: Optional[Whitening]
+    gamma: float
+    masked_steps: MaskedSteps
+    zero_tail: bool
+    reward_weights: Optional[Tensor]
+    response_mask: Optional[Tensor]
+    token_rewards: Optional[Tensor]
+    baseline_rewards: Optional[Tensor]
+    old_logprobs: Optional[Tensor]
+    sum_pi_squared: Optional[Tensor]
+    is_weights: Optional[Tensor]
+    config: Optional[AdvantageConfig]
+    backend: str
+    check_values: Optional[bool]
+
+
 @overload
 def advantages(
     rewards: Tensor,
     group_size: Optional[int] = ...,
     group_ids: Optional[Tensor] = ...,
     *,
-    estimator: AdvantageEstimator = ...,
-    scale: AdvantageScale = ...,
-    eps: float = ...,
-    singleton: SingletonGroup = ...,
-    whitening: Optional[Whitening] = ...,
-    gamma: float = ...,
-    masked_steps: MaskedSteps = ...,
-    zero_tail: bool = ...,
-    reward_weights: Optional[Tensor] = ...,
-    response_mask: Optional[Tensor] = ...,
-    token_rewards: Optional[Tensor] = ...,
-    baseline_rewards: Optional[Tensor] = ...,
-    old_logprobs: Optional[Tensor] = ...,
-    sum_pi_squared: Optional[Tensor] = ...,
-    is_weights: Optional[Tensor] = ...,
-    config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[False] = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[AdvantageOptions],
 ) -> Tensor: ...
 @overload
 def advantages(
@@ -310,25 +320,8 @@ def advantages(
     group_size: Optional[int] = ...,
     group_ids: Optional[Tensor] = ...,
     *,
-    estimator: AdvantageEstimator = ...,
-    scale: AdvantageScale = ...,
-    eps: float = ...,
-    singleton: SingletonGroup = ...,
-    whitening: Optional[Whitening] = ...,
-    gamma: float = ...,
-    masked_steps: MaskedSteps = ...,
-    zero_tail: bool = ...,
-    reward_weights: Optional[Tensor] = ...,
-    response_mask: Optional[Tensor] = ...,
-    token_rewards: Optional[Tensor] = ...,
-    baseline_rewards: Optional[Tensor] = ...,
-    old_logprobs: Optional[Tensor] = ...,
-    sum_pi_squared: Optional[Tensor] = ...,
-    is_weights: Optional[Tensor] = ...,
-    config: Optional[AdvantageConfig] = ...,
     return_metrics: Literal[True],
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[AdvantageOptions],
 ) -> tuple[Tensor, dict[str, Tensor]]: ...
 @overload
 def advantages(
@@ -336,25 +329,8 @@ def advantages(
     group_size: Optional[int] = ...,
     group_ids: Optional[Tensor] = ...,
     *,
-    estimator: AdvantageEstimator = ...,
-    scale: AdvantageScale = ...,
-    eps: float = ...,
-    singleton: SingletonGroup = ...,
-    whitening: Optional[Whitening] = ...,
-    gamma: float = ...,
-    masked_steps: MaskedSteps = ...,
-    zero_tail: bool = ...,
-    reward_weights: Optional[Tensor] = ...,
-    response_mask: Optional[Tensor] = ...,
-    token_rewards: Optional[Tensor] = ...,
-    baseline_rewards: Optional[Tensor] = ...,
-    old_logprobs: Optional[Tensor] = ...,
-    sum_pi_squared: Optional[Tensor] = ...,
-    is_weights: Optional[Tensor] = ...,
-    config: Optional[AdvantageConfig] = ...,
     return_metrics: bool = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[AdvantageOptions],
 ) -> Union[Tensor, tuple[Tensor, dict[str, Tensor]]]: ...
 
 

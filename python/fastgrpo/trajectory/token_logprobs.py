@@ -15,7 +15,7 @@ non-target entries from which the loss reports its gradient norms; rows with mas
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, Optional, TypedDict, Union, cast, overload
 
 import torch
 from torch import Tensor
@@ -23,6 +23,9 @@ from torch import Tensor
 from .. import _checks, _library, backends, distributed
 from ..inputs import autocast_operands, check_linear, check_logit_transform, check_logits, check_temperature
 from ..kernels import params as P
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 LogprobsResult = Union[Tensor, tuple[Tensor, Tensor]]
 
@@ -178,41 +181,49 @@ def kernel_token_logprobs(
 
 
 # ----------------------------------------------------------------------------------------- public functions
+class TokenLogprobsOptions(TypedDict, total=False):
+    """The keywords of :func:`token_logprobs` besides ``entropy``, for its typed overloads (whose return type
+    follows ``entropy``); their defaults and meaning: :func:`token_logprobs`."""
+
+    temperature: float
+    tp_group: Optional[distributed.ProcessGroup]
+    vocab_start: Optional[int]
+    backend: str
+    check_values: Optional[bool]
+
+
+class LinearTokenLogprobsOptions(TokenLogprobsOptions, total=False):
+    """The keywords of :func:`linear_token_logprobs` besides ``entropy``, as :class:`TokenLogprobsOptions`."""
+
+    bias: Optional[Tensor]
+    logit_scale: float
+    logit_softcap: Optional[float]
+    reduce_hidden_grad: bool
+
+
 @overload
 def token_logprobs(
     logits: Tensor,
     targets: Tensor,
     *,
-    temperature: float = ...,
     entropy: Literal[False] = ...,
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[TokenLogprobsOptions],
 ) -> Tensor: ...
 @overload
 def token_logprobs(
     logits: Tensor,
     targets: Tensor,
     *,
-    temperature: float = ...,
     entropy: Literal[True],
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[TokenLogprobsOptions],
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def token_logprobs(
     logits: Tensor,
     targets: Tensor,
     *,
-    temperature: float = ...,
     entropy: bool = ...,
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[TokenLogprobsOptions],
 ) -> LogprobsResult: ...
 
 
@@ -267,16 +278,8 @@ def linear_token_logprobs(
     weight: Tensor,
     targets: Tensor,
     *,
-    bias: Optional[Tensor] = ...,
-    temperature: float = ...,
     entropy: Literal[False] = ...,
-    logit_scale: float = ...,
-    logit_softcap: Optional[float] = ...,
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    reduce_hidden_grad: bool = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[LinearTokenLogprobsOptions],
 ) -> Tensor: ...
 @overload
 def linear_token_logprobs(
@@ -284,16 +287,8 @@ def linear_token_logprobs(
     weight: Tensor,
     targets: Tensor,
     *,
-    bias: Optional[Tensor] = ...,
-    temperature: float = ...,
     entropy: Literal[True],
-    logit_scale: float = ...,
-    logit_softcap: Optional[float] = ...,
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    reduce_hidden_grad: bool = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[LinearTokenLogprobsOptions],
 ) -> tuple[Tensor, Tensor]: ...
 @overload
 def linear_token_logprobs(
@@ -301,16 +296,8 @@ def linear_token_logprobs(
     weight: Tensor,
     targets: Tensor,
     *,
-    bias: Optional[Tensor] = ...,
-    temperature: float = ...,
     entropy: bool = ...,
-    logit_scale: float = ...,
-    logit_softcap: Optional[float] = ...,
-    tp_group: Optional[distributed.ProcessGroup] = ...,
-    vocab_start: Optional[int] = ...,
-    reduce_hidden_grad: bool = ...,
-    backend: str = ...,
-    check_values: Optional[bool] = ...,
+    **options: Unpack[LinearTokenLogprobsOptions],
 ) -> LogprobsResult: ...
 
 
