@@ -13,6 +13,7 @@ import torch
 
 import fastgrpo
 from fastgrpo import LossConfig, backends, presets
+from fastgrpo.config import Rewards
 
 from conftest import DEVICE, KERNEL_BACKENDS, backend_grpo_loss, kernel_backend
 
@@ -408,7 +409,7 @@ def test_k3_has_no_cancellation(d, impl):
 def test_group_std_of_huge_rewards(group, impl):
     """Rewards near 1e20: (r − mean)² overflows fp32, so the unscaled std was inf and every advantage 0."""
     r = torch.tensor([1e20, 3e20, -2e20, 0.5e20, 7e19, -1e19, 2.5e20, 1e18])
-    adv, _ = impl.advantages(r.to(DEVICE), group, metrics=False)
+    adv, _ = impl.advantages(Rewards(r.to(DEVICE), group), metrics=False)
     rd = r.double().view(-1, group)
     expected = (rd - rd.mean(1, keepdim=True)) / (rd.std(1, keepdim=True) + 1e-4)
     torch.testing.assert_close(adv.double().cpu(), expected.reshape(-1), rtol=1e-5, atol=1e-6)
@@ -418,7 +419,7 @@ def test_group_std_of_subnormal_rewards(impl):
     """A group spread below ~3e-39: 1/spread overflows, so scaling by it (0·inf at a reward equal to the mean)
     made the std and every advantage NaN on the kernel backends."""
     r = torch.tensor([0.0, 1e-39, 2e-39])
-    adv, _ = impl.advantages(r.to(DEVICE), 3, metrics=False)
+    adv, _ = impl.advantages(Rewards(r.to(DEVICE), 3), metrics=False)
     rd = r.double()
     expected = (rd - rd.mean()) / (rd.std() + 1e-4)  # ≈ ±1e-35
     assert torch.isfinite(adv).all(), adv

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _library, reference
-from .config import AdvantageConfig, LossOutput
+from .config import AdvantageConfig, LossOutput, Rewards
 from .inputs import LossInputs
 from .reward import advantages as _advantages
 from .trajectory import grpo_loss as _grpo_loss
@@ -62,13 +62,7 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Optional[Tensor]]: ...
 
     def advantages(
-        self,
-        rewards: Tensor,
-        group_size: Optional[int] = None,
-        group_ids: Optional[Tensor] = None,
-        config: AdvantageConfig = AdvantageConfig(),
-        reward_weights: Optional[Tensor] = None,
-        metrics: bool = True,
+        self, rewards: Rewards, config: AdvantageConfig = AdvantageConfig(), metrics: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput: ...
@@ -132,15 +126,11 @@ class ReferenceBackend:
         )
 
     def advantages(
-        self,
-        rewards: Tensor,
-        group_size: Optional[int] = None,
-        group_ids: Optional[Tensor] = None,
-        config: AdvantageConfig = AdvantageConfig(),
-        reward_weights: Optional[Tensor] = None,
-        metrics: bool = True,
+        self, rewards: Rewards, config: AdvantageConfig = AdvantageConfig(), metrics: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return reference.advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
+        return reference.advantages(
+            rewards.rewards, rewards.group_size, rewards.group_ids, config, rewards.weights, metrics
+        )
 
     def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
         return reference.policy_loss(
@@ -220,15 +210,9 @@ class KernelBackend:
         )
 
     def advantages(
-        self,
-        rewards: Tensor,
-        group_size: Optional[int] = None,
-        group_ids: Optional[Tensor] = None,
-        config: AdvantageConfig = AdvantageConfig(),
-        reward_weights: Optional[Tensor] = None,
-        metrics: bool = True,
+        self, rewards: Rewards, config: AdvantageConfig = AdvantageConfig(), metrics: bool = True
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return _advantages.kernel_advantages(self.ops, rewards, group_size, group_ids, config, reward_weights, metrics)
+        return _advantages.kernel_advantages(self.ops, rewards, config, metrics)
 
     def policy_loss(self, logprobs: Tensor, entropy: Optional[Tensor], inputs: LossInputs) -> LossOutput:
         # O(N) on given log-probs: no vocabulary pass to fuse

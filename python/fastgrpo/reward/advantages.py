@@ -90,12 +90,7 @@ def _group_index(num: int, group_size: Optional[int], group_ids: Optional[Tensor
 
 
 def torch_advantages(
-    rewards: Tensor,
-    group_size: Optional[int] = None,
-    group_ids: Optional[Tensor] = None,
-    config: AdvantageConfig = AdvantageConfig(),
-    reward_weights: Optional[Tensor] = None,
-    metrics: bool = True,
+    rewards: Rewards, config: AdvantageConfig = AdvantageConfig(), metrics: bool = True
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Group-normalized advantages [B] (fp32, detached) and the reward metrics of MATH §3 (``{}`` without
     ``metrics``).
@@ -103,9 +98,11 @@ def torch_advantages(
     The group std is that of (r − mean)/s times s, with s the group's largest |r − mean|: (r − mean)² overflows
     fp32 from |r − mean| ~ 1e19, and the advantages would all become 0."""
     if not computed_by_kernels(config):
-        return estimator_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
-    r = combine_rewards(rewards, reward_weights)
-    g, num_groups = _group_index(r.shape[0], group_size, group_ids, r.device)
+        return estimator_advantages(
+            rewards.rewards, rewards.group_size, rewards.group_ids, config, rewards.weights, metrics
+        )
+    r = combine_rewards(rewards.rewards, rewards.weights)
+    g, num_groups = _group_index(r.shape[0], rewards.group_size, rewards.group_ids, r.device)
     count = r.new_zeros(num_groups).index_add_(0, g, torch.ones_like(r))
     mean = r.new_zeros(num_groups).index_add_(0, g, r) / count.clamp(min=1)
     deviation = r - mean[g]
@@ -143,8 +140,7 @@ def resolve_advantages(advantages_or_rewards: Union[Tensor, Rewards], config: Ad
     """Advantages as given, or computed from :class:`Rewards`."""
     if not isinstance(advantages_or_rewards, Rewards):
         return advantages_or_rewards
-    r = advantages_or_rewards
-    return torch_advantages(r.rewards, r.group_size, r.group_ids, config, r.weights, metrics=False)[0]
+    return torch_advantages(advantages_or_rewards, config, metrics=False)[0]
 
 
 def computed_by_kernels(config: AdvantageConfig) -> bool:
@@ -252,20 +248,15 @@ def advantage_codes(config: AdvantageConfig, group_size: int, batch: bool) -> li
 
 
 def kernel_advantages(
-    ops: _library.Ops,
-    rewards: Tensor,
-    group_size: Optional[int],
-    group_ids: Optional[Tensor],
-    config: AdvantageConfig,
-    reward_weights: Optional[Tensor],
-    metrics: bool,
+    ops: _library.Ops, rewards: Rewards, config: AdvantageConfig, metrics: bool
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Contiguous groups in the kernel; arbitrary ``group_ids`` need a relabelling (``torch.unique``) and use the
     PyTorch form. Batch-wide steps (TRL's batch std, REINFORCE++ whitening) are O(B) torch ops. The estimators
     without a kernel (reward/estimators.py) are PyTorch on every backend."""
-    if group_ids is not None or group_size is None or not computed_by_kernels(config):
-        return torch_advantages(rewards, group_size, group_ids, config, reward_weights, metrics)
-    r = combine_rewards(rewards, reward_weights).float().contiguous()
+    group_size = rewards.group_size
+    if rewards.group_ids is not None or group_size is None or not computed_by_kernels(config):
+        return torch_advantages(rewards, config, metrics)
+    r = combine_rewards(rewards.rewards, rewards.weights).float().contiguous()
     batch, std_b = batch_std(r, config)
     params = _library.params_of(P.ADVANTAGE_SCALARS, dict(adv_eps=config.eps, batch_std=std_b), r.device)
     adv, mean, std = ops.advantages(r, params, advantage_codes(config, group_size, batch))
@@ -415,7 +406,7 @@ def advantages(
     checks.run()
     impl = backends.select(backend, rewards.device)
     if computed_by_kernels(cfg):
-        adv, metrics = impl.advantages(rewards, group_size, group_ids, cfg, reward_weights, return_metrics)
+        adv, metrics = impl.advantages(Rewards(rewards, group_size, group_ids, reward_weights), cfg, return_metrics)
         if response_mask is not None:
             tokens = None if token_rewards is None else _library.accumulate(token_rewards.detach())
             adv = estimators.token_advantages(adv, response_mask.detach() != 0, tokens, 1.0, cfg.masked_steps)

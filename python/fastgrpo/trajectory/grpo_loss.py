@@ -369,10 +369,7 @@ def prepare(
         adv = torch.zeros_like(m)  # unused: the kernel reports the advantages it computed
     else:
         if isinstance(advantages, Rewards):
-            r = advantages
-            advantages, _ = reward.kernel_advantages(
-                ops, r.rewards, r.group_size, r.group_ids, cfg.advantage, r.weights, metrics=False
-            )
+            advantages, _ = reward.kernel_advantages(ops, advantages, cfg.advantage, metrics=False)
         adv = lay.per_token(advantages.detach(), shape)
 
     weight = torch.ones_like(m)  # MATH §2.4 rollout weights: functions of the inputs alone here
@@ -491,8 +488,7 @@ def with_reward_metrics(out: LossOutput, inputs: LossInputs) -> LossOutput:
     """Raw rewards passed: the reward side's metrics of MATH §3 join the loss's (O(B) PyTorch on every backend, no
     host sync; the fused launch normalizes the rewards itself and reports no group statistics)."""
     if isinstance(inputs.advantages, Rewards):
-        r = inputs.advantages
-        _, metrics = reward.torch_advantages(r.rewards, r.group_size, r.group_ids, inputs.config.advantage, r.weights)
+        _, metrics = reward.torch_advantages(inputs.advantages, inputs.config.advantage)
         out.metrics.update(metrics)
     return out
 
