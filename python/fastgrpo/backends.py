@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import _library, reference
 from .config import AdvantageConfig, LossOutput, Rewards
-from .inputs import LossInputs
+from .inputs import LMHead, LossInputs
 from .reward import advantages as _advantages
 from .trajectory import grpo_loss as _grpo_loss
 from .trajectory import linear_grpo_loss as _linear_grpo_loss
@@ -50,15 +50,7 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Optional[Tensor]]: ...
 
     def linear_token_logprobs(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        bias: Optional[Tensor],
-        temperature: float,
-        entropy: bool,
-        logit_scale: float,
-        logit_softcap: Optional[float],
+        self, hidden: Tensor, head: LMHead, targets: Tensor, temperature: float, entropy: bool
     ) -> tuple[Tensor, Optional[Tensor]]: ...
 
     def advantages(
@@ -74,14 +66,11 @@ class Backend(Protocol):
     def linear_grpo_loss(
         self,
         hidden: Tensor,
-        weight: Tensor,
+        head: LMHead,
         targets: Tensor,
-        bias: Optional[Tensor],
         inputs: LossInputs,
         return_entropy: bool,
         chunk_tokens: Optional[int],
-        logit_scale: float,
-        logit_softcap: Optional[float],
     ) -> LossOutput: ...
 
 
@@ -111,18 +100,10 @@ class ReferenceBackend:
         return reference.token_logprobs(logits, targets, temperature, entropy)
 
     def linear_token_logprobs(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        bias: Optional[Tensor],
-        temperature: float,
-        entropy: bool,
-        logit_scale: float,
-        logit_softcap: Optional[float],
+        self, hidden: Tensor, head: LMHead, targets: Tensor, temperature: float, entropy: bool
     ) -> tuple[Tensor, Optional[Tensor]]:
         return reference.linear_token_logprobs(
-            hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
+            hidden, head.weight, targets, head.bias, temperature, entropy, head.logit_scale, head.logit_softcap
         )
 
     def advantages(
@@ -147,25 +128,22 @@ class ReferenceBackend:
     def linear_grpo_loss(
         self,
         hidden: Tensor,
-        weight: Tensor,
+        head: LMHead,
         targets: Tensor,
-        bias: Optional[Tensor],
         inputs: LossInputs,
         return_entropy: bool,
         chunk_tokens: Optional[int],
-        logit_scale: float,
-        logit_softcap: Optional[float],
     ) -> LossOutput:
         return reference.linear_grpo_loss(
             hidden,
-            weight,
+            head.weight,
             targets,
             inputs.advantages,
             inputs.mask,
-            bias=bias,
+            bias=head.bias,
             return_entropy=return_entropy,
-            logit_scale=logit_scale,
-            logit_softcap=logit_softcap,
+            logit_scale=head.logit_scale,
+            logit_softcap=head.logit_softcap,
             **self._keywords(inputs),
         )
 
@@ -195,19 +173,9 @@ class KernelBackend:
         return lp, ent
 
     def linear_token_logprobs(
-        self,
-        hidden: Tensor,
-        weight: Tensor,
-        targets: Tensor,
-        bias: Optional[Tensor],
-        temperature: float,
-        entropy: bool,
-        logit_scale: float,
-        logit_softcap: Optional[float],
+        self, hidden: Tensor, head: LMHead, targets: Tensor, temperature: float, entropy: bool
     ) -> tuple[Tensor, Optional[Tensor]]:
-        return _linear_grpo_loss.kernel_linear_token_logprobs(
-            self.ops, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
-        )
+        return _linear_grpo_loss.kernel_linear_token_logprobs(self.ops, hidden, head, targets, temperature, entropy)
 
     def advantages(
         self, rewards: Rewards, config: AdvantageConfig = AdvantageConfig(), metrics: bool = True
@@ -226,17 +194,14 @@ class KernelBackend:
     def linear_grpo_loss(
         self,
         hidden: Tensor,
-        weight: Tensor,
+        head: LMHead,
         targets: Tensor,
-        bias: Optional[Tensor],
         inputs: LossInputs,
         return_entropy: bool,
         chunk_tokens: Optional[int],
-        logit_scale: float,
-        logit_softcap: Optional[float],
     ) -> LossOutput:
         return _linear_grpo_loss.kernel_linear_grpo_loss(
-            self.ops, hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
+            self.ops, hidden, head, targets, inputs, return_entropy, chunk_tokens
         )
 
     def __repr__(self) -> str:

@@ -73,6 +73,18 @@ def check_options(function: str, options: Mapping[str, object]) -> None:
             raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """The LM head of the hidden-state entry points: logits z = c·tanh(s·(h·weightᵀ + bias)/c) with s = ``logit_scale``
+    (Cohere) and c = ``logit_softcap`` (Gemma's final_logit_softcapping; None: no cap). ``weight`` [V, H] and
+    ``bias`` [V]: under tensor parallelism this rank's vocabulary shard."""
+
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    logit_scale: float = 1.0
+    logit_softcap: Optional[float] = None
+
+
 def _positive_number(value: object) -> bool:
     # comparisons, not math.isfinite: torch.compile traces them on a symbolic float (NaN fails both)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .. import reference
+from ..inputs import LMHead
 from ..trajectory.grpo_loss import grpo_loss
 from ..trajectory.linear_grpo_loss import _Gemm, linear_grpo_loss
 from .common import CONFIG, DTYPES, generator, kernel_backends, leaf, timed
@@ -117,7 +118,7 @@ def case(n: int, h: int, v: int, device: str, dtype: str, mode: str) -> Case:
     except ImportError:
         pass
 
-    gemm = _Gemm(weight.detach(), None, 1.0, None)  # the GEMM routine (dtypes, fp32 outputs) of the linear path
+    gemm = _Gemm(LMHead(weight))  # the GEMM routine (dtypes, fp32 outputs) of the linear path
     # its operand, converted once outside the timing (the path converts fp32 slices per chunk where it must)
     w = gemm.weight if gemm.low_precision else gemm.weight.float()
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from .. import _checks, _library, backends, distributed
 from ..config import LossConfig, LossOutput
 from ..inputs import (
+    LMHead,
     LossInputs,
     LossOptions,
     autocast_operands,
@@ -78,14 +79,15 @@ class _Gemm:
     ``SLICE_BYTES`` at a time, for each chunk: a whole fp32 copy would be V·H·4 bytes (2.2 GB for a 7B model's
     LM head) for the call's lifetime. A weight that fits in one slice is converted once."""
 
-    def __init__(self, weight: Tensor, bias: Optional[Tensor], scale: float, softcap: Optional[float]) -> None:
+    def __init__(self, head: LMHead) -> None:
+        weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
         self.low_precision = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _has_out_dtype()
         as_is = self.low_precision or weight.dtype == torch.float32
         vocab, hid = weight.shape
         self.step = vocab if as_is else max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
         self.weight = weight.float() if not as_is and vocab <= self.step else weight
         self.bias = None if bias is None else bias.float()
-        self.scale, self.softcap = scale, softcap
+        self.scale, self.softcap = head.logit_scale, head.logit_softcap
         self._tanh: Optional[Tensor] = None
 
     def _slices(self) -> Iterator[tuple[slice, Tensor]]:
@@ -141,18 +143,16 @@ class _Gemm:
             d_weight.addmm_(dz.t(), h.float())
 
 
-def hidden_to_logits(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor] = None,
-    logit_scale: float = 1.0,
-    logit_softcap: Optional[float] = None,
-) -> Tensor:
-    """z = softcap(scale · (hidden @ weightᵀ + bias)) in fp32, materialized (differentiable log-probs need it);
-    softcap(x) = c·tanh(x/c) (Gemma's final_logit_softcapping), scale as Cohere's logit_scale."""
-    z = _library.accumulate(hidden) @ _library.accumulate(weight).t()
-    z = (z if bias is None else z + _library.accumulate(bias)) * logit_scale
-    return z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
+def hidden_to_logits(hidden: Tensor, head: LMHead) -> Tensor:
+    """The head's logits in fp32, materialized (differentiable log-probs need them)."""
+    z = _library.accumulate(hidden) @ _library.accumulate(head.weight).t()
+    z = (z if head.bias is None else z + _library.accumulate(head.bias)) * head.logit_scale
+    c = head.logit_softcap
+    return z if c is None else c * torch.tanh(z / c)
+
+
+def _needs_grad(hidden: Tensor, head: LMHead) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, head.weight, head.bias))
 
 
 def _has_out_dtype() -> bool:
@@ -170,32 +170,29 @@ def _has_out_dtype() -> bool:
 def kernel_linear_token_logprobs(
     ops: _library.Ops,
     hidden: Tensor,
-    weight: Tensor,
+    head: LMHead,
     targets: Tensor,
-    bias: Optional[Tensor],
     temperature: float,
     entropy: bool,
-    logit_scale: float,
-    logit_softcap: Optional[float],
     parallel: Optional[distributed.Parallel] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Log-probs (and entropy) of ``linear_token_logprobs``. Without gradients (old/ref policy log-probs) the logits
     are alive one chunk of tokens at a time; differentiable log-probs materialize the fp32 logits (the loss itself
     never does). ``parallel.tp``: ``weight`` (and ``bias``) are this rank's vocabulary shard."""
     tp = None if parallel is None else parallel.tp
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = _needs_grad(hidden, head)
     if needs_grad:
         if tp is None:
-            z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+            z = hidden_to_logits(hidden, head)
             return kernel_token_logprobs(ops, z, targets, temperature, entropy)[:2]
         assert parallel is not None
         if parallel.reduce_hidden_grad:  # the hidden states feed every shard: their gradient is the sum
             hidden = distributed.copy_to_tensor_parallel(hidden, tp.group)
-        z = hidden_to_logits(hidden, weight, bias, logit_scale, logit_softcap)
+        z = hidden_to_logits(hidden, head)
         return distributed.vocab_parallel_logprobs(ops, z, targets, tp, temperature, entropy)[:2]
-    n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
+    n, hid, vocab = targets.numel(), hidden.shape[-1], head.weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
-    gemm = _Gemm(weight, bias, logit_scale, logit_softcap)
+    gemm = _Gemm(head)
     inv_t = _library.params_tensor([1.0 / temperature], hidden.device)
     chunks = torch.arange(n, device=hidden.device).split(default_chunk_tokens(vocab, hidden.device))
     if tp is not None:
@@ -250,7 +247,7 @@ def _sliced_gradients(
     step_v = max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
     for v0 in range(0, vocab, step_v):
         v1 = min(v0 + step_v, vocab)
-        sl = _Gemm(weight.detach()[v0:v1], None if bias is None else bias.detach()[v0:v1], gemm.scale, gemm.softcap)
+        sl = _Gemm(LMHead(weight[v0:v1], None if bias is None else bias[v0:v1], gemm.scale, gemm.softcap))
         dw = torch.zeros(v1 - v0, hid, device=weight.device, dtype=torch.float32)
         for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
             # log p over the slice relative to the row max, (z/τ − M) − log Σ, as the kernels keep it: M + log Σ
@@ -305,21 +302,19 @@ def _vocab_parallel_stats(
 def kernel_linear_grpo_loss(
     ops: _library.Ops,
     hidden: Tensor,
-    weight: Tensor,
+    head: LMHead,
     targets: Tensor,
-    bias: Optional[Tensor],
     inputs: LossInputs,
     return_entropy: bool,
     chunk_tokens: Optional[int],
-    logit_scale: float,
-    logit_softcap: Optional[float],
 ) -> LossOutput:
     cfg, mask = inputs.config, inputs.mask
+    weight, bias = head.weight, head.bias
     n, hid, vocab = targets.numel(), hidden.shape[-1], weight.shape[0]
     h, y = hidden.reshape(n, hid), targets.reshape(n)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_grad = _needs_grad(hidden, head)
     chunks = mask.reshape(-1).nonzero().squeeze(1).split(chunk_tokens or default_chunk_tokens(vocab, hidden.device))
-    gemm = _Gemm(weight.detach(), None if bias is None else bias.detach(), logit_scale, logit_softcap)
+    gemm = _Gemm(head)
     f32: dict[str, Any] = dict(device=hidden.device, dtype=torch.float32)
     d_hidden = torch.zeros(n, hid, **f32) if needs_grad else None
     sliced = needs_grad and vocab * hid * 4 > _per_device(DW_ACCUMULATOR_BYTES, hidden.device)
@@ -519,7 +514,6 @@ def linear_grpo_loss(
         impl = backends.select(backend, hidden.device)
         if parallel is not None:
             backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
-        out = impl.linear_grpo_loss(
-            hidden, weight, targets, bias, inputs, return_entropy, chunk_tokens, logit_scale, logit_softcap
-        )
+        head = LMHead(weight, bias, logit_scale, logit_softcap)
+        out = impl.linear_grpo_loss(hidden, head, targets, inputs, return_entropy, chunk_tokens)
         return with_reward_metrics(out, inputs)

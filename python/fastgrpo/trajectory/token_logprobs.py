@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _library, backends, distributed
-from ..inputs import autocast_operands, check_linear, check_logit_transform, check_logits, check_temperature
+from ..inputs import LMHead, autocast_operands, check_linear, check_logit_transform, check_logits, check_temperature
 from ..kernels import params as P
 
 if TYPE_CHECKING:
@@ -338,15 +338,12 @@ def linear_token_logprobs(
         checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
         checks.run()
         impl = backends.select(backend, hidden.device)
+        head = LMHead(weight, bias, logit_scale, logit_softcap)
         if parallel is not None:
             from .linear_grpo_loss import kernel_linear_token_logprobs
 
             ops = backends.require_kernels(impl, "tp_group").ops
-            lp, ent = kernel_linear_token_logprobs(
-                ops, hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap, parallel
-            )
+            lp, ent = kernel_linear_token_logprobs(ops, hidden, head, targets, temperature, entropy, parallel)
         else:
-            lp, ent = impl.linear_token_logprobs(
-                hidden, weight, targets, bias, temperature, entropy, logit_scale, logit_softcap
-            )
+            lp, ent = impl.linear_token_logprobs(hidden, head, targets, temperature, entropy)
     return (lp, cast(Tensor, ent)) if entropy else lp  # a backend returns the entropy when asked
