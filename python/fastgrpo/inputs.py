@@ -154,6 +154,23 @@ def autocast_operands(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
         yield tuple(None if x is None else x.to(dtype) for x in (hidden, weight, bias))
 
 
+@contextlib.contextmanager
+def lm_head_operands(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    logit_scale: float,
+    logit_softcap: Optional[float],
+) -> Iterator[tuple[Tensor, LMHead]]:
+    """The hidden-state entry points' operands, checked (metadata only) and in the autocast dtype, as (hidden, head);
+    autocast is off inside (:func:`autocast_operands`)."""
+    check_logit_transform(logit_scale, logit_softcap)
+    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
+        check_linear(hidden, weight, targets, bias)
+        yield hidden, LMHead(weight, bias, logit_scale, logit_softcap)
+
+
 def check_rewards(
     rewards: Tensor,
     group_size: Optional[int],

@@ -38,10 +38,8 @@ from ..inputs import (
     LMHead,
     LossInputs,
     LossOptions,
-    autocast_operands,
-    check_linear,
-    check_logit_transform,
     check_options,
+    lm_head_operands,
     resolve,
 )
 from ..kernels import params as P
@@ -493,15 +491,14 @@ def linear_grpo_loss(
     check_options("linear_grpo_loss", options)
     if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
-    check_logit_transform(logit_scale, logit_softcap)
-    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
-        check_linear(hidden, weight, targets, bias)
+    with lm_head_operands(hidden, weight, targets, bias, logit_scale, logit_softcap) as (hidden, head):
+        vocab = head.weight.shape[0]
         checks = _checks.ValueChecks(check_values, hidden)
         parallel = distributed.resolve(
             checks,
             targets.shape,
             hidden.device,
-            vocab=weight.shape[0],
+            vocab=vocab,
             tp_group=tp_group,
             vocab_start=vocab_start,
             cp_group=cp_group,
@@ -509,11 +506,10 @@ def linear_grpo_loss(
             reduce_hidden_grad=reduce_hidden_grad,
         )
         inputs = resolve(targets.shape, hidden.device, checks, advantages, mask, config, parallel, options)
-        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
+        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, vocab))
         checks.run()
         impl = backends.select(backend, hidden.device)
         if parallel is not None:
             backends.require_kernels(impl, "tp_group" if tp_group is not None else "cp_group")
-        head = LMHead(weight, bias, logit_scale, logit_softcap)
         out = impl.linear_grpo_loss(hidden, head, targets, inputs, return_entropy, chunk_tokens)
         return with_reward_metrics(out, inputs)

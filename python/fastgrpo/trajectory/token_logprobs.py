@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks, _library, backends, distributed
-from ..inputs import LMHead, autocast_operands, check_linear, check_logit_transform, check_logits, check_temperature
+from ..inputs import check_logits, check_temperature, lm_head_operands
 from ..kernels import params as P
 
 if TYPE_CHECKING:
@@ -322,23 +322,21 @@ def linear_token_logprobs(
     ``tp_group``, ``vocab_start``, ``reduce_hidden_grad``: the weight (and bias) are a vocabulary shard, as in
     :func:`fastgrpo.linear_grpo_loss`."""
     check_temperature(temperature)
-    check_logit_transform(logit_scale, logit_softcap)
-    with autocast_operands(hidden, weight, bias) as (hidden, weight, bias):
-        check_linear(hidden, weight, targets, bias)
+    with lm_head_operands(hidden, weight, targets, bias, logit_scale, logit_softcap) as (hidden, head):
+        vocab = head.weight.shape[0]
         checks = _checks.ValueChecks(check_values, hidden)
         parallel = distributed.resolve(
             checks,
             targets.shape,
             hidden.device,
-            vocab=weight.shape[0],
+            vocab=vocab,
             tp_group=tp_group,
             vocab_start=vocab_start,
             reduce_hidden_grad=reduce_hidden_grad,
         )
-        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, weight.shape[0]))
+        checks.token_ids("targets", targets, distributed.checked_vocab(parallel, vocab))
         checks.run()
         impl = backends.select(backend, hidden.device)
-        head = LMHead(weight, bias, logit_scale, logit_softcap)
         if parallel is not None:
             from .linear_grpo_loss import kernel_linear_token_logprobs
 
