@@ -4,8 +4,9 @@ Persistent programs over token rows (kernels/token_logprobs.py: ``row_programs``
 half of L2), each row:
   1. streamed once (online log-sum-exp in fp32, one exponential per element, as ``token_logprobs``) → ℓ_t, H_t;
   2. evaluates the per-token objective of MATH §2 on scalars: ratio, policy term (ppo with ratio cap and
-     dual clip, cispo, sapo, reinforce), KL estimator with clamps / straight-through / ratio weighting, and
-     their derivatives c_t = ∂L/∂ℓ_t and d_t = ∂L/∂H_t;
+     dual clip, cispo, sapo, reinforce, dppo_tv, dppo_kl, dro), KL estimator with clamps / straight-through /
+     ratio weighting, the teacher's KL (on-policy distillation), and their derivatives c_t = ∂L/∂ℓ_t and
+     d_t = ∂L/∂H_t;
   3. (WRITE_GRAD) streamed again, from L2 since the rows in flight fit there, and writes
         ∂L/∂z_v = [c_t·(1[v = y] − p_v) − d_t·p_v·(log p_v + H_t)] / τ.
 So the logits should make one trip from HBM and the gradient one trip back. "Token-local" means every quantity
@@ -14,13 +15,14 @@ off-policy mask need a statistic over other tokens first and take the two-phase 
 
 The advantage comes per token, or (``adv_from_rewards``) from the raw rewards of the token's group, normalized
 in the kernel by ``group_advantage`` (MATH §3). Aggregation, rollout importance weights, β, the entropy
-coefficient and ``loss_scale`` arrive folded into three per-token weights (w_policy, w_kl, w_entropy) computed
-from the mask beforehand, so the loss is
-Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t. Variant choices are runtime integers: they steer scalar code
-executed once per row, so they cost nothing and need no recompilation. The float hyper-parameters (1/τ, clip
-bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as ``SCALARS``), loaded once per
-program: a few scalar loads of the same cached words, nothing per element, and torch.compile sees a tensor
-where a float argument would be specialized (a recompile per value). Unused bounds are ±inf.
+coefficient, the teacher coefficient and ``loss_scale`` arrive folded into four per-token weights (w_policy, w_kl,
+w_entropy, w_teacher) computed from the mask beforehand, so the loss is
+Σ_t w_policy·P_t + w_kl·K_t − w_entropy·H_t + w_teacher·K^teacher_t (MATH §2.9). Variant choices are runtime
+integers: they steer scalar code executed once per row, so they cost nothing and need no recompilation. The float
+hyper-parameters (1/τ, clip bounds, clamps, taus, eps) come in device memory (``params_ptr``, laid out as
+``SCALARS``), loaded once per program: a few scalar loads of the same cached words, nothing per element, and
+torch.compile sees a tensor where a float argument would be specialized (a recompile per value). Unused bounds
+are ±inf.
 Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
 ``python -m fastgrpo static`` reads the cost of each specialization off the SASS (bench/results/static_*.md).
 """
