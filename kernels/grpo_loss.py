@@ -23,7 +23,7 @@ hyper-parameters (1/τ, clip bounds, clamps, taus, eps) come in device memory (`
 ``SCALARS``), loaded once per program: a few scalar loads of the same cached words, nothing per element, and
 torch.compile sees a tensor where a float argument would be specialized (a recompile per value). Unused bounds
 are ±inf.
-Masked tokens (w_policy = w_kl = w_entropy = 0 and mask 0) do no exp work and get a zero gradient row.
+Masked tokens (w_policy = w_kl = w_entropy = w_teacher = 0 and mask 0) do no exp work and get a zero gradient row.
 ``python -m fastgrpo static`` reads the cost of each specialization off the SASS (bench/results/static_*.md).
 """
 

@@ -581,7 +581,8 @@ class LossConfig:
 @dataclass(frozen=True)
 class Rewards:
     """Raw rewards passed where advantages go: each backend normalizes them per group (MATH §3, with
-    ``LossConfig.advantage``) inside the loss call, in the same launch where it can."""
+    ``LossConfig.advantage``) inside the loss call, in the same launch where it can. Also the reward side's input
+    to the backends (``Backend.advantages``)."""
 
     rewards: torch.Tensor
     group_size: Optional[int] = None

@@ -73,7 +73,7 @@ def check_options(function: str, options: Mapping[str, object]) -> None:
             raise TypeError(f"{function}() got an unexpected keyword argument {name!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity, not elementwise tensor comparison
 class LMHead:
     """The LM head of the hidden-state entry points: logits z = c·tanh(s·(h·weightᵀ + bias)/c) with s = ``logit_scale``
     (Cohere) and c = ``logit_softcap`` (Gemma's final_logit_softcapping; None: no cap). ``weight`` [V, H] and
@@ -83,6 +83,12 @@ class LMHead:
     bias: Optional[Tensor] = None
     logit_scale: float = 1.0
     logit_softcap: Optional[float] = None
+
+    def transform(self, z: Tensor) -> Tensor:
+        """The scale and softcap applied to raw logits z = h·weightᵀ + bias (fp32, out of place, differentiable)."""
+        z = z * self.logit_scale
+        c = self.logit_softcap
+        return z if c is None else c * torch.tanh(z / c)
 
 
 def _positive_number(value: object) -> bool:

@@ -2,9 +2,11 @@
 ``backend="reference"``.
 
 It imports nothing of the production layer (``fastgrpo.trajectory``, ``fastgrpo.reward``, the kernels), so an error
-there cannot hide in a kernel-vs-reference test. One exception, in :func:`advantages` only: the estimators that
-have no kernel (``fastgrpo.reward.estimators``, O(B·T) PyTorch on every backend, tested against the trainers' own
-functions) are handed over rather than written twice. Written for reading, not speed:
+there cannot hide in a kernel-vs-reference test. Two exceptions, each a function-level import: :func:`advantages`
+hands the estimators that have no kernel to ``fastgrpo.reward.advantages`` (``computed_by_kernels`` decides,
+``estimator_advantages`` computes: O(B·T) PyTorch on every backend, tested against the trainers' own functions),
+and the opt-in effective-rank metric takes its random projection Ω from ``trajectory.gradient_rank.projection``
+(Ω is part of the metric's definition, so both sides must draw the same one). Written for reading, not speed:
 - tokens lie on one axis of N entries, grouped in sets (sequences; rewards in groups) that give two operations: the
   sum over each set and the spread of a per-set value to its members. Equal contiguous sets (the rows of [B, T],
   groups of ``group_size``) are the rows of a view; the spans of ``cu_seqlens`` and ``group_ids`` a membership

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .. import _checks
-from ..inputs import autocast_operands
+from ..inputs import LMHead, autocast_operands
 from .token_logprobs import linear_token_logprobs, token_logprobs
 
 
@@ -120,6 +120,7 @@ def linear_forward_kl_topk(
     )
     ids = teacher_topk_ids.long().reshape(-1, teacher_topk_ids.shape[-1])
     rows = hidden.reshape(-1, hidden.shape[-1])
+    head = LMHead(weight, bias, logit_scale, logit_softcap)  # validated by linear_token_logprobs above
 
     def logits_at(h: Tensor, chunk_ids: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         # the operands the log-prob path's GEMMs take (the autocast dtype under autocast), products in fp32
@@ -127,9 +128,7 @@ def linear_forward_kl_topk(
             z = torch.einsum("nh,nkh->nk", h.float(), w[chunk_ids].float())
             if b is not None:
                 z = z + b[chunk_ids].float()
-        z = z * logit_scale
-        z = z if logit_softcap is None else logit_softcap * torch.tanh(z / logit_softcap)
-        return z / temperature
+        return head.transform(z) / temperature
 
     chunks = [
         checkpoint(logits_at, rows[i : i + chunk_tokens], ids[i : i + chunk_tokens], weight, bias, use_reentrant=False)

@@ -517,8 +517,9 @@ def policy_loss(
         ``reward_weights``) and ``group_size``/``group_ids`` to normalize them first (``config.advantage``).
     mask: 0/1 per token (default: all ones). old/ref/sampling_logprobs: [B, T] log-probs of the old,
         reference and rollout policies (``old`` defaults to sg[logprobs], i.e. on-policy).
-    The keywords below from old_logprobs to normalizer are those of :class:`fastgrpo.inputs.LossOptions`, shared by
-    every loss entry point, each None by default.
+    old_logprobs, ref_logprobs, sampling_logprobs, teacher_logprobs, generator, is_weights, rewards, group_size,
+    group_ids, reward_weights, cu_seqlens and normalizer are the keywords of :class:`fastgrpo.inputs.LossOptions`,
+    shared by every loss entry point, each None by default.
     is_weights: precomputed rollout importance weights, per token or per sequence.
     teacher_logprobs: [B, T] the teacher's log-probs of the sampled tokens (on-policy distillation,
         ``config.teacher_coef``).

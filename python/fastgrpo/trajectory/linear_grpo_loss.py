@@ -109,6 +109,7 @@ class _Gemm:
                 z[:, rows] = h @ w.t()
         if self.bias is not None:
             z += self.bias
+        # LMHead.transform, in place on the chunk, keeping tanh for the chain rule (to_raw_grad)
         if self.scale != 1.0:
             z *= self.scale
         if self.softcap is not None:  # keep tanh for the chain rule of this chunk
@@ -144,9 +145,7 @@ class _Gemm:
 def hidden_to_logits(hidden: Tensor, head: LMHead) -> Tensor:
     """The head's logits in fp32, materialized (differentiable log-probs need them)."""
     z = _library.accumulate(hidden) @ _library.accumulate(head.weight).t()
-    z = (z if head.bias is None else z + _library.accumulate(head.bias)) * head.logit_scale
-    c = head.logit_softcap
-    return z if c is None else c * torch.tanh(z / c)
+    return head.transform(z if head.bias is None else z + _library.accumulate(head.bias))
 
 
 def _needs_grad(hidden: Tensor, head: LMHead) -> bool:
@@ -222,9 +221,7 @@ class _PrecomputedGrads(torch.autograd.Function):
 
 
 def _sliced_gradients(
-    weight: Tensor,
-    bias: Optional[Tensor],
-    gemm: _Gemm,
+    head: LMHead,
     h: Tensor,
     y: Tensor,
     rows: Tensor,
@@ -240,12 +237,13 @@ def _sliced_gradients(
     adds into the fp32 ``d_hidden`` (and ``d_bias``); ``inv_t``: 1/τ as a 1-element fp32 tensor. With u = z/τ,
     p = exp(u − lse):
     ∂/∂u_j = g_ℓ·(δ_jy − p_j) − g_H·p_j·(log p_j + H)."""
+    weight, bias = head.weight.detach(), None if head.bias is None else head.bias.detach()
     vocab, hid = weight.shape
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     step_v = max(1, _per_device(SLICE_BYTES, weight.device) // (4 * hid))
     for v0 in range(0, vocab, step_v):
         v1 = min(v0 + step_v, vocab)
-        sl = _Gemm(LMHead(weight[v0:v1], None if bias is None else bias[v0:v1], gemm.scale, gemm.softcap))
+        sl = _Gemm(dataclasses.replace(head, weight=weight[v0:v1], bias=None if bias is None else bias[v0:v1]))
         dw = torch.zeros(v1 - v0, hid, device=weight.device, dtype=torch.float32)
         for r in rows.split(max(1, _per_device(CHUNK_BYTES, weight.device) // (4 * (v1 - v0)))):
             # log p over the slice relative to the row max, (z/τ − M) − log Σ, as the kernels keep it: M + log Σ
@@ -401,9 +399,7 @@ def kernel_linear_grpo_loss(
             if sliced:
                 assert d_hidden is not None  # allocated when needs_grad
                 d_weight = _sliced_gradients(
-                    weight,
-                    bias,
-                    gemm,
+                    head,
                     h.detach(),
                     y,
                     torch.cat(chunks) if chunks else y.new_zeros(0),
