@@ -152,7 +152,11 @@ def test_peers_compute_the_same_loss():
     ours = fastgrpo.linear_grpo_loss(x, w, targets, config=linear_grpo_loss.CONFIG, **kw).loss
     torch.testing.assert_close(linear_grpo_loss._trl_loss(x.view(-1, 16), w, targets, kw), ours)
     pytest.importorskip("liger_kernel")
-    torch.testing.assert_close(linear_grpo_loss._liger_loss(targets, kw)(x, w), ours)
+    # Liger's torch.compile of its chunk loss is left out here: the value is the same either way, and in a pytest
+    # worker that already compiled other graphs torch 2.13's dynamo once failed building its guards
+    # (AssertionError: len(placeholders) != len(sources), CI stop 22), an order-dependent failure not in our code.
+    liger = linear_grpo_loss._liger_loss(targets, kw, compiled=False)
+    torch.testing.assert_close(liger(x, w), ours)
 
 
 def test_liger_triton_grpo_loss_computes_the_same_loss():

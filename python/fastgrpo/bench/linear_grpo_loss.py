@@ -48,11 +48,17 @@ def _trl_loss(x, w, targets, kw):
     return (per_token * kw["mask"]).sum() / kw["mask"].sum()
 
 
-def _liger_loss(targets, kw):
+def _liger_loss(targets, kw, compiled=True):
+    """Liger's fused LM head + GRPO loss. ``compiled`` is Liger's own switch for torch.compile of its per-chunk loss
+    math: on for timing (Liger's default, what its users run), off where only the loss value is compared."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     module = LigerFusedLinearGRPOLoss(
-        beta=CONFIG.beta, epsilon_low=CONFIG.epsilon_low, epsilon_high=CONFIG.epsilon_high, loss_type="dapo"
+        beta=CONFIG.beta,
+        epsilon_low=CONFIG.epsilon_low,
+        epsilon_high=CONFIG.epsilon_high,
+        loss_type="dapo",
+        compiled=compiled,
     )
 
     def loss(x, w):
