@@ -100,6 +100,13 @@ def test_a_perturbed_backend_fails(mutation, named, monkeypatch, capsys):
     assert len(rows) == 1 and named in rows[0] and "1 FAILED" in out, out
 
 
+def test_no_backend_to_check_fails(capsys):
+    """Without a compiled backend there is nothing to compare with the reference: the check fails, never '0 checks:
+    all passed'."""
+    assert not grid_check.check(torch.device("cpu"), "small", [], [FP32_CASE])
+    assert "no compiled backend to check" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "options, grid, names",
     [([], "small", None), (["--grid", "full", "--backend", "cpu", "--backend", "triton"], "full", ["cpu", "triton"])],

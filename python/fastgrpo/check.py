@@ -659,6 +659,9 @@ def check(
     sizes = GRIDS[grid_name]
     names = [b for b in backends.available(device) if b != REFERENCE] if backend_names is None else list(backend_names)
     cases = list(cases) if cases is not None else grid(grid_name)
+    if not names:  # nothing to compare with the reference: a check that cannot fail is not a pass
+        print(f"fastgrpo check on {device}: no compiled backend to check (available: {backends.available(device)})")
+        return False
     start = time.perf_counter()
     print(
         f"fastgrpo check on {device} (torch {torch.__version__}): grid {grid_name!r}, {len(cases)} cases x backends "

@@ -34,14 +34,7 @@ from torch import Tensor
 
 from .. import _checks, _library, backends, distributed
 from ..config import LossConfig, LossOutput
-from ..inputs import (
-    LMHead,
-    LossInputs,
-    LossOptions,
-    check_options,
-    lm_head_operands,
-    resolve,
-)
+from ..inputs import LMHead, LossInputs, LossOptions, check_options, lm_head_operands, resolve
 from ..kernels import params as P
 from . import gradient_rank
 from .grpo_loss import finish, is_token_local, objective_loss, prepare, with_reward_metrics
