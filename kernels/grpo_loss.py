@@ -34,16 +34,9 @@ import triton.language as tl
 
 from . import params as P
 from .advantages import GROUP_BLOCK_CONSTEXPR, group_advantage
-from .token_logprobs import (
-    LOG2E,
-    group,
-    row_statistics,
-    write_grad_row,
-    write_zero_row,
-)
-from .token_logprobs import (
-    num_warps as token_logprobs_num_warps,
-)
+from .token_logprobs import LOG2E, group, row_statistics, write_grad_row, write_zero_row
+from .token_logprobs import block_v as token_logprobs_block_v
+from .token_logprobs import num_warps as token_logprobs_num_warps
 
 # The ops' named parameters (kernels/params.py) as the constexprs Triton reads from module globals: rows of
 # `tokens`, entries of `params`, values of the `policy` and `kl` codes. Looked up by name, so an order changed
@@ -96,7 +89,7 @@ MAX_BLOCK_V = 16384
 
 
 def block_v(vocab: int) -> int:
-    return max(16, min(MAX_BLOCK_V, triton.next_power_of_2(vocab)))
+    return token_logprobs_block_v(vocab, MAX_BLOCK_V)
 
 
 def num_warps(block: int) -> int:

@@ -72,8 +72,9 @@ STAT_PROB_SQ, STAT_PROB_SQ_LOGP, STAT_PROB_SQ_LOGP_SQ = (
 NUM_STATS = tl.constexpr(len(P.ROW_STATS))
 
 
-def block_v(vocab: int) -> int:
-    return max(16, min(MAX_BLOCK_V, triton.next_power_of_2(vocab)))
+def block_v(vocab: int, max_block: int = MAX_BLOCK_V) -> int:
+    """The tile: the vocabulary's next power of two, at least 16 and at most ``max_block`` (each op's table)."""
+    return max(16, min(max_block, triton.next_power_of_2(vocab)))
 
 
 def num_warps(block: int) -> int:
