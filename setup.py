@@ -74,6 +74,10 @@ def cuda_home():
     return None
 
 
+# the code-generation flags of every .cu; `python -m fastgrpo static` compiles with the same (tests/test_static.py)
+NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+
+
 def compile_cuda(home, build_dir):
     """nvcc each .cu into a position-independent object; returns the object paths."""
     archs = os.environ.get("FASTGRPO_CUDA_ARCHS", "80;90a").split(";")
@@ -88,11 +92,9 @@ def compile_cuda(home, build_dir):
             src,
             "-o",
             obj,
-            "-O3",
-            "-std=c++17",
+            *NVCC_FLAGS,
             "-Xcompiler",
             "-fPIC",
-            "--expt-relaxed-constexpr",
             *gencode,
         ]
         print(" ".join(cmd))

@@ -189,3 +189,18 @@ def test_the_launch_grid_bounds_the_rows_in_flight(monkeypatch):
     assert _library.programs_for(cuda, 40, row, reread=True) == 40  # fewer rows than the bound
     assert _library.programs_for(cuda, 16384, row, reread=False) == 16384
     assert 1 < _library.programs_for(torch.device("cpu"), 64, 1000 * 4, reread=False) < 64
+
+
+def test_nvcc_flags_are_the_builds():
+    """The report compiles csrc/cuda with setup.py's code-generation flags: a flag added to the build (fast math,
+    another -O) changes the SASS the report must describe."""
+    import ast
+    import pathlib
+
+    tree = ast.parse((pathlib.Path(__file__).parents[1] / "setup.py").read_text())
+    (flags,) = [
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets)
+    ]
+    assert tuple(flags) == S.NVCC_FLAGS

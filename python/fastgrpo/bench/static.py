@@ -46,8 +46,8 @@ import tempfile
 from collections import Counter
 from typing import Any, Iterator, Optional
 
-TOKENS = 16384  # N of the prediction: a [16, 1024] batch
 BATCH, SEQ = 16, 1024
+TOKENS = BATCH * SEQ  # N of the prediction
 VOCABS = (151936, 256000)  # Qwen 2.5/3 and Gemma 2/3
 
 
@@ -280,11 +280,14 @@ class Launch:
     kernel: str
     backend: str
     entropy: bool
-    write_grad: bool
     passes: tuple[str, ...]
     side_bytes: int
     threads: int = 0
     code: Any = None  # Triton: (fn, signature, constexprs, num_warps)
+
+    @property
+    def write_grad(self) -> bool:
+        return "grad" in self.passes
 
 
 _SOURCE: Optional[pathlib.Path] = None  # --source: another checkout's kernels/ and csrc/ (a before/after report)
@@ -328,17 +331,14 @@ def triton_launches(vocab: int, dtype: str = "bf16") -> Iterator[Launch]:
             name = fn.__name__
             code = (fn, signature, constexprs, warps)
             if name == "token_logprobs_fwd_kernel":
-                yield Launch(
-                    name, "triton", constexprs["HAS_ENTROPY"], False, ("stats",), side["token_logprobs_fwd"], 0, code
-                )
+                yield Launch(name, "triton", constexprs["HAS_ENTROPY"], ("stats",), side["token_logprobs_fwd"], 0, code)
             elif name == "token_logprobs_bwd_kernel":
                 yield Launch(
-                    name, "triton", constexprs["HAS_GRAD_ENTROPY"], True, ("grad",), side["token_logprobs_bwd"], 0, code
+                    name, "triton", constexprs["HAS_GRAD_ENTROPY"], ("grad",), side["token_logprobs_bwd"], 0, code
                 )
             elif name == "grpo_loss_fwd_kernel":
-                write = constexprs["WRITE_GRAD"]
-                passes = ("stats", "grad") if write else ("stats",)
-                yield Launch(name, "triton", constexprs["HAS_ENTROPY"], write, passes, side["grpo_loss"], 0, code)
+                passes = ("stats", "grad") if constexprs["WRITE_GRAD"] else ("stats",)
+                yield Launch(name, "triton", constexprs["HAS_ENTROPY"], passes, side["grpo_loss"], 0, code)
 
 
 def _divisible_attrs(fn, signature: dict[str, str], values: dict[str, int]) -> dict:
@@ -367,7 +367,6 @@ def compile_triton(launch: Launch, vocab: int, arch: int) -> tuple[bytes, int, i
         stride_t=vocab,
         grad_stride_b=SEQ * vocab,
         grad_stride_t=vocab,
-        rows=TOKENS,
     )
     sig = {name: "constexpr" if name in constexprs else signature[name] for name in fn.arg_names}
     try:
@@ -389,6 +388,10 @@ def repository() -> Optional[pathlib.Path]:
     return None
 
 
+# setup.py's NVCC_FLAGS (a test pins the two), so that the report reads the SASS the build makes
+NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr")
+
+
 def compile_cuda(root: pathlib.Path, arch: str, out: pathlib.Path) -> list[pathlib.Path]:
     """nvcc each csrc/cuda/*.cu to a cubin for ``arch`` (e.g. 90a), with the flags of setup.py."""
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
@@ -403,9 +406,7 @@ def compile_cuda(root: pathlib.Path, arch: str, out: pathlib.Path) -> list[pathl
             src,
             "-o",
             str(cubin),
-            "-O3",
-            "-std=c++17",
-            "--expt-relaxed-constexpr",
+            *NVCC_FLAGS,
             f"-arch=sm_{arch}",
         ]
         subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -428,15 +429,13 @@ def cuda_launches(dtype: str = "bf16") -> Iterator[tuple[Launch, str]]:
     side = _token_bytes()
     for entropy in (False, True):
         yield (
-            Launch(
-                "token_logprobs_kernel", "cuda", entropy, False, ("stats",), side["token_logprobs_fwd"], CUDA_THREADS
-            ),
+            Launch("token_logprobs_kernel", "cuda", entropy, ("stats",), side["token_logprobs_fwd"], CUDA_THREADS),
             f"token_logprobs_kernel:{int(entropy)}",
         )
         for write in (False, True):
             passes = ("stats", "grad") if write else ("stats",)
             yield (
-                Launch("grpo_loss_fused_kernel", "cuda", entropy, write, passes, side["grpo_loss"], CUDA_THREADS),
+                Launch("grpo_loss_fused_kernel", "cuda", entropy, passes, side["grpo_loss"], CUDA_THREADS),
                 f"grpo_loss_fused_kernel:{int(entropy)}",
             )
         yield (
@@ -444,7 +443,6 @@ def cuda_launches(dtype: str = "bf16") -> Iterator[tuple[Launch, str]]:
                 "token_logprobs_backward_kernel",
                 "cuda",
                 entropy,
-                True,
                 ("grad",),
                 side["token_logprobs_bwd"],
                 CUDA_THREADS,
@@ -523,16 +521,17 @@ def record(
     )
     # "fits" is the schedule's own criterion (a checkout without one: the same half of L2)
     l2_fraction = getattr(_kernels("token_logprobs"), "L2_ROW_FRACTION", 0.5)
+    reread = len(launch.passes) > 1
     for key, gpu in GPUS.items():
         resident = blocks_per_sm(gpu, threads, usage["registers"], shared)
-        flight = rows_in_flight(TOKENS, vocab, element_bytes, resident * gpu.sms, gpu, len(launch.passes) > 1)
+        flight = rows_in_flight(TOKENS, vocab, element_bytes, resident * gpu.sms, gpu, reread)
         fits = flight * row_bytes <= l2_fraction * gpu.l2_bytes
-        reads = 1 + (0 if fits or len(launch.passes) < 2 else 1)
+        reads = 2 if reread and not fits else 1
         hbm = row_bytes * (reads + (1 if launch.write_grad else 0)) + launch.side_bytes
         ms, bound = predict(gpu, TOKENS, vocab, per, mufu, hbm, flight)
         if key == "h100":
             out.update(blocks_per_sm=resident, rows_in_flight=flight, l2_rows_mb=round(flight * row_bytes / 2**20, 1))
-            out.update(second_read_from_l2=fits if len(launch.passes) > 1 else None, hbm_bytes_per_token=hbm)
+            out.update(second_read_from_l2=fits if reread else None, hbm_bytes_per_token=hbm)
             # loads in flight over the GPU: each resident program's threads, one loop iteration's loads each
             per_thread = max(sum(w * n for w, n in c.loads.items()) for c in used.values())
             out.update(mb_in_flight=round(flight * threads * per_thread / 2**20, 2))
